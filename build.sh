@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# guestinit front door. ./build.sh help lists the subcommands.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=${GUESTINIT_VENV:-$ROOT/.venv}
+PY=$VENV/bin/python
+APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
+  cryptsetup-bin zstd cpio umockdev util-linux ca-certificates)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "$1 needs root (or sudo)"
+    SUDO=sudo
+  else
+    SUDO=
+  fi
+}
+
+setup_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    say "Debian packages: all ${#APT_PACKAGES[@]} present"
+    return
+  fi
+  need_root "installing ${missing[*]}"
+  say "apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq || die "apt-get update failed (is a Debian mirror reachable?)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+setup_venv() {
+  # The venv uses Debian's python3 (3.11 on bookworm), the same Python the guest image ships.
+  local base=/usr/bin/python3
+  [ -x "$base" ] || die "$base missing: run on Debian/Ubuntu (apt-get install python3)"
+  if [ ! -x "$PY" ]; then
+    say "creating venv $VENV"
+    "$base" -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
+  fi
+  local stamp=$VENV/.guestinit-installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "pip install -e .[test] into $VENV"
+    "$PY" -m pip install -q --upgrade pip >/dev/null || die "pip upgrade failed"
+    "$PY" -m pip install -q -e ".[test]" || die "pip install of the project failed"
+    touch "$stamp"
+  else
+    say "venv $VENV up to date"
+  fi
+}
+
+cmd_setup() { setup_apt; setup_venv; }
+
+cmd_test() {
+  cmd_setup
+  say "building the cpu image for the vm tier"
+  "$VENV/bin/guestinit-build" image cpu --out out/cpu
+  say "lint: ruff"
+  "$VENV/bin/ruff" check guestinit rootfs bench tests
+  say "types: mypy --strict"
+  "$VENV/bin/mypy"
+  say "tests: unit, pidns and vm tiers"
+  "$PY" -m pytest -q "$@"
+}
+
+cmd_image() {
+  cmd_setup
+  local profile=${1:-cpu}; shift || true
+  "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile" "$@"
+}
+
+cmd_demo() {
+  cmd_setup
+  say "building the cpu image"
+  "$VENV/bin/guestinit-build" image cpu --out out/cpu
+  say "booting it in QEMU; the report follows"
+  "$VENV/bin/guestinit-bench" boot out/cpu "$@"
+}
+
+cmd_bench() {
+  cmd_setup
+  "$VENV/bin/guestinit-bench" "$@"
+}
+
+usage() {
+  cat <<USAGE
+usage: ./build.sh COMMAND [ARGS]
+  setup            install Debian packages and the Python venv (.venv); idempotent
+  test [PYTEST]    lint, type-check and run every test tier (unit, pidns, vm)
+  image [PROFILE]  build out/PROFILE (default cpu) with guestinit-build
+  demo             build the cpu image, boot it in QEMU, print the boot report
+  bench ARGS       run guestinit-bench ARGS (init, boot, bars, compare, listen)
+USAGE
+}
+
+case "${1:-help}" in
+  setup) shift; cmd_setup "$@" ;;
+  test) shift; cmd_test "$@" ;;
+  image) shift; cmd_image "$@" ;;
+  demo) shift; cmd_demo "$@" ;;
+  bench) shift; cmd_bench "$@" ;;
+  help|-h|--help) usage ;;
+  *) usage >&2; die "unknown command '$1'" ;;
+esac

@@ -1,0 +1,66 @@
+"""The handles every stage works through (not a config bag, not runtime state).
+
+A stage function has the signature ``def run_<stage>(boot: Boot) -> None`` and
+raises ``BootError`` to fail the boot. What a stage learns that later stages or
+the ``ready`` frame need goes in ``boot.facts`` (a plain dict of msgpack-able
+values: ``inventory``, ``mode``, ``modules``, ``daemons``, ``cdi``...).
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from guestinit.config import Config
+    from guestinit.effects import Effects
+    from guestinit.kmsg import Kmsg
+    from guestinit.process import ProcessTable
+    from guestinit.report import Reporter
+    from guestinit.stages import Timeline
+    from guestinit.supervisor import Supervisor
+    from guestinit.syslog import SyslogServer
+
+
+class Boot:
+    __slots__ = (
+        "audit", "cfg", "cmdline", "effects", "facts", "kmsg", "procs", "reporter", "root",
+        "supervisor", "syslog", "timeline",
+    )
+
+    def __init__(
+        self,
+        root: str,
+        effects: Effects,
+        timeline: Timeline,
+        reporter: Reporter,
+        kmsg: Kmsg,
+        procs: ProcessTable,
+        supervisor: Supervisor,
+        cmdline: str,
+    ) -> None:
+        self.root = root  # "/" in the VM; a tmp dir in the pid-namespace tests
+        self.effects = effects
+        self.timeline = timeline
+        self.reporter = reporter
+        self.kmsg = kmsg
+        self.procs = procs
+        self.supervisor = supervisor
+        self.cmdline = cmdline
+        self.cfg: Config | None = None  # set by the config stage
+        self.syslog: SyslogServer | None = None  # set by the log stage
+        self.facts: dict[str, object] = {}
+        self.audit: list[str] = []  # device assignment / teardown events
+
+    def path(self, *parts: str) -> str:
+        """``boot.path("proc", "cmdline")`` -> ``<root>/proc/cmdline``."""
+        return os.path.join(self.root, *parts)
+
+    def config(self) -> Config:
+        if self.cfg is None:
+            raise RuntimeError("config used before the config stage")
+        return self.cfg
+
+    def audit_event(self, text: str) -> None:
+        self.audit.append(text)
+        self.kmsg.log(6, f"audit: {text}")

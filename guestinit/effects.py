@@ -1,0 +1,174 @@
+"""The one thin layer that changes the kernel's state.
+
+Everything that mounts, loads a module, reboots, sets the hostname or writes a
+control file goes through an ``Effects`` object, so plans can be tested against
+a recording fake (``tests/guest/fakes.py``) and the real init passes ``Effects()``.
+Each call raises ``OSError`` naming the object it acted on.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+# <sys/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+# <linux/reboot.h>
+RB_POWER_OFF = 0x4321FEDC
+RB_DISABLE_CAD = 0
+# <sys/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
+# x86_64 syscall number; glibc has no finit_module wrapper
+SYS_finit_module = 313
+# <linux/sockios.h>, <net/if.h>
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def _lib() -> tuple[object, object]:
+    from guestinit._libc_cffi import ffi
+
+    return ffi, ffi.dlopen(None)
+
+
+class Effects:
+    """Real effects through libc (cffi, ABI mode: no compiler at run time)."""
+
+    __slots__ = ("_ffi", "_lib")
+
+    def __init__(self) -> None:
+        self._ffi, self._lib = _lib()
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            err = self._ffi.errno  # type: ignore[attr-defined]
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+        ffi = self._ffi
+        rc = self._lib.mount(  # type: ignore[attr-defined]
+            source.encode(), target.encode(), fstype.encode() if fstype else ffi.NULL,  # type: ignore[attr-defined]
+            flags, data.encode() if data else ffi.NULL,  # type: ignore[attr-defined]
+        )
+        self._check(rc, f"mount {source} on {target} ({fstype or 'bind/remount'})")
+
+    def umount(self, target: str, flags: int = 0) -> None:
+        self._check(self._lib.umount2(target.encode(), flags), f"umount {target}")  # type: ignore[attr-defined]
+
+    def reboot(self, cmd: int) -> None:
+        self._check(self._lib.reboot(cmd), f"reboot {cmd:#x}")  # type: ignore[attr-defined]
+
+    def finit_module(self, path: str, params: str = "") -> None:
+        ffi = self._ffi
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            rc = self._lib.syscall(  # type: ignore[attr-defined]
+                SYS_finit_module, ffi.cast("int", fd), params.encode(), ffi.cast("int", 0)  # type: ignore[attr-defined]
+            )
+            self._check(rc, f"finit_module {path}")
+        finally:
+            os.close(fd)
+
+    def sethostname(self, name: str) -> None:
+        raw = name.encode()
+        self._check(self._lib.sethostname(raw, len(raw)), f"sethostname {name}")  # type: ignore[attr-defined]
+
+    def set_child_subreaper(self) -> None:
+        self._check(self._lib.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl child subreaper")  # type: ignore[attr-defined]
+
+    def link_up(self, ifname: str) -> None:
+        import socket
+        import struct
+
+        ffi = self._ffi
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            ifr = ffi.new("char[40]", ifname.encode()[:15])  # type: ignore[attr-defined]
+            self._check(self._lib.ioctl(sock.fileno(), SIOCGIFFLAGS, ifr), f"get flags of {ifname}")  # type: ignore[attr-defined]
+            (flags,) = struct.unpack_from("H", ffi.buffer(ifr), 16)  # type: ignore[attr-defined]
+            ffi.buffer(ifr)[16:18] = struct.pack("H", flags | IFF_UP)  # type: ignore[attr-defined]
+            self._check(self._lib.ioctl(sock.fileno(), SIOCSIFFLAGS, ifr), f"bring {ifname} up")  # type: ignore[attr-defined]
+
+    def sync(self) -> None:
+        self._lib.sync()  # type: ignore[attr-defined]
+
+    def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
+        try:
+            os.mknod(path, mode, os.makedev(major, minor))
+        except OSError as exc:
+            raise OSError(exc.errno, f"mknod {path} ({major}:{minor}): {exc.strerror}") from None
+
+    def write(self, path: str, text: str) -> None:
+        """Write a control file (/proc/sys/..., /sys/...), naming it on error."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OSError(exc.errno, f"open {path}: {exc.strerror}") from None
+        try:
+            os.write(fd, text.encode())
+        except OSError as exc:
+            raise OSError(exc.errno, f"write {text!r} to {path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def makedirs(self, path: str, mode: int = 0o755) -> None:
+        os.makedirs(path, mode, exist_ok=True)
+
+
+class DryEffects(Effects):
+    """Records what would be done instead of doing it; tests and `--dry-run`."""
+
+    __slots__ = ("calls", "fail")
+
+    def __init__(self, fail: Sequence[str] = ()) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        self.fail = set(fail)
+
+    def _do(self, name: str, *args: object) -> None:
+        self.calls.append((name, *args))
+        if name in self.fail:
+            raise OSError(1, f"{name} {args[0] if args else ''}: injected failure")
+
+    def mount(self, source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+        self._do("mount", source, target, fstype, flags, data)
+
+    def umount(self, target: str, flags: int = 0) -> None:
+        self._do("umount", target, flags)
+
+    def reboot(self, cmd: int) -> None:
+        self._do("reboot", cmd)
+
+    def finit_module(self, path: str, params: str = "") -> None:
+        self._do("finit_module", path, params)
+
+    def sethostname(self, name: str) -> None:
+        self._do("sethostname", name)
+
+    def set_child_subreaper(self) -> None:
+        self._do("set_child_subreaper")
+
+    def link_up(self, ifname: str) -> None:
+        self._do("link_up", ifname)
+
+    def sync(self) -> None:
+        self._do("sync")
+
+    def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
+        self._do("mknod", path, mode, major, minor)
+
+    def write(self, path: str, text: str) -> None:
+        self._do("write", path, text)
+
+    def makedirs(self, path: str, mode: int = 0o755) -> None:
+        self._do("makedirs", path, mode)
