@@ -316,17 +316,32 @@ def parse_cmdline(cmdline: str) -> list[tuple[Setting, str, str]]:
     return out
 
 
-def build(file_text: str = "", cmdline: str = "") -> Config:
-    """Defaults, then the baked file, then the cmdline (later wins)."""
+def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config:
+    """Defaults, then the baked file, then the cmdline (later wins).
+
+    ``strict=False`` skips bad entries instead of raising: the failure path uses
+    it to find the report channel even when the config itself is what failed.
+    """
     values: dict[str, object] = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
+    try:
+        file_entries = parse_file(file_text)
+    except ConfigError:
+        if strict:
+            raise
+        file_entries = []
     layers: Iterable[tuple[str, list[tuple[Setting, str, str]]]] = (
-        ("file", parse_file(file_text)),
+        ("file", file_entries),
         ("cmdline", parse_cmdline(cmdline)),
     )
     for origin, entries in layers:
         for setting, key, value in entries:
-            values[setting.name] = _parse_one(setting, key, value)
+            try:
+                values[setting.name] = _parse_one(setting, key, value)
+            except ConfigError:
+                if strict:
+                    raise
+                continue
             sources[setting.name] = origin
     return Config(values, sources)
 

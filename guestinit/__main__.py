@@ -1,0 +1,118 @@
+"""guestinit: PID 1 of a Kata (GPU) microVM. This file is the boot sequence."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from guestinit import agent, early, wire
+from guestinit.boot import Boot
+from guestinit.effects import Effects
+from guestinit.kmsg import Kmsg
+from guestinit.pid1 import Init, ready_fields
+from guestinit.process import ProcessTable
+from guestinit.report import VERSION, Reporter
+from guestinit.stages import Stage, Timeline
+from guestinit.supervisor import Supervisor
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+
+def run_discover(boot: Boot) -> None:
+    from guestinit import pci
+
+    pci.run_discover(boot)
+
+
+def run_modules(boot: Boot) -> None:
+    from guestinit import kmod
+
+    kmod.run_modules(boot)
+
+
+def run_devices(boot: Boot) -> None:
+    from guestinit import devices
+
+    devices.run_devices(boot)
+
+
+def run_daemons(boot: Boot) -> None:
+    from guestinit import nvidia
+
+    nvidia.run_daemons(boot)
+
+
+def run_cdi(boot: Boot) -> None:
+    from guestinit import cdi
+
+    cdi.run_cdi(boot)
+
+
+def run_lockdown(boot: Boot) -> None:
+    from guestinit import lockdown
+
+    lockdown.run_lockdown(boot)
+
+
+def run_ready(boot: Boot) -> None:
+    if not boot.reporter.open(wait=2.0):
+        boot.kmsg.log(3, f"report channel {boot.reporter.uri} did not open; using the console")
+        boot.reporter.configure("console")
+    boot.timeline.end(Stage.READY)  # the ready frame carries its own stage, closed
+    boot.reporter.send(wire.FrameType.READY, **ready_fields(boot))
+
+
+STAGES: tuple[tuple[Stage, Callable[[Boot], None]], ...] = (
+    (Stage.EARLY, early.run_early),
+    (Stage.LOG, early.run_log),
+    (Stage.CONFIG, early.run_config),
+    (Stage.DISCOVER, run_discover),
+    (Stage.MODULES, run_modules),
+    (Stage.DEVICES, run_devices),
+    (Stage.DAEMONS, run_daemons),
+    (Stage.CDI, run_cdi),
+    (Stage.LOCKDOWN, run_lockdown),
+    (Stage.AGENT, agent.run_agent),
+    (Stage.READY, run_ready),
+)
+
+
+def new_boot_id() -> str:
+    try:
+        return os.getrandom(16, os.GRND_NONBLOCK).hex()
+    except OSError:  # entropy not ready this early: still unique enough per boot
+        import time
+
+        return f"{time.time_ns():x}{os.getpid():x}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--help", "-h", "--help-config", "status"):
+        from guestinit import cli
+
+        cli.main(args)
+        return
+    root, cmdline = "/", None
+    while args:
+        flag = args.pop(0)
+        if flag == "--root" and args:
+            root = os.path.abspath(args.pop(0))
+        elif flag == "--cmdline" and args:
+            cmdline = args.pop(0)
+        # the kernel passes unknown cmdline words as init arguments: ignore them
+    if cmdline is None:
+        cmdline = early.read_text("/proc/cmdline")
+    kmsg = Kmsg(os.path.join(root, "dev/kmsg"))
+    procs = ProcessTable()
+    boot = Boot(root, Effects(), Timeline(), Reporter(root, new_boot_id(), kmsg), kmsg, procs,
+                Supervisor(procs), cmdline)
+    init = Init(boot)
+    boot.reporter.send(wire.FrameType.HELLO, version=VERSION, pid=os.getpid())
+    init.run(STAGES)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The early, log and config stages: filesystems, console, logging, configuration."""
+
+from __future__ import annotations
+
+import os
+
+from guestinit import config, mounts
+from guestinit.effects import RB_DISABLE_CAD
+from guestinit.stages import BootError, Stage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from guestinit.boot import Boot
+
+CONF = "etc/guestinit.conf"
+
+
+def read_text(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return default
+
+
+def run_early(boot: Boot) -> None:
+    try:
+        boot.effects.set_child_subreaper()
+        plan = mounts.plan_mounts(boot.root, read_text("/proc/self/mountinfo"))
+        boot.facts["mounts"] = mounts.apply_mounts(plan, boot.effects)
+    except OSError as exc:
+        raise BootError(Stage.EARLY, str(exc)) from None
+    if boot.root == "/":
+        _console_stdio(boot.path("dev/console"))
+        try:
+            # ctrl-alt-del becomes SIGINT to PID 1 instead of an immediate reboot
+            boot.effects.reboot(RB_DISABLE_CAD)
+        except OSError as exc:
+            boot.kmsg.log(4, f"ctrl-alt-del stays a hard reboot: {exc}")
+    try:
+        boot.effects.link_up("lo")
+    except OSError as exc:
+        boot.kmsg.log(4, f"loopback not up: {exc}")
+
+
+def _console_stdio(console: str) -> None:
+    try:
+        fd = os.open(console, os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return  # no console: keep what the kernel gave us
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def run_log(boot: Boot) -> None:
+    """kmsg logging is up from the start; here the syslog server comes up."""
+    # The config stage reports bad values (under its own name); here a lenient
+    # read is enough to pick the log level and the syslog limits.
+    lenient = config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
+    boot.kmsg.set_level(lenient["log"])  # type: ignore[arg-type]
+    from guestinit.syslog import SyslogServer
+
+    store = boot.path("run/guestinit/syslog")
+    os.makedirs(os.path.dirname(store), mode=0o755, exist_ok=True)
+    if not lenient.bool("syslog"):
+        return
+    try:
+        boot.syslog = SyslogServer(
+            boot.path("dev/log"), boot.kmsg, store, lenient.int("syslog.file_max"),
+            lenient.int("syslog.kmsg_rate"), lenient.bool("syslog.forward"),
+            tick=boot.procs.reap,
+        )
+    except OSError as exc:
+        raise BootError(Stage.LOG, f"syslog server on {boot.path('dev/log')}: {exc}") from None
+
+
+def run_config(boot: Boot) -> None:
+    conf = boot.path(CONF)
+    try:
+        boot.cfg = config.build(read_text(conf), boot.cmdline)
+    except config.ConfigError as exc:
+        raise BootError(Stage.CONFIG, f"bad setting {exc}") from None
+    except OSError as exc:
+        raise BootError(Stage.CONFIG, f"read {conf}: {exc}") from None
+    cfg = boot.cfg
+    boot.kmsg.set_level(cfg["log"])  # type: ignore[arg-type]
+    boot.reporter.configure(cfg.str("report"))
+    boot.supervisor.max_restarts = cfg.int("restart.max")
+    boot.supervisor.backoff = cfg.float("restart.backoff")
+    boot.supervisor.backoff_max = cfg.float("restart.backoff_max")
+    try:
+        boot.effects.sethostname(cfg.str("hostname"))
+    except OSError as exc:
+        boot.kmsg.log(4, f"hostname not set: {exc}")

@@ -1,0 +1,285 @@
+"""PID 1's machinery: run the stages, the main loop, shutdown, the failure path.
+
+PID 1 must never exit (the kernel panics), so every way out ends in
+``power_off``: ``reboot(POWER_OFF)`` in a VM; in a PID namespace the same call
+ends the namespace (its init dies of SIGHUP), which the tests observe.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+import traceback
+
+from guestinit import mounts, wire
+from guestinit.boot import Boot
+from guestinit.effects import RB_POWER_OFF
+from guestinit.stages import BootError, Stage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from guestinit.supervisor import Service
+
+StageFn = "Callable[[Boot], None]"
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGPWR, signal.SIGINT)
+WATCHED = (*SHUTDOWN_SIGNALS, signal.SIGCHLD, signal.SIGHUP)
+
+
+def _noop(signum: int, frame: object) -> None:
+    """Python-level handler: the real delivery is the wakeup fd byte."""
+
+
+class Init:
+    """Owns the boot: ``Init(boot).run(stages)`` never returns when PID 1."""
+
+    __slots__ = ("_stop_reason", "_wake_r", "boot", "current", "extra_fds", "loop_iterations",
+                 "started")
+
+    def __init__(self, boot: Boot) -> None:
+        self.boot = boot
+        self.current: str = Stage.EARLY
+        self._stop_reason: str | None = None
+        self._wake_r = -1
+        self.loop_iterations = 0
+        self.started = time.monotonic()
+        self.extra_fds: dict[int, Callable[[], None]] = {}  # e.g. the power button
+
+    # -- signals -----------------------------------------------------------
+    def install_signals(self) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_r = r
+        for sig in WATCHED:
+            signal.signal(sig, _noop)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def _drain_signals(self) -> None:
+        try:
+            data = os.read(self._wake_r, 256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in SHUTDOWN_SIGNALS and self._stop_reason is None:
+                self._stop_reason = f"signal {signal.Signals(signum).name}"
+
+    # -- boot --------------------------------------------------------------
+    def run(self, stages: Sequence[tuple[Stage, Callable[[Boot], None]]]) -> None:
+        boot = self.boot
+        boot.supervisor.on_degraded = self._degraded
+        boot.supervisor.on_stop = self._service_stopped
+        try:
+            self.install_signals()
+            for stage, fn in stages:
+                self.current = stage
+                self._run_stage(stage, fn)
+        except BootError as exc:
+            self.fail(exc.stage, exc.reason)
+        except BaseException as exc:  # a bug in guestinit takes the same path
+            self.fail(self.current, _describe(exc))
+        try:
+            self.current = Stage.RUN
+            self.main_loop()
+            self.shutdown(self._stop_reason or "main loop ended")
+        except BaseException as exc:
+            self.fail(self.current, _describe(exc))
+
+    def _run_stage(self, stage: Stage, fn: Callable[[Boot], None]) -> None:
+        boot = self.boot
+        with boot.timeline.stage(stage):
+            if boot.cfg is not None and boot.cfg.str("inject") == stage:
+                raise RuntimeError(f"fault injected at stage {stage} (guestinit.inject)")
+            fn(boot)
+        boot.reporter.progress(stage, "done")
+        boot.kmsg.log(7, f"stage {stage} done")
+
+    # -- running -----------------------------------------------------------
+    def main_loop(self) -> None:
+        boot = self.boot
+        poller = select.poll()
+        handlers: dict[int, Callable[[], None]] = {self._wake_r: self._drain_signals}
+        if boot.syslog is not None:
+            handlers[boot.syslog.fileno()] = boot.syslog.drain
+        control = self._control()
+        if control is not None:
+            handlers[control.fileno()] = control.handle
+        handlers.update(self.extra_fds)
+        for fd in handlers:
+            poller.register(fd, select.POLLIN)
+        while self._stop_reason is None:
+            boot.procs.reap()
+            due = boot.supervisor.tick()
+            timeout_ms = 1000 if due is None else max(1, int(due * 1000))
+            for fd, _ in poller.poll(timeout_ms):
+                handlers[fd]()
+            self.loop_iterations += 1
+        if control is not None:
+            control.close()
+
+    def _control(self) -> object:
+        from guestinit.control import ControlServer
+
+        path = self.boot.path("run/guestinit/control")
+        try:
+            return ControlServer(path, self.status)
+        except OSError as exc:
+            self.boot.kmsg.log(3, f"control socket {path}: {exc}")
+            return None
+
+    def status(self) -> dict[str, object]:
+        boot = self.boot
+        services = []
+        for service in boot.supervisor.services.values():
+            entry = service.status()
+            entry["rss"] = _rss(boot.root, service.pid)
+            services.append(entry)
+        return {
+            "stage": str(self.current),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "timeline": boot.timeline.snapshot(),
+            "daemons": services,
+            "orphans_reaped": boot.procs.orphans_reaped,
+            "frames": {"sent": boot.reporter.sent, "dropped": boot.reporter.dropped,
+                       "recent": list(boot.reporter.recent)},
+            "syslog": boot.syslog.stats() if boot.syslog is not None else None,
+            "self_rss": _rss(boot.root, os.getpid()),
+            "audit": list(boot.audit[-50:]),
+        }
+
+    def _degraded(self, service: Service, reason: str) -> None:
+        self.boot.kmsg.log(3, f"{service.name} degraded: {reason}")
+        self.boot.reporter.send(wire.FrameType.DEGRADED, name=service.name, reason=reason,
+                                restarts=service.restarts)
+
+    def _service_stopped(self, service: Service) -> None:
+        cfg = self.boot.cfg
+        if service.name == "agent" and cfg is not None and cfg.bool("agent.shutdown_on_exit"):
+            self._stop_reason = f"agent exited with status {service.last_status}"
+
+    # -- the ways out ------------------------------------------------------
+    def shutdown(self, reason: str) -> None:
+        boot = self.boot
+        self.current = Stage.SHUTDOWN
+        boot.kmsg.log(5, f"shutdown: {reason}")
+        audit = self.teardown()
+        boot.reporter.send(wire.FrameType.SHUTDOWN, reason=reason, audit=audit,
+                           timeline=boot.timeline.snapshot())
+        self.power_off()
+
+    def teardown(self) -> list[str]:
+        """Agent, then daemons (grace, then SIGKILL), sync, unmount; audit lines."""
+        boot = self.boot
+        sup = boot.supervisor
+        sup.shutting_down = True
+        grace = boot.cfg.float("shutdown.grace") if boot.cfg is not None else 2.0
+        audit: list[str] = []
+        try:
+            if "agent" in sup.services:
+                audit += sup.stop(["agent"], grace)
+            audit += sup.stop([n for n in sup.services if n != "agent"], grace)
+            audit += [f"device {e}" for e in boot.facts.get("teardown", [])]  # type: ignore[attr-defined]
+            if boot.syslog is not None:
+                boot.syslog.drain()
+                boot.syslog.close()
+            boot.effects.sync()
+            audit.append("sync")
+            info = _read("/proc/self/mountinfo")
+            audit += mounts.apply_teardown(mounts.plan_teardown(info, boot.root), boot.effects)
+        except Exception as exc:  # teardown is best effort: we power off regardless
+            audit.append(f"teardown error: {_describe(exc)}")
+        for line in audit:
+            boot.audit_event(line)
+        return audit
+
+    def fail(self, stage: str, reason: str) -> None:
+        """Fatal: say why (``failed`` frame), tear down, power off. Never returns."""
+        boot = self.boot
+        try:
+            boot.kmsg.log(2, f"boot failed in stage {stage}: {reason}")
+            boot.timeline.end(stage)
+            _rescue_transport(boot)
+            boot.reporter.send(wire.FrameType.FAILED, stage=str(stage), reason=reason,
+                               timeline=boot.timeline.snapshot())
+            self.teardown()
+        finally:
+            self.power_off()
+
+    def power_off(self) -> None:
+        boot = self.boot
+        boot.reporter.close()
+        try:
+            boot.effects.sync()
+            boot.effects.reboot(RB_POWER_OFF)
+        except OSError as exc:
+            boot.kmsg.log(2, f"power off failed: {exc}")
+        if boot.root != "/" or os.getpid() != 1:
+            os._exit(3)  # outside a VM (tests, --root): nothing to panic
+        while True:  # PID 1 must not exit; wait for the VMM to pull the plug
+            time.sleep(3600)
+
+
+def ready_fields(boot: Boot) -> dict[str, object]:
+    facts = boot.facts
+    modules = facts.get("modules", [])
+    return {
+        "timeline": boot.timeline.snapshot(),
+        "inventory": {"devices": facts.get("inventory", [])},
+        "mode": str(facts.get("mode", "cpu")),
+        "modules": list(modules) if isinstance(modules, list | tuple) else [],
+        "daemons": [s.status() for s in boot.supervisor.services.values()],
+    }
+
+
+def _rescue_transport(boot: Boot) -> None:
+    """Before a ``failed`` frame: make sure the report channel exists if at all possible.
+
+    A failure in the config stage (or earlier) comes before the report URI is
+    known and before virtio_console is loaded; read the URI leniently and load
+    the baked early modules so the host still learns why.
+    """
+    if boot.reporter.connected:
+        return
+    from guestinit import config
+    from guestinit.early import CONF, read_text
+
+    lenient = config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
+    if boot.reporter.uri is None:
+        boot.reporter.configure(lenient.str("report"))
+    if boot.reporter.open():
+        return
+    if "modules" not in boot.facts:
+        try:
+            from guestinit import kmod
+
+            kmod.load_early(boot, lenient.words("modules"))
+        except Exception as exc:
+            boot.kmsg.log(3, f"loading the report channel's modules failed: {_describe(exc)}")
+    boot.reporter.open(wait=2.0)
+
+
+def _describe(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _rss(root: str, pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    import psutil
+
+    psutil.PROCFS_PATH = os.path.join(root, "proc")
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, OSError):
+        return None

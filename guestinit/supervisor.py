@@ -1,0 +1,184 @@
+"""Keeps daemons (and the agent) running: restart policy, backoff, give-up.
+
+The policy is pure (``decide``, ``backoff_delay``) and tested with a fake
+clock; ``Supervisor`` applies it to children of a ``ProcessTable``. A service
+that exceeds its restart limit is given up and reported ``degraded``.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from guestinit.config import Restart
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from guestinit.process import ProcessTable
+
+RESTART = "restart"
+STOPPED = "stopped"  # ended as its policy allows
+GIVE_UP = "give-up"
+
+
+def decide(policy: Restart, code: int, restarts: int, max_restarts: int) -> str:
+    """What to do when a service exits with ``code`` after ``restarts`` restarts."""
+    if policy is Restart.NEVER or (policy is Restart.ON_FAILURE and code == 0):
+        return STOPPED
+    if restarts >= max_restarts:
+        return GIVE_UP
+    return RESTART
+
+
+def backoff_delay(restarts: int, base: float, cap: float) -> float:
+    """Delay before restart number ``restarts + 1``: base, 2*base, 4*base ... cap."""
+    return min(cap, base * (2 ** min(restarts, 32)))
+
+
+class Service:
+    __slots__ = (
+        "argv", "given_up", "last_status", "name", "next_start", "pid", "restart", "restarts",
+        "spawn_kw", "started_at", "stopping",
+    )
+
+    def __init__(self, name: str, argv: Sequence[str], restart: Restart,
+                 spawn_kw: dict[str, object]) -> None:
+        self.name = name
+        self.argv = tuple(argv)
+        self.restart = restart
+        self.spawn_kw = spawn_kw
+        self.pid: int | None = None
+        self.restarts = 0
+        self.given_up = False
+        self.stopping = False
+        self.last_status: int | None = None
+        self.next_start: float | None = None
+        self.started_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def status(self) -> dict[str, object]:
+        return {
+            "name": self.name, "pid": self.pid, "running": self.running,
+            "restarts": self.restarts, "given_up": self.given_up,
+            "last_status": self.last_status, "restart": str(self.restart),
+        }
+
+
+class Supervisor:
+    __slots__ = ("_clock", "_procs", "backoff", "backoff_max", "max_restarts", "on_degraded",
+                 "on_stop", "services", "shutting_down")
+
+    def __init__(
+        self,
+        procs: ProcessTable,
+        *,
+        max_restarts: int = 5,
+        backoff: float = 0.2,
+        backoff_max: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._procs = procs
+        self._clock = clock
+        self.max_restarts = max_restarts
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.services: dict[str, Service] = {}
+        self.shutting_down = False
+        # hooks set by the init: a service given up, a service stopped for good
+        self.on_degraded: Callable[[Service, str], None] = lambda s, why: None
+        self.on_stop: Callable[[Service], None] = lambda s: None
+
+    def add(self, name: str, argv: Sequence[str], *, restart: Restart = Restart.ON_FAILURE,
+            **spawn_kw: object) -> Service:
+        if name in self.services and self.services[name].running:
+            raise ValueError(f"service {name} is already running")
+        service = Service(name, argv, restart, spawn_kw)
+        self.services[name] = service
+        self._start(service)
+        return service
+
+    def service(self, name: str) -> Service:
+        return self.services[name]
+
+    def _start(self, service: Service) -> None:
+        service.next_start = None
+        service.pid = self._procs.spawn(
+            service.argv, on_exit=lambda pid, code: self._exited(service, pid, code),
+            **service.spawn_kw,  # type: ignore[arg-type]
+        )
+        service.started_at = self._clock()
+
+    def _exited(self, service: Service, pid: int, code: int) -> None:
+        if service.pid != pid:
+            return
+        service.pid = None
+        service.last_status = code
+        if self.shutting_down or service.stopping:
+            return
+        action = decide(service.restart, code, service.restarts, self.max_restarts)
+        if action == RESTART:
+            service.next_start = self._clock() + backoff_delay(
+                service.restarts, self.backoff, self.backoff_max)
+            return
+        if action == GIVE_UP:
+            service.given_up = True
+            self.on_degraded(service, f"exited {code} after {service.restarts} restarts; given up")
+        self.on_stop(service)
+
+    def tick(self) -> float | None:
+        """Start services whose backoff elapsed; seconds until the next is due."""
+        now = self._clock()
+        due: float | None = None
+        for service in self.services.values():
+            if service.next_start is None or self.shutting_down:
+                continue
+            if service.next_start <= now:
+                service.restarts += 1
+                try:
+                    self._start(service)
+                except OSError as exc:
+                    service.pid = None
+                    self._exited_spawn_failure(service, exc)
+            else:
+                wait = service.next_start - now
+                due = wait if due is None else min(due, wait)
+        return due
+
+    def _exited_spawn_failure(self, service: Service, exc: OSError) -> None:
+        service.given_up = True
+        service.next_start = None
+        self.on_degraded(service, f"restart failed: {exc}")
+        self.on_stop(service)
+
+    def stop(self, names: Sequence[str], grace: float) -> list[str]:
+        """SIGTERM the named services, SIGKILL what is left after ``grace``; audit lines."""
+        audit: list[str] = []
+        targets = [self.services[n] for n in names if n in self.services]
+        for service in targets:
+            service.stopping = True
+            service.next_start = None
+            if service.pid is not None:
+                self._procs.kill(service.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for service in targets:
+            pid = service.pid
+            if pid is None:
+                audit.append(f"{service.name}: not running")
+                continue
+            code = self._procs.wait(pid, max(0.0, deadline - time.monotonic()))
+            if code is None:
+                self._procs.kill(pid, signal.SIGKILL)
+                code = self._procs.wait(pid, 5.0)
+                audit.append(f"{service.name}: pid {pid} killed after {grace}s grace (status {code})")
+            else:
+                audit.append(f"{service.name}: pid {pid} stopped (status {code})")
+            if service.pid == pid:
+                # the table reaped it inside wait(); make sure the record is closed
+                service.pid = None
+                service.last_status = code
+        return audit

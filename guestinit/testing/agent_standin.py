@@ -1,0 +1,85 @@
+"""A kata-agent stand-in for tests (pid-namespace and VM tiers).
+
+Behaves like an agent on the interfaces the init sees: it is started by PID 1,
+logs to syslog, runs until told to stop (SIGTERM) and exits with a status. Options
+make it misbehave on purpose: leave orphans, crash, ignore SIGTERM, flood syslog.
+Runs with ``python3 -IS`` in the image (stdlib only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+
+
+def syslog(text: str, path: str = "/dev/log", pri: int = 14) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.send(f"<{pri}>agent-standin[{os.getpid()}]: {text}".encode())
+
+
+def leave_orphans(count: int, linger: float) -> None:
+    """A middle child forks ``count`` grandchildren and exits at once: they become
+    orphans re-parented to PID 1 (the subreaper), which must reap them."""
+    middle = os.fork()
+    if middle == 0:
+        for _ in range(count):
+            if os.fork() == 0:
+                time.sleep(linger)
+                os._exit(0)
+        os._exit(0)
+    os.waitpid(middle, 0)
+
+
+def flood(path: str, count: int) -> int:
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.setblocking(False)
+        for i in range(count):
+            try:
+                sock.send(f"<15>flood[{os.getpid()}]: line {i} {'x' * 80}".encode())
+                sent += 1
+            except BlockingIOError:
+                time.sleep(0.0005)
+            except OSError:
+                break
+    return sent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log", default="/dev/log")
+    parser.add_argument("--message", default="agent stand-in up")
+    parser.add_argument("--orphans", type=int, default=0)
+    parser.add_argument("--linger", type=float, default=0.05)
+    parser.add_argument("--flood", type=int, default=0)
+    parser.add_argument("--exit-after", type=float, default=None)
+    parser.add_argument("--exit-code", type=int, default=0)
+    parser.add_argument("--ignore-term", action="store_true")
+    args = parser.parse_args()
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    syslog(f"{args.message} pid={os.getpid()}", args.log)
+    if args.orphans:
+        leave_orphans(args.orphans, args.linger)
+        syslog(f"left {args.orphans} orphans", args.log)
+    if args.flood:
+        sent = flood(args.log, args.flood)
+        syslog(f"flood done: {sent} datagrams", args.log)
+    if args.exit_after is not None:
+        time.sleep(args.exit_after)
+        syslog(f"exiting with {args.exit_code}", args.log)
+        sys.exit(args.exit_code)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
