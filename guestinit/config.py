@@ -193,6 +193,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device.gid", parse_uint, 0, "group of the NVIDIA device nodes"),
     Setting("accel", parse_list, (),
             "extra accelerator profiles: vendor:device[:class]=module+module, comma separated"),
+    Setting("module.params", parse_list, (),
+            "module parameters: module.param=value, comma separated (nvidia.NVreg_X=1)"),
+    Setting("nvidia.modules", parse_list, (),
+            "extra NVIDIA modules in gpu mode: nvidia-modeset, nvidia-drm, nvidia-peermem"),
+    Setting("firmware.path", str, "/lib/firmware",
+            "firmware search path written before loading modules (empty: leave it)"),
+    Setting("nvidia.bin", str, "/usr/bin", "directory of the NVIDIA userspace binaries"),
+    Setting("nvidia.user", str, "nvidia-persistenced",
+            "system user nvidia-persistenced runs as, when the image has it"),
+    Setting("fabricmanager.config", str, "/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+            "nv-fabricmanager config template (copied to /run and rewritten)"),
     Setting("inject", str, "", "test hook: raise an exception at the start of this stage"),
 )
 

@@ -1,0 +1,177 @@
+"""PCI discovery, profiles and mode, against umockdev fixtures (tests/fixtures/pci)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from guestinit import pci
+from guestinit.config import Mode
+from guestinit.stages import BootError
+from tests.fixtures.accel import kmsg_text, make_boot
+from tests.fixtures.umockdev_tree import FIXTURES, load, materialize
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def tree(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+    materialize(load(name), tmp_path)
+    return tmp_path
+
+
+def accels(root: pathlib.Path, specs: tuple[str, ...] = ()) -> list[pci.Accelerator]:
+    return pci.classify(pci.scan(str(root)), pci.profiles_from(specs))
+
+
+def test_resource_file_gives_bars_with_size_and_flags() -> None:
+    text = (
+        "0x0000000080000000 0x0000000080ffffff 0x0000000000040200\n"
+        "0x0000002000000000 0x0000002fffffffff 0x000000000014220c\n"
+        "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
+        "0x0000000000001000 0x000000000000107f 0x0000000000040101\n"
+    )
+    bars = pci.parse_resource(text)
+    assert [(b.index, b.size, b.mem64, b.prefetch, b.io) for b in bars] == [
+        (0, 16 << 20, False, False, False),
+        (1, 64 << 30, True, True, False),
+        (3, 128, False, False, True),
+    ]
+
+
+def test_resource_garbage_is_an_error_naming_the_line() -> None:
+    with pytest.raises(ValueError, match="resource line 1"):
+        pci.parse_resource("0x0 0x0 0x0\nnonsense\n")
+
+
+def test_single_h100_is_gpu_mode_with_its_bars(tmp_path: pathlib.Path) -> None:
+    found = accels(tree(tmp_path, "h100x1"))
+    assert [(a.kind, a.dev.bdf) for a in found] == [(pci.Kind.GPU, "0000:18:00.0")]
+    gpu = found[0].to_map()
+    assert gpu["vendor"] == "0x10de" and gpu["device"] == "0x2330" and gpu["class"] == "0x030200"
+    assert gpu["iommu_group"] == 10 and gpu["numa_node"] == 0
+    assert [(b["index"], b["size"], b["prefetch"]) for b in gpu["bars"]] == [  # type: ignore[union-attr]
+        (0, 16 << 20, False), (1, 128 << 30, True), (3, 32 << 20, True)]
+    assert pci.decide_mode(found) == Mode.GPU
+
+
+def test_hgx_board_is_gpu_mode_with_fabric(tmp_path: pathlib.Path) -> None:
+    root = tree(tmp_path, "h100x8_nvswitch4")
+    boot = make_boot(root)
+    pci.run_discover(boot)
+    inventory = boot.facts["inventory"]
+    assert isinstance(inventory, list)
+    kinds = [d["kind"] for d in inventory]
+    assert kinds.count("gpu") == 8 and kinds.count("nvswitch") == 4
+    assert boot.facts["mode"] == "gpu" and boot.facts["fabric"] is True
+    assert {d["numa_node"] for d in inventory if d["kind"] == "gpu"} == {0, 1}
+    assert any(span[0] == "discover:pci" for span in boot.timeline.spans)
+    assert "discover: mode gpu" in kmsg_text(root)
+
+
+def test_switches_alone_are_a_service_vm(tmp_path: pathlib.Path) -> None:
+    assert pci.decide_mode(accels(tree(tmp_path, "nvswitch4"))) == Mode.NVL4
+
+
+def test_sw_mng_bridges_alone_are_nvl5(tmp_path: pathlib.Path) -> None:
+    found = accels(tree(tmp_path, "sw_mng2"))
+    assert [a.kind for a in found] == [pci.Kind.SW_MNG] * 2
+    assert pci.decide_mode(found) == Mode.NVL5
+
+
+def test_mellanox_without_sw_mng_vpd_is_not_an_accelerator(tmp_path: pathlib.Path) -> None:
+    root = tree(tmp_path, "sw_mng2")
+    (root / "sys/devices/pci0000:80/0000:80:00.0/vpd").write_bytes(b"\x82\x08ConnectX")
+    assert [a.dev.bdf for a in accels(root)] == ["0000:81:00.0"]
+
+
+def test_no_accelerators_is_cpu_mode(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tree(tmp_path, "empty"))
+    pci.run_discover(boot)
+    assert boot.facts["mode"] == "cpu" and boot.facts["inventory"] == []
+
+
+def test_missing_sysfs_is_cpu_mode(tmp_path: pathlib.Path) -> None:
+    assert pci.scan(str(tmp_path)) == []
+
+
+def test_fpga_profile_from_config_names_its_modules(tmp_path: pathlib.Path) -> None:
+    root = tree(tmp_path, "fpga")
+    assert accels(root) == []  # not an accelerator without a profile
+    boot = make_boot(root, cmdline="guestinit.accel=10ee:903f:1200=xdma+qdma")
+    pci.run_discover(boot)
+    inventory = boot.facts["inventory"]
+    assert isinstance(inventory, list) and len(inventory) == 1
+    assert inventory[0]["kind"] == "generic" and inventory[0]["modules"] == ["xdma", "qdma"]
+    assert inventory[0]["profile"] == "accel:10ee:903f"
+    assert boot.facts["mode"] == "cpu"
+
+
+def test_generic_profile_class_must_match(tmp_path: pathlib.Path) -> None:
+    assert accels(tree(tmp_path, "fpga"), ("10ee:903f:0300=xdma",)) == []
+    assert len(accels(tmp_path, ("10ee:903f:120000=xdma",))) == 1
+
+
+@pytest.mark.parametrize("spec", ["10ee:903f", "10ee=xdma", "zz:903f=xdma", "10ee:903f:1:2=x"])
+def test_bad_accel_profile_names_the_spec(spec: str) -> None:
+    with pytest.raises(ValueError, match="accel profile"):
+        pci.parse_accel(spec)
+
+
+def test_mixed_topology_fails_listing_what_was_found(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tree(tmp_path, "mixed_invalid"))
+    with pytest.raises(BootError) as err:
+        pci.run_discover(boot)
+    assert err.value.stage == "discover"
+    assert "fits no mode" in err.value.reason
+    assert "gpu 0000:18:00.0 [10de:2330]" in err.value.reason
+    assert "sw_mng 0000:80:00.0 [15b3:1021]" in err.value.reason
+
+
+def test_forced_mode_needs_matching_devices(tmp_path: pathlib.Path) -> None:
+    root = tree(tmp_path, "nvswitch4")
+    boot = make_boot(root, cmdline="guestinit.mode=gpu")
+    with pytest.raises(BootError, match="mode gpu was forced but the inventory has no GPU"):
+        pci.run_discover(boot)
+    boot = make_boot(root, cmdline="nvrc.mode=cpu")
+    pci.run_discover(boot)
+    assert boot.facts["mode"] == "cpu"
+
+
+def test_forced_mode_overrides_an_invalid_topology(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tree(tmp_path, "mixed_invalid"), cmdline="guestinit.mode=gpu")
+    pci.run_discover(boot)
+    assert boot.facts["mode"] == "gpu"
+
+
+def test_bad_sysfs_attribute_names_the_file(tmp_path: pathlib.Path) -> None:
+    root = tree(tmp_path, "h100x1")
+    (root / "sys/devices/pci0000:18/0000:18:00.0/class").write_text("garbage\n")
+    with pytest.raises(BootError, match=r"0000:18:00.0/class: expected a hex number"):
+        pci.run_discover(make_boot(root))
+
+
+SCAN = ("import json; from guestinit import pci; "
+        "print(json.dumps([d.to_map() for d in pci.scan('/')]))")
+
+
+@pytest.mark.parametrize("name", ["h100x1", "h100x8_nvswitch4", "sw_mng2"])
+def test_pyudev_path_under_umockdev_matches_the_tree_reader(
+    tmp_path: pathlib.Path, name: str
+) -> None:
+    umockdev_run = shutil.which("umockdev-run")
+    assert umockdev_run, "umockdev-run missing: apt-get install umockdev (build.sh setup)"
+    out = subprocess.run(
+        [umockdev_run, "-d", str(FIXTURES / f"{name}.umockdev"), "--", sys.executable, "-c", SCAN],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    via_udev = json.loads(out.stdout)
+    via_tree = [d.to_map() for d in pci.scan(str(tree(tmp_path, name)))]
+    assert via_udev == via_tree
+    assert len(via_udev) >= 2
