@@ -1,0 +1,314 @@
+"""``guestinit-bench boot``: boot an image in QEMU, collect its frames, judge the boot.
+
+One pass: listen on the report and QMP sockets, spawn QEMU (it connects to both
+before the guest runs), read frames until ``ready`` or ``failed``, ask for a
+powerdown, wait for ``shutdown`` and QEMU's exit. QEMU is always stopped and
+reaped on the way out, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from bench import proc
+from bench.image import Image
+from bench.qemu import VmSpec, choose_accel, kernel_cmdline, qemu_argv
+from bench.qmp import Qmp, QmpError
+from guestinit.wire import Frame, FrameError, FrameReader, FrameType
+
+CONNECT_SECONDS = 15.0
+
+
+@dataclass
+class BootOptions:
+    append: str = ""
+    timeout: float = 60.0  # seconds from QEMU spawn to `ready` (or `failed`)
+    erofs: bool = False
+    shutdown: bool = True  # QMP system_powerdown after `ready`; else wait for the guest
+    memory_mib: int = 1024
+    accel: str = "auto"
+    workdir: str | None = None  # console log and sockets; default a new /tmp dir
+    powerdown_grace: float = 20.0  # powerdown -> `shutdown` + exit, before QMP quit
+    exit_grace: float = 20.0  # `failed`/`shutdown` frame -> QEMU exit, before a kill
+
+
+@dataclass
+class Received:
+    host_s: float  # seconds since QEMU was spawned
+    frame: Frame
+
+
+@dataclass
+class BootResult:
+    ok: bool = False
+    reason: str = ""
+    accel: str = ""
+    accel_why: str = ""
+    cmdline: str = ""
+    argv: list[str] = field(default_factory=list)
+    workdir: str = ""
+    console_log: str = ""
+    frames: list[Received] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # malformed input from the guest
+    qemu_rc: int | None = None
+    qemu_stderr: str = ""
+    forced: str = ""  # "quit" / "kill" when the harness had to stop QEMU itself
+    timings: dict[str, float | int | None] = field(default_factory=dict)
+
+    def first(self, ftype: FrameType) -> Frame | None:
+        return next((r.frame for r in self.frames if r.frame.type is ftype), None)
+
+    def last_stage(self) -> str:
+        for rec in reversed(self.frames):
+            if rec.frame.type is FrameType.PROGRESS:
+                return f"{rec.frame.fields['stage']} {rec.frame.fields['event']}"
+            if rec.frame.type is not FrameType.DEGRADED:
+                return rec.frame.type.value
+        return "none yet"
+
+
+class _Progress:
+    """One status line while waiting: rewritten in place on a tty, every 5 s otherwise."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self.tty = bool(stream is not None and stream.isatty())
+        self.next_at = 0.0
+
+    def show(self, elapsed: float, waiting_for: str, last: str) -> None:
+        if self.stream is None or elapsed < self.next_at:
+            return
+        line = f"  {elapsed:5.1f}s  waiting for {waiting_for}; last seen: {last}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.next_at = elapsed + 0.5
+        else:
+            self.stream.write(line + "\n")
+            self.next_at = elapsed + 5.0
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _listen(path: str) -> socket.socket:
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
+    return sock
+
+
+def _accept(listener: socket.socket, child: subprocess.Popen[bytes], what: str) -> socket.socket:
+    deadline = time.monotonic() + CONNECT_SECONDS
+    listener.settimeout(0.1)
+    while True:
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(None)
+            return conn
+        except TimeoutError:
+            pass
+        if child.poll() is not None:
+            raise RuntimeError(f"QEMU exited (status {child.returncode}) before connecting {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"QEMU did not connect {what} within {CONNECT_SECONDS}s")
+
+
+def _read_text(path: str, limit: int = 4000) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()[-limit:]
+    except OSError:
+        return ""
+
+
+def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
+    """Choose the accelerator, assemble the cmdline and QEMU argv; start nothing."""
+    res = BootResult()
+    res.workdir = opts.workdir or tempfile.mkdtemp(prefix="guestinit-boot-")
+    os.makedirs(res.workdir, exist_ok=True)
+    res.console_log = os.path.join(res.workdir, "console.log")
+    res.accel, res.accel_why = choose_accel(opts.accel, image.kernel)
+    res.cmdline = kernel_cmdline(image.boot_cmdline(), opts.append)
+    spec = VmSpec(
+        kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
+        console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),
+        qmp_socket=os.path.join(res.workdir, "qmp.sock"), accel=res.accel,
+        memory_mib=opts.memory_mib, disks=image.disks,
+    )
+    res.argv = qemu_argv(spec)
+    return res, spec
+
+
+def boot(image: Image, opts: BootOptions, progress: TextIO | None = sys.stderr) -> BootResult:
+    """Boot ``image`` once; never raises for guest misbehaviour (it is in the result)."""
+    res, spec = prepare(image, opts)
+    return run(res, spec, opts, progress)
+
+
+def run(
+    res: BootResult, spec: VmSpec, opts: BootOptions, progress: TextIO | None = sys.stderr
+) -> BootResult:
+    """Run the boot ``prepare`` planned; QEMU is stopped and reaped before this returns."""
+    report_l = _listen(spec.report_socket)
+    qmp_l = _listen(spec.qmp_socket)
+    stderr_path = os.path.join(res.workdir, "qemu.stderr")
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        with open(stderr_path, "wb") as err:
+            spawned = time.monotonic()
+            child = proc.spawn(res.argv, stderr=err.fileno())
+        try:
+            qmp_conn = _accept(qmp_l, child, "the QMP monitor")
+            report = _accept(report_l, child, f"the {spec.report_socket} report port")
+            qmp = Qmp(qmp_conn)
+            qmp.handshake()
+        except (RuntimeError, QmpError) as exc:
+            res.reason = str(exc)
+        else:
+            _collect(res, opts, child, report, qmp, spawned, _Progress(progress))
+            report.close()
+            qmp_conn.close()
+    finally:
+        if child is not None:
+            if child.poll() is None and not res.forced:
+                res.forced = "kill"
+            res.qemu_rc = proc.stop(child)
+        report_l.close()
+        qmp_l.close()
+        for path in (spec.report_socket, spec.qmp_socket):
+            if os.path.exists(path):
+                os.unlink(path)
+        res.qemu_stderr = _read_text(stderr_path)
+    _judge(res)
+    return res
+
+
+def _collect(
+    res: BootResult, opts: BootOptions, child: subprocess.Popen[bytes], report: socket.socket,
+    qmp: Qmp, spawned: float, progress: _Progress,
+) -> None:
+    reader = FrameReader()
+    sel = selectors.DefaultSelector()
+    report.setblocking(False)
+    sel.register(report, selectors.EVENT_READ)
+    waiting_for = "ready"
+    deadline = spawned + opts.timeout
+    quit_sent = False
+
+    def take(data: bytes) -> None:
+        nonlocal waiting_for, deadline
+        items: list[Frame | FrameError] = reader.feed(data) if data else list(reader.eof())
+        for item in items:
+            now = time.monotonic()
+            if isinstance(item, FrameError):
+                res.errors.append(str(item))
+                continue
+            res.frames.append(Received(now - spawned, item))
+            if item.type is FrameType.READY and waiting_for == "ready":
+                res.timings["host_ready_s"] = now - spawned
+                waiting_for = "shutdown"
+                if opts.shutdown:
+                    res.timings["host_powerdown_s"] = now - spawned
+                    try:
+                        qmp.execute("system_powerdown")
+                    except QmpError as exc:
+                        res.errors.append(f"asking for a powerdown: {exc}")
+                    deadline = now + opts.powerdown_grace
+                else:
+                    deadline = now + opts.timeout
+            elif item.type is FrameType.FAILED and "host_failed_s" not in res.timings:
+                res.timings["host_failed_s"] = now - spawned
+                waiting_for = "QEMU to exit"
+                deadline = now + opts.exit_grace
+            elif item.type is FrameType.SHUTDOWN and "host_shutdown_s" not in res.timings:
+                res.timings["host_shutdown_s"] = now - spawned
+                waiting_for = "QEMU to exit"
+                deadline = now + opts.exit_grace
+
+    try:
+        while child.poll() is None:
+            now = time.monotonic()
+            if now >= deadline:
+                if waiting_for == "ready":
+                    res.reason = f"no ready frame after {opts.timeout:g}s"
+                    break
+                if quit_sent:
+                    break
+                # The guest did not stop on its own: QMP quit so nothing hangs, and say so.
+                res.forced = "quit"
+                quit_sent = True
+                deadline = now + 5.0
+                try:
+                    qmp.execute("quit", timeout=5.0)
+                except QmpError:
+                    break
+                continue
+            for _key, _ev in sel.select(timeout=min(0.2, max(0.0, deadline - now))):
+                data = _recv(report)
+                take(data)
+                if not data:
+                    sel.unregister(report)
+            progress.show(time.monotonic() - spawned, waiting_for, res.last_stage())
+        # QEMU is gone (or being stopped): whatever it had delivered is still readable.
+        if child.poll() is not None:
+            res.timings["host_exit_s"] = time.monotonic() - spawned
+            while data := _recv(report):
+                take(data)
+            take(b"")
+    finally:
+        progress.done()
+        sel.close()
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return b""
+    except OSError:
+        return b""
+
+
+def _judge(res: BootResult) -> None:
+    ready = res.first(FrameType.READY)
+    failed = res.first(FrameType.FAILED)
+    shutdown = res.first(FrameType.SHUTDOWN)
+    firsts = [r.frame.t for r in res.frames]
+    res.timings["guest_first_frame_ns"] = min(firsts) if firsts else None
+    final = ready or failed
+    spans = final.timeline() if final is not None else []
+    early = next((s for name, s, _ in spans if name == "early"), None)
+    res.timings["guest_init_exec_ns"] = early
+    res.timings["guest_ready_ns"] = ready.t if ready else None
+    if failed is not None:
+        res.reason = (
+            f"guest failed in stage {failed.fields['stage']}: {failed.fields['reason']}"
+        )
+    elif res.reason:
+        pass  # a harness-side reason (timeout, QEMU did not start) is already set
+    elif ready is None:
+        res.reason = f"QEMU exited (status {res.qemu_rc}) before the guest was ready"
+    elif shutdown is None:
+        res.reason = "the guest was ready but sent no shutdown frame"
+        if res.forced:
+            res.reason += f" (QEMU stopped with {res.forced})"
+    elif res.forced:
+        res.reason = f"QEMU did not exit after the shutdown frame (stopped with {res.forced})"
+    elif res.qemu_rc != 0:
+        res.reason = f"QEMU exited with status {res.qemu_rc}"
+    elif res.errors:
+        res.reason = f"{len(res.errors)} malformed frame(s) from the guest: {res.errors[0]}"
+    res.ok = not res.reason

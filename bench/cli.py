@@ -1,0 +1,114 @@
+"""``guestinit-bench``: boot images in QEMU and read what the guest reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_boot(args: argparse.Namespace) -> int:
+    from bench import image, report
+    from bench.boot import BootOptions, prepare, run
+
+    try:
+        img = image.load(args.out_dir, erofs=args.erofs)
+    except image.ImageError as exc:
+        print(f"guestinit-bench boot: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    opts = BootOptions(
+        append=args.append, timeout=args.timeout, erofs=args.erofs,
+        shutdown=not args.no_shutdown, memory_mib=args.memory, accel=args.accel,
+        workdir=args.workdir,
+    )
+    root = "erofs + dm-verity disk" if args.erofs else "initramfs"
+    print(f"booting {img.directory} ({root}) in QEMU microvm, {opts.memory_mib} MiB", flush=True)
+    res, spec = prepare(img, opts)
+    print(f"accelerator: {res.accel} ({res.accel_why})")
+    print(f"kernel cmdline: {res.cmdline}")
+    print(f"console log: {res.console_log}", flush=True)
+    run(res, spec, opts)
+    if args.frames:
+        print("frames:")
+        print(report.frames_text(res))
+    print(report.text(res))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            report.write_json(res, fh)
+        print(f"wrote {args.json}")
+    return 0 if res.ok else EXIT_FAILED
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from bench.listen import Printer, UriError, listen
+
+    printer = Printer(sys.stdout, args.json)
+    try:
+        listen(args.uri, printer, keep=args.keep)
+    except UriError as exc:
+        print(f"guestinit-bench listen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_FAILED if printer.errors else 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    import importlib
+
+    # bench/init.py (the namespace init benchmark) is imported only when asked for.
+    init_main = importlib.import_module("bench.init").main
+    return int(init_main(args.rest) or 0)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="guestinit-bench", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("boot", help="boot an image directory in QEMU and report on it")
+    b.add_argument("out_dir", metavar="OUT_DIR", help="image directory, e.g. out/cpu")
+    b.add_argument("--append", default="", metavar="ARGS",
+                   help="extra kernel cmdline words, e.g. 'guestinit.log=debug'")
+    b.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds from QEMU start to the ready frame (default 60)")
+    b.add_argument("--json", metavar="FILE", help="write timings and every frame as JSON")
+    b.add_argument("--erofs", action="store_true",
+                   help="boot the erofs + dm-verity root disk instead of the initramfs alone")
+    b.add_argument("--no-shutdown", action="store_true",
+                   help="do not ask for a powerdown after ready; wait for the guest to stop")
+    b.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")
+    b.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="auto (default) uses KVM only when a cached probe boot shows it works")
+    b.add_argument("--workdir", metavar="DIR",
+                   help="where the console log and sockets go (default: a new /tmp dir)")
+    b.add_argument("--frames", action="store_true", help="also list every frame received")
+    b.set_defaults(func=_cmd_boot)
+
+    li = sub.add_parser("listen", help="print the frames arriving on a report channel")
+    li.add_argument("uri", metavar="URI", help="unix:PATH, vsock:CID:PORT or console:FILE")
+    li.add_argument("--json", action="store_true", help="one JSON object per line")
+    li.add_argument("--keep", action="store_true",
+                    help="keep accepting connections (default: exit after the first closes)")
+    li.set_defaults(func=_cmd_listen)
+
+    ini = sub.add_parser("init", help="the init benchmark (guestinit vs others, no VM)",
+                         add_help=False)
+    ini.add_argument("rest", nargs=argparse.REMAINDER)
+    ini.set_defaults(func=_cmd_init)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; QEMU stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""An image directory (``guestinit-build image PROFILE --out DIR``) as the harness sees it."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+KERNEL = "vmlinuz"
+INITRAMFS = "initramfs.cpio.zst"
+EROFS = "rootfs.erofs"
+VERITY = "rootfs.verity"
+ROOTHASH = "roothash.txt"
+CMDLINE = "cmdline.txt"
+# Kernel cmdline key the initramfs reads the dm-verity root hash from (``--erofs`` boots).
+ROOTHASH_KEY = "guestinit.verity.roothash"
+
+_HEX = re.compile(r"^[0-9a-f]{64,128}$")
+
+
+class ImageError(ValueError):
+    """The image directory is missing a file or holds a bad one; says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Image:
+    directory: str
+    kernel: str
+    initramfs: str
+    cmdline: str  # cmdline.txt, one line, whitespace-normalised
+    erofs: str | None = None  # set for --erofs boots: the erofs image ...
+    verity: str | None = None  # ... its dm-verity hash tree ...
+    roothash: str | None = None  # ... and the root hash that pins it
+
+    @property
+    def disks(self) -> list[str]:
+        """Block devices in attach order: vda = erofs, vdb = verity hash tree."""
+        return [p for p in (self.erofs, self.verity) if p is not None]
+
+    def boot_cmdline(self) -> str:
+        """cmdline.txt, plus the root hash for an erofs boot."""
+        if self.roothash is None:
+            return self.cmdline
+        return f"{self.cmdline} {ROOTHASH_KEY}={self.roothash}".strip()
+
+
+def _need(directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise ImageError(
+            f"image {directory}: {name} is missing; build the image first "
+            f"(guestinit-build image cpu --out {directory})"
+        )
+    return path
+
+
+def _one_line(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return " ".join(fh.read().split())
+
+
+def load(directory: str, *, erofs: bool = False) -> Image:
+    """Find the files a boot needs in ``directory``; raise ImageError naming what is missing."""
+    if not os.path.isdir(directory):
+        raise ImageError(
+            f"image directory {directory} does not exist; build it with "
+            f"guestinit-build image cpu --out {directory}"
+        )
+    kernel = _need(directory, KERNEL)
+    initramfs = _need(directory, INITRAMFS)
+    cmdline = _one_line(_need(directory, CMDLINE))
+    if not erofs:
+        return Image(directory, kernel, initramfs, cmdline)
+    disk = _need(directory, EROFS)
+    verity = _need(directory, VERITY)
+    roothash = _one_line(_need(directory, ROOTHASH)).lower()
+    if not _HEX.match(roothash):
+        raise ImageError(
+            f"image {directory}: {ROOTHASH} holds {roothash[:80]!r}, not a hex root hash; "
+            "rebuild the image"
+        )
+    return Image(directory, kernel, initramfs, cmdline, disk, verity, roothash)

@@ -1,0 +1,128 @@
+"""``guestinit-bench listen URI``: print the frames a guest sends, one line each.
+
+URIs: ``unix:PATH`` (listen on a Unix socket, e.g. a QEMU chardev connects to
+it), ``vsock:CID:PORT`` (listen with AF_VSOCK; CID ``any`` binds every CID),
+``console:FILE`` (decode marker lines from a console log; ``-`` is stdin).
+Malformed input becomes an ``error:`` line, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from typing import TextIO
+
+from bench.render import frame_line
+from bench.report import plain
+from guestinit.wire import Frame, FrameError, FrameReader, iter_console
+
+VMADDR_CID_ANY = 0xFFFFFFFF
+
+
+class UriError(ValueError):
+    """A listen URI this tool does not understand."""
+
+
+class Printer:
+    """Writes frames and errors as text or JSON lines; counts errors for the exit status."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.frames = 0
+        self.errors = 0
+
+    def __call__(self, item: Frame | FrameError) -> None:
+        if isinstance(item, FrameError):
+            self.errors += 1
+            line = json.dumps({"error": str(item)}) if self.as_json else f"error: {item}"
+        else:
+            self.frames += 1
+            line = json.dumps(plain(item.to_map())) if self.as_json else frame_line(item)
+        self.out.write(line + "\n")
+        self.out.flush()
+
+
+def read_stream(sock: socket.socket, emit: Callable[[Frame | FrameError], None]) -> None:
+    """Decode one connection until EOF."""
+    reader = FrameReader()
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError as exc:
+            emit(FrameError(f"connection broke: {exc}"))
+            return
+        if not data:
+            break
+        for item in reader.feed(data):
+            emit(item)
+    for err in reader.eof():
+        emit(err)
+
+
+def _bound(uri: str) -> socket.socket:
+    kind, _, rest = uri.partition(":")
+    if kind == "unix" and rest:
+        if os.path.exists(rest):
+            os.unlink(rest)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(rest)
+        return sock
+    if kind == "vsock":
+        cid_s, _, port_s = rest.partition(":")
+        try:
+            cid = VMADDR_CID_ANY if cid_s in ("any", "-1") else int(cid_s)
+            port = int(port_s)
+        except ValueError:
+            raise UriError(
+                f"listen URI {uri!r}: want vsock:CID:PORT, e.g. vsock:any:1040"
+            ) from None
+        try:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            sock.bind((cid, port))
+        except OSError as exc:
+            raise UriError(
+                f"listen {uri}: {exc} (is the vhost_vsock module loaded? use unix: or console:)"
+            ) from None
+        return sock
+    raise UriError(f"listen URI {uri!r}: want unix:PATH, vsock:CID:PORT or console:FILE")
+
+
+def listen(uri: str, emit: Printer, *, keep: bool = False) -> None:
+    """Serve ``uri``: one connection (a boot), or every connection with ``keep``."""
+    kind, _, rest = uri.partition(":")
+    if kind == "console":
+        _console(rest, emit)
+        return
+    sock = _bound(uri)
+    try:
+        sock.listen(1)
+        while True:
+            conn, _ = sock.accept()
+            with conn:
+                read_stream(conn, emit)
+            if not keep:
+                return
+    finally:
+        sock.close()
+        if kind == "unix" and os.path.exists(rest):
+            os.unlink(rest)
+
+
+def _console(path: str, emit: Callable[[Frame | FrameError], None]) -> None:
+    if not path:
+        raise UriError("listen URI 'console:': name the log file, e.g. console:out/console.log")
+    if path == "-":
+        items: Iterable[Frame | FrameError] = iter_console(sys.stdin.read())
+    else:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise UriError(f"listen console:{path}: {exc.strerror}") from None
+        items = iter_console(text)
+    for item in items:
+        emit(item)

@@ -1,0 +1,150 @@
+"""QEMU ``-M microvm`` command lines, and the choice between KVM and TCG.
+
+Every socket is one the harness listens on *before* QEMU starts, and QEMU
+connects as the client: the connection exists before the guest runs its first
+instruction, so no early frame can be dropped and there is nothing to poll for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from bench import proc
+
+QEMU = "qemu-system-x86_64"
+REPORT_PORT = "guestinit.report"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "guestinit")
+PROBE_SECONDS = 4.0
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    kernel: str
+    initramfs: str
+    cmdline: str
+    console_log: str
+    report_socket: str
+    qmp_socket: str
+    accel: str = "tcg"
+    memory_mib: int = 1024
+    cpus: int = 1
+    disks: list[str] = field(default_factory=list)  # read-only virtio-blk, in order
+    qemu: str = QEMU
+
+
+def kernel_cmdline(base: str, extra: str = "", port: str = REPORT_PORT) -> str:
+    """The image's cmdline + the report channel + ``extra`` (later words win in guestinit).
+
+    Adds ``console=ttyS0`` (the harness captures ttyS0) and ``panic=-1`` (a dead
+    PID 1 reboots, which ``-no-reboot`` turns into a QEMU exit instead of a hang)
+    when the image does not set them.
+    """
+    words = base.split()
+    if not any(w.startswith("console=") for w in words):
+        words.append("console=ttyS0")
+    if not any(w.startswith("panic=") for w in words):
+        words.append("panic=-1")
+    words.append(f"guestinit.report=virtio-port:{port}")
+    words.extend(shlex.split(extra))
+    return " ".join(words)
+
+
+def qemu_argv(spec: VmSpec) -> list[str]:
+    accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg"]
+    argv = [
+        spec.qemu, "-M", "microvm,x-option-roms=off", *accel,
+        "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", spec.cmdline,
+        "-chardev", f"file,id=console,path={spec.console_log}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=report,path={spec.report_socket}",
+        "-device", "virtio-serial-device",
+        "-device", f"virtserialport,chardev=report,name={REPORT_PORT}",
+        "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    for i, disk in enumerate(spec.disks):
+        argv += [
+            "-drive", f"id=disk{i},file={disk},format=raw,if=none,readonly=on",
+            "-device", f"virtio-blk-device,drive=disk{i}",
+        ]
+    return argv
+
+
+def _probe_key(kernel: str, qemu: str) -> str:
+    digest = hashlib.sha256()
+    with open(kernel, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    version = proc.run([qemu, "--version"], timeout=30).stdout.splitlines()[0]
+    return f"{os.uname().release}|{version}|{digest.hexdigest()[:16]}"
+
+
+def probe_kvm(kernel: str, qemu: str = QEMU, seconds: float = PROBE_SECONDS) -> bool:
+    """Boot ``kernel`` under KVM with no initramfs: works iff it prints its banner in time.
+
+    On nested microVMs /dev/kvm opens but a stock kernel hangs at decompression,
+    so opening /dev/kvm proves nothing; only a boot does.
+    """
+    with tempfile.TemporaryDirectory(prefix="guestinit-kvm-probe-") as tmp:
+        log = os.path.join(tmp, "console.log")
+        child = proc.spawn([
+            qemu, "-M", "microvm,x-option-roms=off", "-accel", "kvm", "-cpu", "host",
+            "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-kernel", kernel, "-append", "console=ttyS0 earlyprintk=ttyS0 panic=-1",
+            "-chardev", f"file,id=console,path={log}", "-serial", "chardev:console",
+        ])
+        try:
+            def banner() -> bool:
+                if not os.path.exists(log):
+                    return False
+                with open(log, "rb") as fh:
+                    return b"Linux version" in fh.read()
+
+            return proc.wait_until(banner, seconds, step=0.1)
+        finally:
+            proc.stop(child, grace=0.5)
+
+
+def choose_accel(
+    requested: str, kernel: str, qemu: str = QEMU, cache_dir: str = CACHE_DIR
+) -> tuple[str, str]:
+    """Return (accel, why). ``requested`` is auto, kvm or tcg; auto probes once and caches."""
+    if requested in ("kvm", "tcg"):
+        return requested, "requested"
+    if requested != "auto":
+        raise ValueError(f"accelerator {requested!r}: use auto, kvm or tcg")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "no usable /dev/kvm"
+    key = _probe_key(kernel, qemu)
+    cache = os.path.join(cache_dir, "kvm-probe.json")
+    try:
+        with open(cache, encoding="utf-8") as fh:
+            known = json.load(fh)
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key in known and isinstance(known[key], bool):
+        ok = known[key]
+        return ("kvm", "KVM probe passed (cached)") if ok else (
+            "tcg", f"KVM probe failed earlier (cached in {cache})")
+    started = time.monotonic()
+    ok = probe_kvm(kernel, qemu)
+    known[key] = ok
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(known, fh, indent=1, sort_keys=True)
+    os.replace(tmp, cache)
+    took = time.monotonic() - started
+    if ok:
+        return "kvm", f"KVM probe boot passed in {took:.1f}s"
+    return "tcg", f"KVM probe boot printed no kernel banner in {took:.1f}s"
