@@ -1,0 +1,364 @@
+"""Our own module loader (the guest has no modprobe): plan from modules.dep, load with finit_module.
+
+The index is ``<root>/lib/modules/<release>/modules.dep`` (+ ``modules.softdep``),
+written by the image builder; if it is missing it is generated at run time from
+each ``.ko``'s ``.modinfo`` (``guestinit.modinfo``, pyelftools, imported only then).
+
+Loading is sequential, in dependency order: the sets we load are chains
+(nvidia -> nvidia_uvm/nvidia_modeset -> nvidia_drm; vsock -> transport) where
+concurrency buys nothing measurable, and a sequential load gives the timeline
+one clean span per module (``module:<name>``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from guestinit.config import Mode, split_cmdline
+from guestinit.stages import BootError, Stage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from guestinit.boot import Boot
+
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+FIRMWARE_PARAM = "sys/module/firmware_class/parameters/path"
+
+# what each mode loads beyond the early modules (names as the kernel spells them)
+MODE_MODULES: dict[Mode, tuple[str, ...]] = {
+    Mode.CPU: (),
+    Mode.GPU: ("nvidia", "nvidia_uvm"),
+    Mode.NVL4: ("nvidia",),
+    Mode.NVL5: ("nvidia", "ib_umad", "mlx5_ib"),
+}
+
+
+class ModuleError(ValueError):
+    """A module that cannot be planned or loaded; the message names it and why."""
+
+
+def normalize(name: str) -> str:
+    base = os.path.basename(name)
+    for suffix in MODULE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+class ModuleIndex:
+    """name -> path (relative to the release dir), dependencies, soft pre/post dependencies."""
+
+    __slots__ = ("base", "deps", "paths", "post", "pre", "source")
+
+    def __init__(self, base: str, source: str = "modules.dep") -> None:
+        self.base = base
+        self.source = source
+        self.paths: dict[str, str] = {}
+        self.deps: dict[str, list[str]] = {}
+        self.pre: dict[str, list[str]] = {}
+        self.post: dict[str, list[str]] = {}
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.base, self.paths[name])
+
+
+def parse_modules_dep(text: str, base: str = "", source: str = "modules.dep") -> ModuleIndex:
+    """``path: dep dep`` lines (depmod format) -> an index; bad lines name their number."""
+    index = ModuleIndex(base, source)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        path, sep, deps = line.partition(":")
+        if not sep or not path.strip():
+            raise ModuleError(f"{source}:{lineno}: expected 'path: dependencies', got {line!r}")
+        name = normalize(path.strip())
+        index.paths[name] = path.strip()
+        index.deps[name] = [normalize(d) for d in deps.split()]
+    return index
+
+
+def parse_softdeps(text: str, index: ModuleIndex) -> None:
+    """``softdep NAME pre: A B post: C`` lines (modules.softdep / modprobe.d format)."""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "softdep":
+            continue
+        name, bucket = normalize(words[1]), None
+        for word in words[2:]:
+            if word in ("pre:", "post:"):
+                bucket = index.pre if word == "pre:" else index.post
+            elif bucket is not None:
+                bucket.setdefault(name, []).append(normalize(word))
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def load_index(release_dir: str, kernel_release: str) -> ModuleIndex:
+    """The index from modules.dep, or generated from .modinfo when the builder left none."""
+    dep_path = os.path.join(release_dir, "modules.dep")
+    dep = _read_text(dep_path)
+    soft = _read_text(os.path.join(release_dir, "modules.softdep"))
+    source = dep_path
+    if dep is None:
+        if not os.path.isdir(release_dir):
+            raise ModuleError(f"no module tree at {release_dir} for kernel {kernel_release} "
+                              "(does the image carry this kernel's modules?)")
+        from guestinit import modinfo
+
+        try:
+            texts = modinfo.generate(release_dir, kernel_release)
+        except (modinfo.ModinfoError, OSError) as exc:
+            raise ModuleError(f"{dep_path} is missing and generating it failed: {exc}") from None
+        dep, soft = texts["modules.dep"], texts["modules.softdep"]
+        source = f"{dep_path} (generated from .modinfo)"
+    index = parse_modules_dep(dep, release_dir, source)
+    if soft:
+        parse_softdeps(soft, index)
+    return index
+
+
+class LoadStep:
+    __slots__ = ("already", "name", "params", "path", "why")
+
+    def __init__(self, name: str, path: str, params: str, already: bool, why: str) -> None:
+        self.name = name
+        self.path = path
+        self.params = params
+        self.already = already
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"LoadStep({self.name!r}, already={self.already}, why={self.why!r})"
+
+
+def plan_load(
+    wanted: Iterable[str],
+    index: ModuleIndex,
+    loaded: Iterable[str] = (),
+    params: Mapping[str, Sequence[str]] | None = None,
+) -> list[LoadStep]:
+    """Every module to load, each after its dependencies and soft ``pre:`` modules.
+
+    A missing requested module or hard dependency is an error naming who needs it;
+    a missing soft dependency is skipped (modprobe does the same); a cycle is an
+    error naming the chain. Modules in ``loaded`` (``/sys/module``) are kept in the
+    plan, marked ``already``, so the report shows them.
+    """
+    present = {normalize(n) for n in loaded}
+    params = params or {}
+    steps: list[LoadStep] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    chain: list[str] = []
+
+    def visit(name: str, why: str, soft: bool = False) -> None:
+        mark = state.get(name)
+        if mark == 2:
+            return
+        if mark == 1:
+            cycle = " -> ".join([*chain[chain.index(name):], name])
+            raise ModuleError(f"module {name}: dependency cycle {cycle} in {index.source}")
+        if name not in index.paths:
+            if name in present or soft:
+                state[name] = 2
+                if name in present:
+                    steps.append(LoadStep(name, "", "", True, why))
+                return
+            raise ModuleError(f"module {name} ({why}): not in {index.source} "
+                              "(is it in the image's module tree?)")
+        state[name] = 1
+        chain.append(name)
+        for dep in index.pre.get(name, []):
+            visit(dep, f"soft dependency of {name}", soft=True)
+        for dep in index.deps[name]:
+            visit(dep, f"needed by {name}")
+        chain.pop()
+        state[name] = 2
+        steps.append(LoadStep(name, index.path(name), " ".join(params.get(name, ())),
+                              name in present, why))
+        for dep in index.post.get(name, []):
+            visit(dep, f"soft post-dependency of {name}", soft=True)
+
+    for name in wanted:
+        visit(normalize(name), "requested")
+    return steps
+
+
+def parse_params(words: Iterable[str]) -> dict[str, list[str]]:
+    """``module.param=value`` words -> module -> ["param=value", ...]."""
+    out: dict[str, list[str]] = {}
+    for word in words:
+        key, sep, _ = word.partition("=")
+        module, dot, param = key.partition(".")
+        if not sep or not dot or not module or not param:
+            raise ModuleError(f"module parameter {word!r}: expected module.param=value "
+                              "(e.g. nvidia.NVreg_EnableGpuFirmware=1)")
+        out.setdefault(normalize(module), []).append(word[len(module) + 1:])
+    return out
+
+
+def cmdline_params(cmdline: str, modules: Iterable[str]) -> list[str]:
+    """``module.param=value`` cmdline words for ``modules`` (modprobe honours them too)."""
+    names = {normalize(m) for m in modules}
+    return [f"{k}={v}" for k, v in split_cmdline(cmdline)
+            if "." in k and normalize(k.partition(".")[0]) in names]
+
+
+def accel_modules(mode: Mode, inventory: Sequence[Mapping[str, object]],
+                  nvidia_extra: Sequence[str]) -> list[str]:
+    """The modules the inventory needs: the mode's NVIDIA set plus each generic profile's."""
+    out = list(MODE_MODULES[mode])
+    if mode == Mode.GPU:
+        out.extend(normalize(m) for m in nvidia_extra)
+    for dev in inventory:
+        mods = dev.get("modules", [])
+        assert isinstance(mods, list)
+        out.extend(normalize(str(m)) for m in mods)
+    return list(dict.fromkeys(out))
+
+
+def auto_params(mode: Mode, gpus: int, device_mode: int, device_gid: int) -> list[str]:
+    """Parameters the init chooses: node mode/group, NVLink off on a lone GPU."""
+    if mode == Mode.CPU:
+        return []
+    out = [f"nvidia.NVreg_DeviceFileMode=0{device_mode:o}",
+           f"nvidia.NVreg_DeviceFileGID={device_gid}"]
+    if mode == Mode.GPU and gpus == 1:
+        out.append("nvidia.NVreg_NvLinkDisable=1")
+    return out
+
+
+def read_vermagic(path: str) -> str:
+    """The ``vermagic=`` string of an uncompressed module, without parsing its ELF."""
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            return ""  # empty file
+        with mm:
+            at = mm.find(b"\0vermagic=")
+            if at < 0:
+                return ""
+            end = mm.find(b"\0", at + 1)
+            return mm[at + 10:end].decode("utf-8", "replace")
+
+
+def check_vermagic(name: str, path: str, kernel_release: str) -> None:
+    if not path.endswith(".ko"):
+        return  # compressed: the kernel decompresses and checks it
+    magic = read_vermagic(path)
+    if not magic:
+        raise ModuleError(f"module {name}: {path} has no vermagic (not a kernel module?)")
+    built_for = magic.split()[0]
+    if built_for != kernel_release:
+        raise ModuleError(f"module {name}: built for kernel {built_for}, running {kernel_release} "
+                          f"({path}; rebuild the image for this kernel)")
+
+
+def loaded_modules(root: str) -> set[str]:
+    """Modules the kernel has (loaded or built in with parameters): ``/sys/module``."""
+    try:
+        return set(os.listdir(os.path.join(root, "sys", "module")))
+    except FileNotFoundError:
+        return set()
+
+
+def _errno_name(exc: OSError) -> str:
+    code = exc.errno or 0
+    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
+
+
+_HINTS = {
+    errno.ENOEXEC: "bad module format or vermagic",
+    errno.EKEYREJECTED: "signature rejected (module signing enforced)",
+    errno.EPERM: "module loading is disabled or not permitted",
+    errno.ENOENT: "unknown symbol or missing firmware; see dmesg",
+    errno.EINVAL: "invalid parameters or unknown symbols; see dmesg",
+}
+
+
+def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str) -> list[str]:
+    """Carry a plan out through ``boot.effects``; each load timed as ``module:<name>``."""
+    names = []
+    for step in steps:
+        if step.already:
+            names.append(f"{step.name} (already loaded)")
+            continue
+        try:
+            check_vermagic(step.name, step.path, kernel_release)
+        except OSError as exc:
+            raise BootError(Stage.MODULES, f"read module {step.name}: {exc}") from None
+        except ModuleError as exc:
+            raise BootError(Stage.MODULES, str(exc)) from None
+        start = boot.timeline.now()
+        try:
+            boot.effects.finit_module(step.path, step.params)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                names.append(f"{step.name} (already loaded)")
+                continue
+            hint = _HINTS.get(exc.errno or 0, "see dmesg")
+            raise BootError(Stage.MODULES, f"finit_module {step.name}: {_errno_name(exc)}: "
+                            f"{hint} ({step.path}"
+                            + (f", params {step.params!r})" if step.params else ")")) from None
+        boot.timeline.add(f"module:{step.name}", start, boot.timeline.now())
+        names.append(step.name)
+        boot.kmsg.log(7, f"modules: loaded {step.name} ({step.why})"
+                      + (f" {step.params}" if step.params else ""))
+    return names
+
+
+def set_firmware_path(boot: Boot, path: str) -> None:
+    param = boot.path(FIRMWARE_PARAM)
+    if not path:
+        return
+    if not os.path.exists(param):
+        boot.kmsg.log(6, f"modules: {param} missing; firmware search path left as is")
+        return
+    try:
+        boot.effects.write(param, path)
+    except OSError as exc:
+        raise BootError(Stage.MODULES, f"set firmware search path {path}: {exc}") from None
+
+
+def load_modules(boot: Boot, wanted: Sequence[str], extra_params: Sequence[str] = (),
+                 kernel_release: str | None = None) -> list[str]:
+    """Plan and load ``wanted`` (and their dependencies); the names, already-loaded marked."""
+    if not wanted:
+        return []
+    release = kernel_release or os.uname().release
+    try:
+        index = load_index(boot.path("lib", "modules", release), release)
+        words = [*extra_params, *boot.config().words("module.params"),
+                 *cmdline_params(boot.cmdline, index.paths)]
+        steps = plan_load(wanted, index, loaded_modules(boot.root), parse_params(words))
+    except ModuleError as exc:
+        raise BootError(Stage.MODULES, str(exc)) from None
+    return load_steps(boot, steps, release)
+
+
+def run_modules(boot: Boot, kernel_release: str | None = None) -> None:
+    """Early modules (``modules``), then what the mode and the inventory need."""
+    cfg = boot.config()
+    mode = Mode(str(boot.facts.get("mode", Mode.CPU)))
+    inventory = boot.facts.get("inventory", [])
+    assert isinstance(inventory, list)
+    early = [normalize(m) for m in cfg.words("modules")]
+    accel = accel_modules(mode, inventory, cfg.words("nvidia.modules"))
+    names = load_modules(boot, early, kernel_release=kernel_release)
+    if accel:
+        set_firmware_path(boot, cfg.str("firmware.path"))
+        gpus = sum(1 for d in inventory if d.get("kind") == "gpu")
+        extra = auto_params(mode, gpus, cfg.int("device.mode"), cfg.int("device.gid"))
+        names += [n for n in load_modules(boot, accel, extra, kernel_release) if n not in names]
+    boot.facts["modules"] = names

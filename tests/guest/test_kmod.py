@@ -1,0 +1,279 @@
+"""The module loader: plans from modules.dep, real Debian .modinfo, finit_module through effects."""
+
+from __future__ import annotations
+
+import errno
+import pathlib
+
+import pytest
+
+from guestinit import kmod, modinfo
+from guestinit.config import Mode
+from guestinit.effects import DryEffects
+from guestinit.stages import BootError
+from tests.fixtures.accel import make_boot
+from tests.fixtures.kernel import extract_modules
+
+REL = "6.1.0-test-amd64"
+
+DIAMOND = """\
+kernel/a.ko: kernel/b.ko kernel/c.ko kernel/d.ko
+kernel/b.ko: kernel/d.ko
+kernel/c.ko: kernel/d.ko
+kernel/d.ko:
+"""
+
+
+def names(steps: list[kmod.LoadStep]) -> list[str]:
+    return [s.name for s in steps]
+
+
+def test_diamond_loads_the_shared_dependency_once_first() -> None:
+    index = kmod.parse_modules_dep(DIAMOND, "/lib/modules/x")
+    order = names(kmod.plan_load(["a"], index))
+    assert order[0] == "d" and order[-1] == "a" and sorted(order) == ["a", "b", "c", "d"]
+    assert kmod.plan_load(["a"], index)[-1].path == "/lib/modules/x/kernel/a.ko"
+
+
+def test_names_with_dashes_match_underscored_files() -> None:
+    index = kmod.parse_modules_dep("kernel/nvidia-uvm.ko: kernel/nvidia.ko\nkernel/nvidia.ko:\n")
+    assert names(kmod.plan_load(["nvidia-uvm"], index)) == ["nvidia", "nvidia_uvm"]
+
+
+def test_softdeps_pre_before_post_after_missing_ones_skipped() -> None:
+    index = kmod.parse_modules_dep("k/x.ko:\nk/pre1.ko:\nk/post1.ko: k/x.ko\n")
+    kmod.parse_softdeps("# comment\nsoftdep x pre: pre1 ghost post: post1\n", index)
+    assert names(kmod.plan_load(["x"], index)) == ["pre1", "x", "post1"]
+
+
+def test_cycle_is_an_error_naming_the_chain() -> None:
+    index = kmod.parse_modules_dep("k/a.ko: k/b.ko\nk/b.ko: k/c.ko\nk/c.ko: k/a.ko\n", "", "dep")
+    with pytest.raises(kmod.ModuleError, match=r"dependency cycle a -> b -> c -> a in dep"):
+        kmod.plan_load(["a"], index)
+
+
+def test_missing_module_and_missing_dependency_name_who_needs_them() -> None:
+    index = kmod.parse_modules_dep("k/a.ko: k/gone.ko\n", "", "modules.dep")
+    with pytest.raises(kmod.ModuleError, match=r"module nope \(requested\): not in modules.dep"):
+        kmod.plan_load(["nope"], index)
+    with pytest.raises(kmod.ModuleError, match=r"module gone \(needed by a\)"):
+        kmod.plan_load(["a"], index)
+
+
+def test_loaded_and_builtin_modules_are_marked_not_reloaded() -> None:
+    index = kmod.parse_modules_dep("k/a.ko: k/b.ko\nk/b.ko:\n")
+    steps = kmod.plan_load(["a", "virtio_ring"], index, loaded={"b", "virtio_ring"})
+    assert [(s.name, s.already) for s in steps] == [("b", True), ("a", False),
+                                                     ("virtio_ring", True)]
+
+
+def test_bad_modules_dep_line_is_named() -> None:
+    with pytest.raises(kmod.ModuleError, match=r"modules\.dep:2"):
+        kmod.parse_modules_dep("k/a.ko:\nno colon here\n")
+
+
+def test_parameters_from_config_cmdline_and_auto() -> None:
+    params = kmod.parse_params(["nvidia.NVreg_DeviceFileMode=0660", "nvidia-uvm.uvm_x=1",
+                                "nvidia.NVreg_OpenRmEnableUnsupportedGpus=1"])
+    assert params == {"nvidia": ["NVreg_DeviceFileMode=0660",
+                                 "NVreg_OpenRmEnableUnsupportedGpus=1"],
+                      "nvidia_uvm": ["uvm_x=1"]}
+    with pytest.raises(kmod.ModuleError, match=r"'NVreg_X=1': expected module\.param=value"):
+        kmod.parse_params(["NVreg_X=1"])
+    assert kmod.cmdline_params("quiet nvidia.NVreg_X=1 vsock.y=2 guestinit.mode=gpu",
+                               ["nvidia"]) == ["nvidia.NVreg_X=1"]
+    assert kmod.auto_params(Mode.GPU, 1, 0o660, 44) == [
+        "nvidia.NVreg_DeviceFileMode=0660", "nvidia.NVreg_DeviceFileGID=44",
+        "nvidia.NVreg_NvLinkDisable=1"]
+    assert "nvidia.NVreg_NvLinkDisable=1" not in kmod.auto_params(Mode.GPU, 8, 0o666, 0)
+    assert kmod.auto_params(Mode.CPU, 0, 0o666, 0) == []
+
+
+def test_mode_module_sets() -> None:
+    gpu = [{"kind": "gpu", "modules": []}]
+    assert kmod.accel_modules(Mode.GPU, gpu, ["nvidia-drm"]) == ["nvidia", "nvidia_uvm",
+                                                                 "nvidia_drm"]
+    assert kmod.accel_modules(Mode.NVL4, [], ["nvidia-drm"]) == ["nvidia"]
+    assert kmod.accel_modules(Mode.NVL5, [], []) == ["nvidia", "ib_umad", "mlx5_ib"]
+    fpga = [{"kind": "generic", "modules": ["xdma", "qdma"]}]
+    assert kmod.accel_modules(Mode.CPU, fpga, []) == ["xdma", "qdma"]
+
+
+# -- a fake module tree with vermagic strings, loaded through DryEffects ------------------
+
+
+def fake_ko(path: pathlib.Path, release: str = REL) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF" + b"\0" * 60 + b"\0license=GPL\0vermagic=" + release.encode()
+                     + b" SMP preempt mod_unload modversions \0name=x\0")
+
+
+def module_tree(root: pathlib.Path, dep: str, release: str = REL) -> pathlib.Path:
+    base = root / "lib/modules" / REL
+    for line in dep.splitlines():
+        fake_ko(base / line.partition(":")[0], release)
+    (base / "modules.dep").write_text(dep)
+    return base
+
+
+GPU_DEP = """\
+kernel/vsock.ko:
+kernel/vmw_vsock_virtio_transport.ko: kernel/vsock.ko
+kernel/nvidia.ko:
+kernel/nvidia-uvm.ko: kernel/nvidia.ko
+"""
+EARLY = "guestinit.modules=vsock,vmw-vsock-virtio-transport"
+
+
+def finits(boot_effects: object) -> list[tuple[str, str]]:
+    assert isinstance(boot_effects, DryEffects)
+    return [(pathlib.Path(str(c[1])).name, str(c[2])) for c in boot_effects.calls
+            if c[0] == "finit_module"]
+
+
+def test_cpu_mode_loads_only_the_early_modules(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, GPU_DEP)
+    boot = make_boot(tmp_path, cmdline=EARLY)
+    boot.facts.update(mode="cpu", inventory=[])
+    kmod.run_modules(boot, kernel_release=REL)
+    assert finits(boot.effects) == [("vsock.ko", ""), ("vmw_vsock_virtio_transport.ko", "")]
+    assert boot.facts["modules"] == ["vsock", "vmw_vsock_virtio_transport"]
+    assert [s[0] for s in boot.timeline.spans] == ["module:vsock",
+                                                   "module:vmw_vsock_virtio_transport"]
+
+
+def test_cpu_mode_without_modules_touches_nothing(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tmp_path)  # no module tree at all
+    boot.facts.update(mode="cpu", inventory=[])
+    kmod.run_modules(boot, kernel_release=REL)
+    assert boot.facts["modules"] == [] and finits(boot.effects) == []
+
+
+def test_gpu_mode_sets_firmware_path_then_loads_with_parameters(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, GPU_DEP)
+    param = tmp_path / kmod.FIRMWARE_PARAM
+    param.parent.mkdir(parents=True)
+    param.write_text("\n")
+    (tmp_path / "sys/module/vsock").mkdir()  # already loaded
+    boot = make_boot(tmp_path, cmdline=EARLY + " nvidia.NVreg_EnableGpuFirmware=1",
+                     conf="module.params=nvidia-uvm.uvm_perf_prefetch_enable=0\ndevice.mode=0660")
+    boot.facts.update(mode="gpu", inventory=[{"kind": "gpu", "modules": []}])
+    kmod.run_modules(boot, kernel_release=REL)
+    assert isinstance(boot.effects, DryEffects)
+    writes = [c for c in boot.effects.calls if c[0] == "write"]
+    assert writes == [("write", str(param), "/lib/firmware")]
+    assert boot.effects.calls.index(writes[0]) < boot.effects.calls.index(
+        next(c for c in boot.effects.calls if "nvidia.ko" in str(c[1])))
+    assert finits(boot.effects) == [
+        ("vmw_vsock_virtio_transport.ko", ""),
+        ("nvidia.ko", "NVreg_DeviceFileMode=0660 NVreg_DeviceFileGID=0 NVreg_NvLinkDisable=1 "
+                      "NVreg_EnableGpuFirmware=1"),
+        ("nvidia-uvm.ko", "uvm_perf_prefetch_enable=0"),
+    ]
+    assert boot.facts["modules"] == ["vsock (already loaded)", "vmw_vsock_virtio_transport",
+                                     "nvidia", "nvidia_uvm"]
+
+
+def test_vermagic_mismatch_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, GPU_DEP, release="5.10.0-old-amd64")
+    boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
+    boot.facts.update(mode="cpu", inventory=[])
+    with pytest.raises(BootError) as err:
+        kmod.run_modules(boot, kernel_release=REL)
+    assert err.value.stage == "modules"
+    assert f"module vsock: built for kernel 5.10.0-old-amd64, running {REL}" in err.value.reason
+
+
+def test_kernel_refusal_names_module_errno_and_params(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, GPU_DEP)
+
+    class Refusing(DryEffects):
+        def finit_module(self, path: str, params: str = "") -> None:
+            super().finit_module(path, params)
+            if "nvidia-uvm" in path:
+                raise OSError(errno.ENOENT, "finit_module: No such file or directory")
+            if "nvidia.ko" in path:
+                raise OSError(errno.EEXIST, "File exists")
+
+    boot = make_boot(tmp_path, effects=Refusing())
+    boot.facts.update(mode="gpu", inventory=[{"kind": "gpu", "modules": []}] * 2)
+    with pytest.raises(BootError, match=r"finit_module nvidia_uvm: ENOENT \(No such file or "
+                                        r"directory\): unknown symbol or missing firmware"):
+        kmod.run_modules(boot, kernel_release=REL)
+
+
+def test_missing_module_fails_the_stage_naming_it(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, GPU_DEP)
+    boot = make_boot(tmp_path, cmdline="guestinit.modules=virtio_console")
+    boot.facts.update(mode="cpu", inventory=[])
+    with pytest.raises(BootError, match=r"module virtio_console \(requested\): not in .*"
+                                        r"modules.dep"):
+        kmod.run_modules(boot, kernel_release=REL)
+
+
+def test_missing_tree_is_named(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
+    boot.facts.update(mode="cpu", inventory=[])
+    with pytest.raises(BootError, match=f"no module tree at .*/lib/modules/{REL}"):
+        kmod.run_modules(boot, kernel_release=REL)
+
+
+# -- real Debian modules -------------------------------------------------------------------
+
+REAL = [
+    "kernel/net/vmw_vsock/vsock.ko",
+    "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+    "kernel/drivers/char/virtio_console.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/char/ipmi/ipmi_msghandler.ko",
+    "kernel/drivers/char/ipmi/ipmi_devintf.ko",
+]
+
+
+@pytest.fixture(scope="module")
+def debian_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, str]:
+    root = tmp_path_factory.mktemp("debian")
+    return root, extract_modules(root, REAL)
+
+
+def test_real_modinfo_has_depends_vermagic_softdep(debian_root: tuple[pathlib.Path, str]) -> None:
+    root, release = debian_root
+    base = root / "lib/modules" / release
+    transport = modinfo.read_modinfo(str(base / REAL[2]))
+    assert modinfo.dependencies(transport) == ["virtio", "vmw_vsock_virtio_transport_common",
+                                               "virtio_ring", "vsock"]
+    assert transport["vermagic"][0].split()[0] == release
+    assert kmod.read_vermagic(str(base / REAL[2])) == transport["vermagic"][0]
+    assert modinfo.read_modinfo(str(base / REAL[6]))["softdep"] == ["post: ipmi_devintf"]
+
+
+def test_real_modules_plan_from_generated_index(debian_root: tuple[pathlib.Path, str]) -> None:
+    root, release = debian_root
+    base = root / "lib/modules" / release
+    index = kmod.load_index(str(base), release)  # no modules.dep: generated from .modinfo
+    assert "generated from .modinfo" in index.source
+    order = names(kmod.plan_load(["vsock", "vmw_vsock_virtio_transport", "virtio_console"],
+                                 index))
+    assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_console")
+    assert order.index("vsock") < order.index("vmw_vsock_virtio_transport_common") \
+        < order.index("vmw_vsock_virtio_transport")
+    assert len(order) == len(set(order)) == 6
+    assert names(kmod.plan_load(["ipmi_msghandler"], index)) == ["ipmi_msghandler",
+                                                                 "ipmi_devintf"]
+    for step in kmod.plan_load(["vmw_vsock_virtio_transport"], index):
+        kmod.check_vermagic(step.name, step.path, release)
+    with pytest.raises(kmod.ModuleError, match=f"built for kernel {release}, running 6.9.9"):
+        kmod.check_vermagic("vsock", str(base / REAL[0]), "6.9.9")
+
+
+def test_real_modules_load_through_effects_in_order(debian_root: tuple[pathlib.Path, str]) -> None:
+    root, release = debian_root
+    boot = make_boot(root, cmdline="guestinit.modules=vsock,vmw_vsock_virtio_transport,"
+                                   "virtio_console")
+    boot.facts.update(mode="cpu", inventory=[])
+    kmod.run_modules(boot, kernel_release=release)
+    loaded = finits(boot.effects)
+    assert [n for n, _ in loaded][-1] == "virtio_console.ko"
+    assert len(loaded) == 6 and boot.facts["modules"][0] in ("virtio_ring", "vsock")  # type: ignore[index]
