@@ -109,6 +109,14 @@ class Effects:
         except OSError as exc:
             raise OSError(exc.errno, f"mknod {path} ({major}:{minor}): {exc.strerror}") from None
 
+    def chown_chmod(self, path: str, mode: int, uid: int, gid: int) -> None:
+        """Owner and mode of a node we made (mknod's mode is cut by the umask)."""
+        try:
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise OSError(exc.errno, f"chown/chmod {path}: {exc.strerror}") from None
+
     def write(self, path: str, text: str) -> None:
         """Write a control file (/proc/sys/..., /sys/...), naming it on error."""
         try:
@@ -166,6 +174,9 @@ class DryEffects(Effects):
 
     def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
         self._do("mknod", path, mode, major, minor)
+
+    def chown_chmod(self, path: str, mode: int, uid: int, gid: int) -> None:
+        self._do("chown_chmod", path, mode, uid, gid)
 
     def write(self, path: str, text: str) -> None:
         self._do("write", path, text)

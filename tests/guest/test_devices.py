@@ -1,0 +1,136 @@
+"""Device-node plans and their application (real mknod in a tmp root, and the recording fake)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+
+import pytest
+
+from guestinit import devices, pci
+from guestinit.boot import Boot
+from guestinit.config import Mode
+from guestinit.effects import DryEffects, Effects
+from guestinit.stages import BootError
+from tests.fixtures.accel import (
+    CAPS_MAJOR,
+    SWITCH_MAJOR,
+    UVM_MAJOR,
+    fake_nvidia_proc,
+    gpu_bdfs,
+    kmsg_text,
+    make_boot,
+)
+from tests.fixtures.umockdev_tree import load, materialize
+
+
+def gpu_boot(root: pathlib.Path, topology: str, registered: int, conf: str = "",
+             effects: Effects | None = None, caps: bool = False) -> Boot:
+    materialize(load(topology), root)
+    fake_nvidia_proc(root, gpu_bdfs(registered), caps=caps)
+    (root / "dev").mkdir(exist_ok=True)
+    boot = make_boot(root, conf=conf, effects=effects)
+    pci.run_discover(boot)
+    boot.facts["modules"] = ["nvidia", "nvidia_uvm"]
+    return boot
+
+
+def test_proc_devices_and_information_parsers() -> None:
+    majors = devices.parse_proc_devices(
+        "Character devices:\n195 nvidia-frontend\n237 nvidia-uvm\n\nBlock devices:\n237 zz\n")
+    assert majors == {"nvidia-frontend": 195, "nvidia-uvm": 237}
+    info = devices.parse_information("Model: \t\t NVIDIA H100\nBus Location: \t 0000:18:00.0\n"
+                                     "Device Minor: \t 3\n")
+    assert info == {"Model": "NVIDIA H100", "Bus Location": "0000:18:00.0", "Device Minor": "3"}
+
+
+def test_plan_for_eight_gpus_with_switches_and_mig(tmp_path: pathlib.Path) -> None:
+    fake_nvidia_proc(tmp_path, gpu_bdfs(8), caps=True)
+    gpus = devices.read_gpus(str(tmp_path))
+    nodes = devices.plan_nodes(str(tmp_path), Mode.GPU, gpus, 4, 0o660, 44)
+    table = {n.path: (n.major, n.minor, n.mode, n.gid) for n in nodes}
+    assert table["nvidiactl"] == (195, 255, 0o660, 44)
+    assert [table[f"nvidia{i}"][:2] for i in range(8)] == [(195, i) for i in range(8)]
+    assert table["nvidia-uvm"][:2] == (UVM_MAJOR, 0)
+    assert table["nvidia-uvm-tools"][:2] == (UVM_MAJOR, 1)
+    assert table["nvidia-nvswitchctl"][:2] == (SWITCH_MAJOR, 255)
+    assert table["nvidia-nvswitch3"][:2] == (SWITCH_MAJOR, 3)
+    assert table["nvidia-caps/nvidia-cap1"] == (CAPS_MAJOR, 1, 0o444, 44)
+    assert len([p for p in table if p.startswith("nvidia-caps/")]) == 4
+
+
+def test_service_vm_has_no_uvm_and_cpu_mode_has_nothing(tmp_path: pathlib.Path) -> None:
+    fake_nvidia_proc(tmp_path, [])
+    nodes = devices.plan_nodes(str(tmp_path), Mode.NVL4, [], 4, 0o666, 0)
+    assert {n.path for n in nodes} == {"nvidiactl", "nvidia-nvswitchctl",
+                                       *(f"nvidia-nvswitch{i}" for i in range(4))}
+    assert devices.plan_nodes(str(tmp_path), Mode.CPU, [], 0, 0o666, 0) == []
+
+
+def test_uvm_major_missing_is_named(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/devices").write_text("Character devices:\n195 nvidia-frontend\n")
+    with pytest.raises(ValueError, match="nvidia-uvm has no major in /proc/devices"):
+        devices.plan_nodes(str(tmp_path), Mode.GPU, [], 0, 0o666, 0)
+
+
+def test_run_devices_creates_real_nodes_idempotently(tmp_path: pathlib.Path) -> None:
+    boot = gpu_boot(tmp_path, "h100x1", 1, conf="device.mode=0660\ndevice.gid=44",
+                    effects=Effects())
+    old = os.umask(0o077)  # mknod's mode is cut by the umask; the stage must not care
+    try:
+        devices.run_devices(boot)
+    finally:
+        os.umask(old)
+    st = os.stat(tmp_path / "dev/nvidia0")
+    assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 195 and os.minor(st.st_rdev) == 0
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 44
+    uvm = os.stat(tmp_path / "dev/nvidia-uvm-tools")
+    assert (os.major(uvm.st_rdev), os.minor(uvm.st_rdev)) == (UVM_MAJOR, 1)
+    gpus = boot.facts["gpus"]
+    assert gpus == [{"index": 0, "bdf": "0000:18:00.0",
+                     "uuid": "GPU-00000000-1111-2222-3333-444455556666",
+                     "model": "NVIDIA H100 80GB HBM3",
+                     "node": {"path": "/dev/nvidia0", "major": 195, "minor": 0}}]
+    assert any("assign gpu0 0000:18:00.0 GPU-00000000" in a for a in boot.audit)
+    before = sorted(os.listdir(tmp_path / "dev"))
+    os.chmod(tmp_path / "dev/nvidiactl", 0o600)
+    devices.run_devices(boot)
+    assert sorted(os.listdir(tmp_path / "dev")) == before
+    assert stat.S_IMODE(os.stat(tmp_path / "dev/nvidiactl").st_mode) == 0o660
+    assert "devices: 4 nodes (0 created)" in kmsg_text(tmp_path)
+    devices.audit_teardown(boot)
+    assert boot.audit[-1].startswith("release gpu0 0000:18:00.0")
+
+
+def test_recorded_effects_for_mig_caps(tmp_path: pathlib.Path) -> None:
+    boot = gpu_boot(tmp_path, "h100x1", 1, caps=True)
+    devices.run_devices(boot)
+    assert isinstance(boot.effects, DryEffects)
+    calls = boot.effects.calls
+    assert ("makedirs", str(tmp_path / "dev/nvidia-caps"), 0o755) in calls
+    assert ("mknod", str(tmp_path / "dev/nvidia-caps/nvidia-cap2"), stat.S_IFCHR | 0o444,
+            CAPS_MAJOR, 2) in calls
+
+
+def test_a_gpu_the_driver_did_not_register_fails_naming_it(tmp_path: pathlib.Path) -> None:
+    boot = gpu_boot(tmp_path, "h100x8_nvswitch4", 7)
+    with pytest.raises(BootError) as err:
+        devices.run_devices(boot)
+    assert err.value.stage == "devices"
+    assert "registered 7 of 8 GPUs; missing 0000:1f:00.0" in err.value.reason
+
+
+def test_wrong_existing_file_is_an_error(tmp_path: pathlib.Path) -> None:
+    boot = gpu_boot(tmp_path, "h100x1", 1, effects=DryEffects())
+    (tmp_path / "dev/nvidiactl").write_text("not a device")
+    with pytest.raises(BootError, match=r"create .*/dev/nvidiactl: a different file is there"):
+        devices.run_devices(boot)
+
+
+def test_cpu_mode_is_a_no_op(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tmp_path)
+    boot.facts.update(mode="cpu", inventory=[])
+    devices.run_devices(boot)
+    assert isinstance(boot.effects, DryEffects) and boot.effects.calls == []
