@@ -1,0 +1,254 @@
+"""``guestinit-build image``: profile -> out/<profile>/ (one pass, no back and forth)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import guestinit
+from guestinit import config as guest_config
+from guestinit import modinfo
+from rootfs import closure, cpio, fetch, kernel, manifest, pack, profile, tree_extras
+from rootfs.closure import Origin, Pool, Tree
+from rootfs.steps import BuildError, Progress
+
+PROJECT = Origin("guestinit", "0.1.0")
+GENERATED = Origin("guestinit-build", "0.1.0")
+GUEST_SITE = "usr/lib/guestinit"
+INIT_SCRIPT = (
+    "#!/usr/bin/python3.11 -IS\n"
+    "import sys; sys.path.insert(0, \"/usr/lib/guestinit\")\n"
+    "from guestinit.__main__ import main; main()\n"
+)
+BASE_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777,
+             "var": 0o755, "var/tmp": 0o1777, "etc": 0o755, "root": 0o700, "mnt": 0o755,
+             "usr/lib/firmware": 0o755}
+# Only these parts of a wheel reach the guest (cffi: the backend, not the compiler front end).
+WHEEL_SKIP = ("cffi/", ".dist-info/")
+
+
+@dataclass
+class Inputs:
+    lock: fetch.Lock
+    debs: dict[str, Path]  # package -> .deb
+    wheels: dict[str, Path]
+    kernel_package: str
+
+
+def pin_inputs(prof: profile.Profile, progress: Progress, locked: bool) -> Inputs:
+    """Resolve what the lock lacks (unless ``locked``), then fetch every pinned input."""
+    lock = fetch.Lock.load(prof.lock)
+    changed = False
+    meta = prof.kernel.package
+    if meta not in lock.kernel:
+        if locked:
+            raise BuildError(f"lock file {prof.lock}: no kernel pinned for {meta}; "
+                             f"run `guestinit-build lock {prof.name}`")
+        lock.kernel[meta] = fetch.kernel_abi_package(meta)
+        changed = True
+    kpkg = lock.kernel[meta]
+    names = [*prof.debs, kpkg]
+    missing = [n for n in names if n not in lock.debs]
+    if missing:
+        if locked:
+            raise BuildError(f"lock file {prof.lock}: {', '.join(missing)} not pinned; "
+                             f"run `guestinit-build lock {prof.name}`")
+        lock.debs.update(fetch.resolve_debs(missing))
+        changed = True
+    for w in prof.wheels:
+        if w not in lock.wheels:
+            if locked:
+                raise BuildError(f"lock file {prof.lock}: wheel {w} not pinned; "
+                                 f"run `guestinit-build lock {prof.name}`")
+            lock.wheels[w] = fetch.resolve_wheel(w)
+            changed = True
+    if changed:
+        lock.save()
+        progress.note(f"lock file {prof.lock.name} updated")
+    updated = [False]
+    debs = {}
+    for name in names:
+        try:
+            debs[name] = fetch.fetch_deb(lock.debs[name], updated=updated)
+        except BuildError:
+            if locked:
+                raise
+            # Debian dropped the pinned version (security update, new kernel ABI): re-pin
+            fresh = fetch.resolve_debs([name])[name]
+            progress.note(f"{name} {lock.debs[name].version} is gone from the archive; "
+                          f"re-pinned to {fresh.version}")
+            lock.debs[name] = fresh
+            lock.save()
+            debs[name] = fetch.fetch_deb(fresh, updated=updated)
+    wheels = {w: fetch.fetch_wheel(lock.wheels[w]) for w in prof.wheels}
+    return Inputs(lock, debs, wheels, kpkg)
+
+
+def install_wheel(tree: Tree, whl: Path, origin: Origin) -> None:
+    with zipfile.ZipFile(whl) as zf:
+        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+            name = info.filename
+            if info.is_dir() or name.startswith(WHEEL_SKIP[0]) or WHEEL_SKIP[1] in name \
+                    or "/__pycache__/" in name:
+                continue
+            mode = (info.external_attr >> 16) & 0o777 or 0o644
+            tree.add_bytes(f"{GUEST_SITE}/{name}", zf.read(info), origin, mode | 0o444)
+
+
+def install_guestinit(tree: Tree) -> list[str]:
+    """The guestinit package (sources) and the two init entry points."""
+    src = Path(guestinit.__file__).parent
+    modules = []
+    for py in sorted(src.glob("*.py")):
+        if py.name == "_libc_build.py":
+            continue  # build-time generator of _libc_cffi.py, needs cffi's compiler
+        tree.add_file(f"{GUEST_SITE}/guestinit/{py.name}", py, PROJECT, 0o644)
+        modules.append("guestinit" if py.stem == "__init__" else f"guestinit.{py.stem}")
+    for path in ("init", "usr/sbin/init"):
+        tree.add_bytes(path, INIT_SCRIPT.encode(), PROJECT, 0o755)
+    return modules
+
+
+def install_modules(tree: Tree, kt: kernel.KernelTree, mods: kernel.ModuleSet,
+                    kernel_origin: Origin, driver: Origin | None) -> None:
+    base = f"usr/lib/modules/{kt.release}"
+    for name in mods.order:
+        src = mods.paths[name]
+        origin = kernel_origin if src.is_relative_to(kt.modules) or driver is None else driver
+        tree.add_file(f"{base}/{mods.rel[name]}", src, origin, 0o644)
+    for f in kernel.builtin_files(kt.modules):
+        tree.add_file(f"{base}/{f.name}", f, kernel_origin, 0o644)
+    for fname, text in modinfo.generate(str(tree.host("usr/lib/modules")), kt.release).items():
+        tree.add_bytes(f"{base}/{fname}", text.encode(), GENERATED)
+
+
+def write_users(tree: Tree, users: dict[str, int], shell: bool) -> None:
+    login = "/bin/sh" if shell else "/usr/sbin/nologin"
+    entries = [("root", 0, "/root", login)]
+    entries += [(n, uid, "/nonexistent", "/usr/sbin/nologin") for n, uid in sorted(users.items())]
+    entries.append(("nobody", 65534, "/nonexistent", "/usr/sbin/nologin"))
+    passwd = "".join(f"{n}:x:{u}:{u}:{n}:{h}:{s}\n" for n, u, h, s in entries)
+    group = "".join(f"{n}:x:{u}:\n" for n, u, _h, _s in entries[:-1]) + "nogroup:x:65534:\n"
+    tree.add_bytes("etc/passwd", passwd.encode(), GENERATED)
+    tree.add_bytes("etc/group", group.encode(), GENERATED)
+
+
+def compile_python(tree: Tree, dirs: list[str]) -> None:
+    """Byte-compile every .py (unchecked-hash pycs: no mtimes, no rewrite on a read-only root)."""
+    sources = sorted(str(p) for d in dirs for p in tree.host(d).rglob("*.py"))
+    pack.compile_pycs(tree.root, sources)
+    for src in sources:
+        rel = str(Path(src).relative_to(tree.root))
+        pyc = Path(src).parent / "__pycache__" / f"{Path(src).stem}.cpython-311.pyc"
+        tree.origins[str(pyc.relative_to(tree.root))] = tree.origins.get(rel, GENERATED)
+
+
+def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = None,
+                extra_config: dict[str, str] | None = None, locked: bool = False,
+                progress: Progress | None = None) -> manifest.Manifest:
+    progress = progress or Progress()
+    if prof.driver is profile.Driver.REQUIRED and driver_dir is None:
+        raise BuildError(f"profile {prof.name}: needs a driver bundle: pass --driver DIR "
+                         "(layout in docs/image.md)")
+    with progress.step("pin and fetch inputs"):
+        inputs = pin_inputs(prof, progress, locked)
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", inputs.lock.source_date_epoch))
+    with progress.step("unpack packages"):
+        pool = Pool()
+        for name, deb in sorted(inputs.debs.items()):
+            if name != inputs.kernel_package:
+                pool.add_package(fetch.extract_deb(deb), Origin(name, inputs.lock.debs[name].version))
+        kroot = fetch.extract_deb(inputs.debs[inputs.kernel_package])
+        kt = kernel.open_tree(kroot, inputs.kernel_package)
+        korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
+    with progress.step("check kernel config and pick modules"):
+        results = kernel.check_fragments(kt.config, prof.fragment_paths())
+        from rootfs.kconfig import modules_needed
+        needed = modules_needed(results)
+        bundle = tree_extras.DriverBundle.open(driver_dir, kt.release) if driver_dir else None
+        wanted = [*needed, *prof.kernel.modules, *(bundle.module_names() if bundle else [])]
+        trees = [kt.modules, *([bundle.modules_dir] if bundle else [])]
+        mods = kernel.select_modules(trees, wanted, kt.release)
+        early = list(prof.kernel.early) or needed
+        for m in early:
+            if modinfo.module_name(m) not in mods.paths:
+                raise BuildError(f"profile {prof.name}: key kernel.early: module {m} is not "
+                                 "carried (add it to kernel.modules)")
+        progress.note(f"kernel {kt.release}: {len(mods.order)} modules, early: {','.join(early)}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{prof.name}-", dir=out.parent))
+    try:
+        tree = Tree(staging)
+        with progress.step("assemble tree"):
+            for d, mode in BASE_DIRS.items():
+                tree.mkdir(d, mode)
+            site_roots = tree_extras.install_init(tree, prof, pool, kt.release,
+                                                   [mods.rel[m] for m in mods.order])
+            if prof.init is profile.Init.GUESTINIT:
+                roots = install_guestinit(tree)
+                for name, whl in sorted(inputs.wheels.items()):
+                    install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)))
+                    roots.extend(tree_extras.wheel_roots(whl))
+                tree.take(pool, "/usr/bin/python3.11", "the init")
+                cfg = {"modules": ",".join(early), **prof.config, **(extra_config or {})}
+                try:
+                    text = guest_config.render_file(cfg)
+                except guest_config.ConfigError as exc:
+                    raise BuildError(f"--append-config / profile config: {exc}") from None
+                tree.add_bytes("etc/guestinit.conf", text.encode(), GENERATED)
+                closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE)
+            for binary in prof.binaries:
+                tree.take(pool, binary, f"binaries in profile {prof.name}")
+            if prof.shell:
+                tree_extras.install_busybox(tree, pool)
+            if bundle:
+                bundle.install(tree)
+            install_modules(tree, kt, mods, korigin, bundle.origin if bundle else None)
+            write_users(tree, prof.users, prof.shell)
+        with progress.step("ELF closure"):
+            added = closure.elf_closure(tree, pool)
+            progress.note(f"{len(added)} shared libraries added")
+            tree_extras.write_ld_cache(tree)
+        if prof.init is profile.Init.GUESTINIT:
+            with progress.step("byte-compile python"):
+                compile_python(tree, [closure.PY_STDLIB, GUEST_SITE])
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.iterdir():
+            if old.is_file():
+                old.unlink()
+        outputs: dict[str, Path] = {}
+        if profile.Format.INITRAMFS in prof.formats:
+            with progress.step("pack initramfs (cpio newc + zstd)"):
+                outputs["initramfs.cpio.zst"] = pack.initramfs(tree.root, out, epoch)
+        roothash = None
+        if profile.Format.EROFS in prof.formats:
+            with progress.step("pack erofs + dm-verity"):
+                roothash = pack.erofs_verity(tree.root, out, epoch, prof.name)
+                outputs.update({n: out / n for n in ("rootfs.erofs", "rootfs.verity",
+                                                      "roothash.txt", "cmdline-erofs.txt")})
+        with progress.step("kernel, cmdline, manifest, SBOM"):
+            shutil.copyfile(kt.vmlinuz, out / "vmlinuz")
+            os.chmod(out / "vmlinuz", 0o644)
+            outputs["vmlinuz"] = out / "vmlinuz"
+            (out / "kernel-release.txt").write_text(kt.release + "\n")
+            outputs["kernel-release.txt"] = out / "kernel-release.txt"
+            (out / "cmdline.txt").write_text(" ".join(prof.cmdline()) + "\n")
+            outputs["cmdline.txt"] = out / "cmdline.txt"
+            if roothash is not None:
+                pack.write_erofs_cmdline(out, prof.cmdline(), roothash)
+            man = manifest.build(prof.name, kt.release, epoch, tree, outputs, inputs.lock,
+                                 {**{n: inputs.lock.debs[n] for n in inputs.debs},
+                                  **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},
+                                 bundle.origin if bundle else None, roothash)
+            man.write(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = (out / "initramfs.cpio.zst").stat().st_size if (out / "initramfs.cpio.zst").exists() \
+        else 0
+    progress.note(f"out: {out} (initramfs {size / 2**20:.2f} MiB), total {progress.total():.1f} s")
+    return man

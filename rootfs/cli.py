@@ -1,0 +1,120 @@
+"""``guestinit-build``: build, sign, verify and inspect guest images; check kernel configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rootfs import fetch, kconfig, profile
+from rootfs.steps import BuildError, Progress
+
+
+def _kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guestinit-build", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    img = sub.add_parser("image", help="build out/PROFILE from rootfs/profiles/PROFILE.toml")
+    img.add_argument("profile", help="profile name (cpu, debug, nvidia-gpu...) or a .toml path")
+    img.add_argument("--out", type=Path, help="output directory (default out/PROFILE)")
+    img.add_argument("--driver", type=Path, help="NVIDIA driver bundle directory")
+    img.add_argument("--append-config", type=_kv, action="append", default=[],
+                     metavar="KEY=VALUE", help="extra /etc/guestinit.conf setting")
+    img.add_argument("--locked", action="store_true",
+                     help="fail instead of re-pinning when the lock file is stale")
+    img.add_argument("-q", "--quiet", action="store_true")
+    sg = sub.add_parser("sign", help="sign OUT/manifest.json (ECDSA P-256, cosign blob format)")
+    sg.add_argument("--key", type=Path, required=True, help="PEM EC P-256 private key")
+    sg.add_argument("out", type=Path)
+    vf = sub.add_parser("verify", help="check outputs, verity root hash and signature")
+    vf.add_argument("out", type=Path)
+    vf.add_argument("--key", type=Path, help="PEM public key to check the signature against")
+    ins = sub.add_parser("inspect", help="size by component")
+    ins.add_argument("out", type=Path)
+    kc = sub.add_parser("kconfig", help="kernel config tools")
+    kcs = kc.add_subparsers(dest="kcmd", required=True)
+    chk = kcs.add_parser("check", help="hold a kernel .config against fragments")
+    chk.add_argument("--config", type=Path, required=True)
+    chk.add_argument("--fragment", type=Path, action="append", default=[],
+                     help="fragment file or name in kernel-config/ (default base.conf)")
+    lk = sub.add_parser("lock", help="re-resolve the profile's packages into its lock file")
+    lk.add_argument("profile")
+    return p
+
+
+def _fragment(path: Path) -> Path:
+    if path.exists():
+        return path
+    candidate = profile.KCONFIG_DIR / path
+    if candidate.exists():
+        return candidate
+    raise BuildError(f"kconfig check: fragment {path} not found (nor {candidate})")
+
+
+def _lock(name: str) -> None:
+    prof = profile.load(name)
+    lock = fetch.Lock.load(prof.lock)
+    kpkg = fetch.kernel_abi_package(prof.kernel.package)
+    lock.kernel[prof.kernel.package] = kpkg
+    lock.debs.update(fetch.resolve_debs([*prof.debs, kpkg]))
+    for w in prof.wheels:
+        lock.wheels[w] = fetch.resolve_wheel(w)
+    lock.save()
+    print(f"{prof.lock}: {len(prof.debs) + 1} debs, {len(prof.wheels)} wheels pinned "
+          f"(kernel {kpkg} {lock.debs[kpkg].version})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.cmd == "image":
+            from rootfs.build import build_image
+
+            prof = profile.load(args.profile)
+            out = args.out or Path("out") / prof.name
+            build_image(prof, out.resolve(), driver_dir=args.driver,
+                        extra_config=dict(args.append_config), locked=args.locked,
+                        progress=Progress(quiet=args.quiet))
+        elif args.cmd == "sign":
+            from rootfs.sign import sign
+
+            print(f"wrote {sign(args.out, args.key)}")
+        elif args.cmd == "verify":
+            from rootfs.sign import verify
+
+            for line in verify(args.out, args.key):
+                print(f"ok: {line}" if not line.startswith("warning") else line)
+        elif args.cmd == "inspect":
+            from rootfs.manifest import inspect_table
+
+            print(inspect_table(args.out))
+        elif args.cmd == "kconfig":
+            wants = []
+            for frag in args.fragment or [Path("base.conf")]:
+                wants.extend(kconfig.read_fragment(_fragment(frag)))
+            results = kconfig.check(kconfig.read_config(args.config), wants)
+            print(kconfig.table(results))
+            bad = [r for r in results if r.fails]
+            mods = kconfig.modules_needed(results)
+            if mods:
+                print(f"\nmodules the image must carry and load early: {', '.join(mods)}")
+            if bad:
+                print(f"\n{len(bad)} required option(s) missing or wrong: "
+                      + ", ".join(r.want.option for r in bad), file=sys.stderr)
+                return 1
+        elif args.cmd == "lock":
+            _lock(args.profile)
+    except (BuildError, profile.ProfileError) as exc:
+        print(f"guestinit-build: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

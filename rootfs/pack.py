@@ -1,0 +1,103 @@
+"""Packing the staging tree: pyc compilation, initramfs (cpio + zstd), erofs + dm-verity."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import sys
+from pathlib import Path
+
+from rootfs import cpio
+from rootfs.steps import BuildError, run
+
+ZSTD_LEVEL = "-19"
+# dm-verity parameters: fixed salt and UUIDs make the hash tree reproducible.
+VERITY_SALT = "0" * 64
+VERITY_UUID = "7f1f0d5c-6a53-4b39-9b0e-67756573746e"
+EROFS_UUID = "2b7f3c8e-3d0a-4a52-8e1c-67756573746e"
+# Device nodes the init needs before it mounts devtmpfs: the console for stdio, and
+# urandom because Python reads it for its hash seed when getrandom() would still block.
+SPECIAL_NODES = (cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+                 cpio.Entry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
+                 cpio.Entry("dev/random", stat.S_IFCHR | 0o666, rdev=(1, 8)),
+                 cpio.Entry("dev/urandom", stat.S_IFCHR | 0o666, rdev=(1, 9)))
+
+_COMPILE = """
+import py_compile, sys
+root = sys.argv[1]
+for src in sys.stdin.read().split("\\0"):
+    if src:
+        py_compile.compile(src, dfile="/" + src[len(root):].lstrip("/"), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def compile_pycs(root: Path, sources: list[str]) -> None:
+    """Byte-compile in one child with a fixed hash seed (marshal output is then stable)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": ""}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    run([sys.executable, "-I", "-c", _COMPILE, str(root)], env=env,
+        stdin="\0".join(sources).encode(), what="byte-compile python")
+
+
+def cpio_bytes(root: Path, epoch: int) -> bytes:
+    entries = cpio.entries_from_dir(root)
+    have = {e.path for e in entries}
+    entries += [e for e in SPECIAL_NODES if e.path not in have]
+    buf = io.BytesIO()
+    cpio.write(buf, entries, epoch)
+    return buf.getvalue()
+
+
+def initramfs(root: Path, out: Path, epoch: int) -> Path:
+    target = out / "initramfs.cpio.zst"
+    data = cpio_bytes(root, epoch)
+    compressed = run(["zstd", "-q", ZSTD_LEVEL, "-T1", "--no-progress", "-c"], stdin=data,
+                     what="compress initramfs")
+    target.write_bytes(compressed)
+    return target
+
+
+def erofs_verity(root: Path, out: Path, epoch: int, name: str) -> str:
+    image, hashes = out / "rootfs.erofs", out / "rootfs.verity"
+    run(["mkfs.erofs", "--quiet", "-x-1", f"-T{epoch}", f"-U{EROFS_UUID}", "--all-root", "-zlz4hc",
+         image, root], what=f"mkfs.erofs for {name}")
+    text = run(["veritysetup", "format", image, hashes, f"--salt={VERITY_SALT}",
+                f"--uuid={VERITY_UUID}"], what=f"veritysetup format for {name}").decode()
+    roothash = verity_field(text, "Root hash")
+    (out / "roothash.txt").write_text(roothash + "\n")
+    return roothash
+
+
+def verity_field(text: str, key: str) -> str:
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        if k.strip() == key:
+            return v.strip()
+    raise BuildError(f"veritysetup: no '{key}' in its output: {text[:300]!r}")
+
+
+def write_erofs_cmdline(out: Path, words: list[str], roothash: str) -> None:
+    """The cmdline for booting the erofs image as root without an initramfs.
+
+    Needs a kernel with dm-mod, dm-verity, erofs and virtio-blk built in (dm-mod.create
+    only exists in a built-in dm-mod); the data image is the first virtio disk, the
+    hash tree the second.
+    """
+    size = (out / "rootfs.erofs").stat().st_size
+    sectors, blocks = size // 512, size // 4096
+    table = (f"vroot,,,ro,0 {sectors} verity 1 /dev/vda /dev/vdb 4096 4096 {blocks} 0 "
+             f"sha256 {roothash} {VERITY_SALT}")
+    parts = [*words, f'dm-mod.create="{table}"', "root=/dev/dm-0", "rootfstype=erofs", "ro",
+             "init=/usr/sbin/init"]
+    (out / "cmdline-erofs.txt").write_text(" ".join(parts) + "\n")
+
+
+def verity_verify(out: Path, roothash: str) -> None:
+    run(["veritysetup", "verify", out / "rootfs.erofs", out / "rootfs.verity", roothash],
+        what="veritysetup verify (rootfs.erofs against rootfs.verity and roothash.txt)")
+
+
+def decompress(path: Path) -> bytes:
+    return run(["zstd", "-q", "-d", "-c", path], what=f"decompress {path.name}")

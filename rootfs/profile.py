@@ -1,0 +1,220 @@
+"""Profiles (``rootfs/profiles/*.toml``) and their lock file.
+
+A profile is a small TOML file; ``extends = "cpu"`` starts from another profile
+(top-level keys replace, the ``kernel``, ``config`` and ``users`` tables merge key
+by key). Unknown keys, wrong types and bad values are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from guestinit import config as guest_config
+
+E = TypeVar("E", bound=enum.StrEnum)
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+KCONFIG_DIR = Path(__file__).resolve().parent.parent / "kernel-config"
+
+
+class ProfileError(ValueError):
+    """A profile or lock file is invalid; the message names the file and the key."""
+
+
+class Init(enum.StrEnum):
+    GUESTINIT = "guestinit"
+    BUSYBOX = "busybox"
+    SYSTEMD = "systemd"
+
+
+class Format(enum.StrEnum):
+    INITRAMFS = "initramfs"
+    EROFS = "erofs"
+
+
+class Driver(enum.StrEnum):
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    package: str = "linux-image-amd64"
+    fragments: tuple[str, ...] = ("base.conf",)
+    modules: tuple[str, ...] = ()
+    early: tuple[str, ...] = ()
+    cmdline: tuple[str, ...] = ("console=ttyS0",)
+    cmdline_presets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: Path
+    description: str
+    init: Init
+    formats: tuple[Format, ...]
+    shell: bool
+    driver: Driver
+    lock: Path
+    debs: tuple[str, ...]
+    wheels: tuple[str, ...]
+    binaries: tuple[str, ...]
+    kernel: Kernel
+    users: dict[str, int] = field(default_factory=dict)
+    config: dict[str, str] = field(default_factory=dict)
+
+    def fragment_paths(self) -> list[Path]:
+        return [KCONFIG_DIR / f for f in self.kernel.fragments]
+
+    def cmdline(self) -> list[str]:
+        """The profile's cmdline words followed by the presets' (comments stripped)."""
+        words = list(self.kernel.cmdline)
+        for preset in self.kernel.cmdline_presets:
+            words.extend(read_cmdline_preset(KCONFIG_DIR / "cmdline" / preset))
+        return list(dict.fromkeys(words))  # first occurrence wins, order kept
+
+
+TOP_KEYS = {"description", "extends", "init", "formats", "shell", "driver", "lock", "debs",
+            "wheels", "binaries", "kernel", "users", "config"}
+KERNEL_KEYS = {"package", "fragments", "modules", "early", "cmdline", "cmdline_presets"}
+
+
+def read_cmdline_preset(path: Path) -> list[str]:
+    """Words of a cmdline preset: one or more options per line, ``#`` starts a comment."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cmdline preset {path}: {exc.strerror}") from None
+    words: list[str] = []
+    for line in text.splitlines():
+        words.extend(line.split("#", 1)[0].split())
+    return words
+
+
+def _str(where: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProfileError(f"{where}: key {key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _strs(where: str, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ProfileError(f"{where}: key {key}: expected a list of non-empty strings, "
+                           f"got {value!r}")
+    return tuple(value)
+
+
+def _enum(where: str, key: str, value: Any, cls: type[E]) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        names = ", ".join(m.value for m in cls)
+        raise ProfileError(f"{where}: key {key}: {value!r} is not one of {names}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.toml")))
+        raise ProfileError(f"profile {path}: no such file (profiles: {known})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {path}: not valid TOML: {exc}") from None
+
+
+def _raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    data = _read_toml(path)
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ProfileError(f"profile {path}: unknown key {unknown[0]} "
+                           f"(known: {', '.join(sorted(TOP_KEYS))})")
+    for table in ("kernel", "users", "config"):
+        if table in data and not isinstance(data[table], dict):
+            raise ProfileError(f"profile {path}: key {table}: expected a table")
+    if "kernel" in data:
+        bad = sorted(set(data["kernel"]) - KERNEL_KEYS)
+        if bad:
+            raise ProfileError(f"profile {path}: unknown key kernel.{bad[0]} "
+                               f"(known: {', '.join(sorted(KERNEL_KEYS))})")
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    parent_path = path.with_name(f"{_str(str(path), 'extends', parent_name)}.toml")
+    if parent_path in seen:
+        raise ProfileError(f"profile {path}: key extends: cycle through {parent_name}")
+    merged = _raw(parent_path, (*seen, path))
+    for key, value in data.items():
+        if key in ("kernel", "users", "config"):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml":
+        return candidate
+    return PROFILES_DIR / f"{name_or_path}.toml"
+
+
+def load(name_or_path: str) -> Profile:
+    """Parse and check a profile by name (``cpu``) or path (``x/y.toml``)."""
+    path = resolve_path(name_or_path)
+    where = f"profile {path}"
+    data = _raw(path)
+    k = data.get("kernel", {})
+    kernel = Kernel(
+        package=_str(where, "kernel.package", k.get("package", Kernel.package)),
+        fragments=_strs(where, "kernel.fragments", list(k.get("fragments", Kernel.fragments))),
+        modules=_strs(where, "kernel.modules", k.get("modules", [])),
+        early=_strs(where, "kernel.early", k.get("early", [])),
+        cmdline=_strs(where, "kernel.cmdline", list(k.get("cmdline", Kernel.cmdline))),
+        cmdline_presets=_strs(where, "kernel.cmdline_presets", k.get("cmdline_presets", [])),
+    )
+    for frag in kernel.fragments:
+        if not (KCONFIG_DIR / frag).is_file():
+            raise ProfileError(f"{where}: key kernel.fragments: {KCONFIG_DIR / frag} "
+                               "does not exist")
+    for preset in kernel.cmdline_presets:
+        if not (KCONFIG_DIR / "cmdline" / preset).is_file():
+            raise ProfileError(f"{where}: key kernel.cmdline_presets: "
+                               f"{KCONFIG_DIR / 'cmdline' / preset} does not exist")
+    users = data.get("users", {})
+    for user, uid in users.items():
+        if not isinstance(uid, int) or isinstance(uid, bool) or not 0 < uid < 65534:
+            raise ProfileError(f"{where}: key users.{user}: expected a uid 1..65533, got {uid!r}")
+    cfg = {key: str(v).lower() if isinstance(v, bool) else str(v)
+           for key, v in data.get("config", {}).items()}
+    try:
+        guest_config.render_file(cfg)
+    except guest_config.ConfigError as exc:
+        raise ProfileError(f"{where}: key config.{exc.key}: {exc}") from None
+    formats = tuple(_enum(where, "formats", f, Format)
+                    for f in _strs(where, "formats", data.get("formats", ["initramfs"])))
+    shell = data.get("shell", False)
+    if not isinstance(shell, bool):
+        raise ProfileError(f"{where}: key shell: expected true or false, got {shell!r}")
+    lock_name = _str(where, "lock", data.get("lock", "debian.lock"))
+    return Profile(
+        name=path.stem,
+        path=path,
+        description=_str(where, "description", data.get("description", path.stem)),
+        init=_enum(where, "init", data.get("init", "guestinit"), Init),
+        formats=formats,
+        shell=shell,
+        driver=_enum(where, "driver", data.get("driver", "none"), Driver),
+        lock=path.with_name(lock_name),
+        debs=_strs(where, "debs", data.get("debs", [])),
+        wheels=_strs(where, "wheels", data.get("wheels", [])),
+        binaries=_strs(where, "binaries", data.get("binaries", [])),
+        kernel=kernel,
+        users=dict(users),
+        config=cfg,
+    )

@@ -1,0 +1,129 @@
+"""Signing and verifying an output directory.
+
+The signed blob is ``manifest.json`` (it holds the sha256 of every output and of
+every file in the tree). The signature is ECDSA P-256 over SHA-256, DER, base64:
+the cosign blob format, so ``cosign verify-blob --key KEY.pub --signature
+manifest.json.sig manifest.json`` accepts it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rootfs import cpio, pack
+from rootfs.fetch import sha256_file
+from rootfs.manifest import MANIFEST, Manifest
+from rootfs.steps import BuildError
+
+SIGNATURE = MANIFEST + ".sig"
+PUBLIC_KEY = "signing-key.pub.pem"
+
+
+class VerifyError(BuildError):
+    """The output directory does not match its manifest or signature."""
+
+
+def _load_private(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BuildError(f"sign: cannot read private key {path}: {exc} (expected an "
+                         "unencrypted PEM EC P-256 key: openssl ecparam -genkey -name "
+                         "prime256v1 -noout | openssl pkcs8 -topk8 -nocrypt)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise BuildError(f"sign: {path} is not an EC P-256 private key")
+    return key
+
+
+def sign(out: Path, key_path: Path) -> Path:
+    blob = _read_manifest_bytes(out)
+    key = _load_private(key_path)
+    sig = key.sign(blob, ec.ECDSA(hashes.SHA256()))
+    (out / SIGNATURE).write_text(base64.b64encode(sig).decode() + "\n")
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    (out / PUBLIC_KEY).write_bytes(pub)
+    return out / SIGNATURE
+
+
+def _read_manifest_bytes(out: Path) -> bytes:
+    try:
+        return (out / MANIFEST).read_bytes()
+    except OSError as exc:
+        raise VerifyError(f"{out / MANIFEST}: {exc.strerror}; is {out} an output of "
+                          "`guestinit-build image`?") from None
+
+
+def check_signature(out: Path, pub_path: Path) -> None:
+    blob = _read_manifest_bytes(out)
+    try:
+        pub = serialization.load_pem_public_key(pub_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"verify: cannot read public key {pub_path}: {exc}") from None
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise VerifyError(f"verify: {pub_path} is not an EC public key")
+    try:
+        sig = base64.b64decode((out / SIGNATURE).read_text().strip(), validate=True)
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"verify: {out / SIGNATURE} unreadable ({exc}); run "
+                          "`guestinit-build sign --key KEY.pem OUT`") from None
+    try:
+        pub.verify(sig, blob, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise VerifyError(f"verify: signature {out / SIGNATURE} does not match {MANIFEST} "
+                          f"under key {pub_path}: the manifest or the signature was changed"
+                          ) from None
+
+
+def verify(out: Path, pub_path: Path | None) -> list[str]:
+    """Check outputs, initramfs contents, verity and signature; returns what was checked."""
+    man = Manifest.read(out).data if (out / MANIFEST).exists() else None
+    if man is None:
+        _read_manifest_bytes(out)
+        raise AssertionError("unreachable")
+    done = []
+    for name, want in sorted(man["outputs"].items()):
+        path = out / name
+        if not path.is_file():
+            raise VerifyError(f"verify: output {name} is missing from {out}")
+        if sha256_file(path) != want["sha256"]:
+            raise VerifyError(f"verify: output {name} was modified (sha256 differs from "
+                              f"{MANIFEST})")
+    done.append(f"{len(man['outputs'])} outputs match {MANIFEST}")
+    if "initramfs.cpio.zst" in man["outputs"]:
+        files = {r["path"]: r for r in man["files"]}
+        seen = 0
+        for e in cpio.read(pack.decompress(out / "initramfs.cpio.zst")):
+            row = files.get("/" + e.path)
+            if row is None:
+                raise VerifyError(f"verify: initramfs holds /{e.path}, not in {MANIFEST}")
+            if stat.S_ISREG(e.mode) and hashlib.sha256(e.data).hexdigest() != row["sha256"]:
+                raise VerifyError(f"verify: initramfs file /{e.path} differs from {MANIFEST}")
+            seen += 1
+        if seen != len(files):
+            raise VerifyError(f"verify: initramfs has {seen} entries, {MANIFEST} lists "
+                              f"{len(files)}")
+        done.append(f"{seen} initramfs entries match {MANIFEST}")
+    if man.get("roothash"):
+        recorded = (out / "roothash.txt").read_text().strip()
+        if recorded != man["roothash"]:
+            raise VerifyError(f"verify: roothash.txt ({recorded}) differs from {MANIFEST}")
+        pack.verity_verify(out, man["roothash"])
+        done.append("rootfs.erofs matches the dm-verity root hash")
+    if pub_path is None and (out / SIGNATURE).exists():
+        pub_path = out / PUBLIC_KEY
+        done.append(f"warning: no --key given; checked against {PUBLIC_KEY} shipped with the "
+                    "image (integrity only, not authenticity)")
+    if pub_path is not None:
+        check_signature(out, pub_path)
+        done.append(f"signature valid for key {pub_path}")
+    else:
+        done.append("not signed (no manifest.json.sig)")
+    return done
