@@ -1,0 +1,246 @@
+"""NVIDIA daemons: plans; the real supervisor, syslog and fake driver bundle in a tmp root."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from guestinit import nvidia
+from guestinit.boot import Boot
+from guestinit.config import Mode
+from guestinit.effects import Effects
+from guestinit.stages import BootError
+from guestinit.testing import nvidia_bundle
+from tests.fixtures.accel import fake_nvidia_proc, frames, gpu_bdfs, make_boot
+
+BIN = "/usr/bin"
+
+
+def test_registered_gpus_from_persistenced_lines() -> None:
+    lines = ["nvidia-persistenced[7]: Started (7)",
+             "nvidia-persistenced[7]: device 0000:18:00.0 - registered",
+             "nvidia-persistenced[7]: device 0000:18:00.0 - persistence mode enabled.",
+             "other[1]: device 0000:99:00.0 - registered",
+             "nvidia-persistenced[7]: device 0000:19:00.0 - registered",
+             "nvidia-persistenced[9]: device 0000:18:00.0 - registered"]
+    assert nvidia.registered_gpus(lines) == ["0000:18:00.0", "0000:19:00.0"]
+
+
+def test_persistenced_argv() -> None:
+    assert nvidia.persistenced_argv(BIN, True, "nvidia-persistenced") == [
+        "/usr/bin/nvidia-persistenced", "--foreground", "--verbose", "--uvm-persistence-mode",
+        "--user", "nvidia-persistenced"]
+    assert nvidia.persistenced_argv(BIN, False, None) == [
+        "/usr/bin/nvidia-persistenced", "--foreground", "--verbose"]
+
+
+def test_user_lookup(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n"
+                                         "nvidia-persistenced:x:120:130::/:/usr/sbin/nologin\n")
+    assert nvidia.user_ids(str(tmp_path), "nvidia-persistenced") == (120, 130)
+    assert nvidia.user_ids(str(tmp_path), "nobody") is None
+    assert nvidia.user_ids(str(tmp_path / "none"), "root") is None
+
+
+def test_fabric_manager_config_rewrite() -> None:
+    text = "# FABRIC_MODE=9 stays a comment\nLOG_LEVEL=4\nFABRIC_MODE=0\nDAEMONIZE=1\n"
+    out = nvidia.rewrite_fm_config(text, {"FABRIC_MODE": "1", "DAEMONIZE": "0",
+                                          "LOG_USE_SYSLOG": "1"})
+    assert out == ("# FABRIC_MODE=9 stays a comment\nLOG_LEVEL=4\nFABRIC_MODE=1\nDAEMONIZE=0\n"
+                   "LOG_USE_SYSLOG=1\n")
+
+
+def ib_port(root: pathlib.Path, name: str, cap_mask: str, gid: str) -> None:
+    port = root / "sys/class/infiniband" / name / "ports/1"
+    (port / "gids").mkdir(parents=True)
+    (port / "cap_mask").write_text(cap_mask + "\n")
+    (port / "gids/0").write_text(gid + "\n")
+
+
+def test_port_guid_skips_ports_with_sm_disabled(tmp_path: pathlib.Path) -> None:
+    assert nvidia.port_guid(str(tmp_path)) is None
+    ib_port(tmp_path, "mlx5_1", "0x00000200", "fe80:0000:0000:0000:1111:2222:3333:4444")
+    ib_port(tmp_path, "mlx5_0", "0x00000400", "fe80:0000:0000:0000:aaaa:bbbb:cccc:dddd")
+    assert nvidia.port_guid(str(tmp_path)) == "0x1111222233334444"
+
+
+def plan(mode: Mode, fabric: bool = False, dcgm: bool = False,
+         guid: str | None = None) -> list[str]:
+    p = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, fm_mode=1,
+                            rail_policy="symmetric", dcgm=dcgm, guid=guid)
+    return [name for name, _, _ in p.daemons]
+
+
+def test_daemon_plans_per_mode() -> None:
+    assert plan(Mode.CPU, dcgm=True) == []
+    assert plan(Mode.GPU) == ["nvidia-persistenced"]
+    assert plan(Mode.GPU, fabric=True, dcgm=True) == [
+        "nvidia-persistenced", "nv-fabricmanager", "nv-hostengine", "dcgm-exporter"]
+    assert plan(Mode.NVL4) == ["nv-fabricmanager"]
+    assert plan(Mode.NVL5, guid="0x1") == ["nvlsm", "nv-fabricmanager"]
+    p = nvidia.plan_daemons(Mode.NVL5, False, BIN, uvm=True, user=None, fm_mode=0,
+                            rail_policy="greedy", dcgm=False, guid="0x1111")
+    assert p.daemons[0][1] == ["/usr/bin/nvlsm", "-F", nvidia.NVLSM_CONFIG, "-g", "0x1111"]
+    assert p.fm_settings["FM_SM_MGMT_PORT_GUID"] == "0x1111"
+    with pytest.raises(ValueError, match="nvl5: no InfiniBand port with SM enabled"):
+        plan(Mode.NVL5)
+
+
+def test_smi_settings_in_order() -> None:
+    assert nvidia.smi_settings({"smi.lgc": "1500,1980", "smi.lmc": "", "smi.pl": "500"}) == [
+        ["-lgc", "1500,1980"], ["-pl", "500"]]
+
+
+# -- the real supervisor, syslog server and process table with the stand-ins ---------------
+
+
+@pytest.fixture
+def gpu_root(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, list[Boot]]]:
+    """A root with 4 registered GPUs and the fake bundle; every boot's daemons stopped after."""
+    fake_nvidia_proc(tmp_path, gpu_bdfs(4))
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/nvidiactl").touch()
+    boots: list[Boot] = []
+    yield tmp_path, boots
+    for boot in boots:
+        boot.supervisor.stop(list(boot.supervisor.services), grace=2.0)
+        assert boot.syslog is not None
+        boot.syslog.close()
+
+
+def gpu_boot(root: pathlib.Path, boots: list[Boot], cmdline: str = "", gpus: int = 4,
+             fabric: bool = False, effects: Effects | None = None) -> Boot:
+    boot = make_boot(root, cmdline=cmdline, syslog=True, effects=effects)
+    boot.facts.update(mode="gpu", fabric=fabric, inventory=[
+        {"kind": "gpu", "bdf": bdf} for bdf in gpu_bdfs(gpus)])
+    boots.append(boot)
+    return boot
+
+
+def test_gpu_mode_persistenced_ready_with_progress_and_smi_settings(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root, behaviour={"gpu_delay": "0.15"})
+    boot = gpu_boot(root, boots, "nvrc.smi.lgc=1500,1980 guestinit.smi.pl=500")
+    nvidia.run_daemons(boot)
+    service = boot.supervisor.service("nvidia-persistenced")
+    assert service.running and boot.facts["daemons"] == ["nvidia-persistenced"]
+    assert (root / "var/run/nvidia-persistenced/socket").exists()
+    gpu_frames = [f for f in frames(boot) if f.get("event") == "gpu"]
+    assert [f["detail"] for f in gpu_frames] == [  # one per GPU, in order
+        f"nvidia-persistenced: {i + 1}/4 GPUs attached (last {bdf})"
+        for i, bdf in enumerate(gpu_bdfs(4))]
+    calls = nvidia_bundle.calls(root)
+    assert calls[0] == ("nvidia-persistenced --foreground --verbose --uvm-persistence-mode")
+    assert calls[1:] == ["nvidia-smi -lgc 1500,1980", "nvidia-smi -pl 500"]
+    spans = [s[0] for s in boot.timeline.spans]
+    assert spans == ["daemon:nvidia-persistenced", "smi:lgc", "smi:pl"]
+    nvidia.check_daemons(boot)
+
+
+def test_persistenced_runs_as_its_user_when_the_image_has_one(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    (root / "etc/passwd").write_text("nvidia-persistenced:x:120:130::/:/usr/sbin/nologin\n")
+    boot = gpu_boot(root, boots, "guestinit.uvm.persistence=0", effects=Effects())
+    nvidia.run_daemons(boot)
+    assert nvidia_bundle.calls(root)[0] == (
+        "nvidia-persistenced --foreground --verbose --user nvidia-persistenced")
+    st = os.stat(root / "var/run/nvidia-persistenced")
+    assert (st.st_uid, st.st_gid) == (120, 130)
+
+
+def test_marker_never_logged_fails_after_the_timeout_naming_the_daemon(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root, behaviour={"persistenced": "hang"})
+    boot = gpu_boot(root, boots, "guestinit.daemon.timeout=1.5")
+    start = time.monotonic()
+    with pytest.raises(BootError) as err:
+        nvidia.run_daemons(boot)
+    took = time.monotonic() - start
+    assert err.value.stage == "daemons"
+    assert err.value.reason.startswith("nvidia-persistenced not ready after 1.5s (no 'Local RPC "
+                                       "services initialized' on syslog, no ")
+    assert "last line: nvidia-persistenced[" in err.value.reason
+    assert 1.5 <= took < 5
+    assert len([f for f in frames(boot) if f.get("event") == "gpu"]) == 4
+
+
+def test_daemon_that_keeps_crashing_fails_fast_with_its_status(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root, behaviour={"persistenced": "crash"})
+    boot = gpu_boot(root, boots, "guestinit.restart.max=1 guestinit.restart.backoff=0.05")
+    boot.supervisor.max_restarts = 1
+    boot.supervisor.backoff = 0.05
+    start = time.monotonic()
+    with pytest.raises(BootError, match=r"nvidia-persistenced exited with status 1 before it "
+                                        r"was ready"):
+        nvidia.run_daemons(boot)
+    assert time.monotonic() - start < 10
+    assert boot.supervisor.service("nvidia-persistenced").restarts == 1
+    assert len([c for c in nvidia_bundle.calls(root) if c.startswith("nvidia-persistenced")]) == 2
+
+
+def test_smi_failure_names_the_setting_and_output(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    boot = gpu_boot(root, boots, "guestinit.smi.pl=900")
+    with pytest.raises(BootError, match=r"nvidia-smi pl \(-pl 900\) exited 2: Provided power "
+                                        r"limit 900.00 W is not a valid power limit"):
+        nvidia.run_daemons(boot)
+
+
+def test_set_ready_state_runs_conf_compute(gpu_root: tuple[pathlib.Path, list[Boot]]) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    boot = gpu_boot(root, boots, "nvrc.smi.srs=1")
+    nvidia.set_ready_state(boot)
+    assert nvidia_bundle.calls(root) == ["nvidia-smi conf-compute -srs 1"]
+
+
+def test_fabric_manager_with_rewritten_config(gpu_root: tuple[pathlib.Path, list[Boot]]) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    for i in range(4):
+        (root / f"dev/nvidia-nvswitch{i}").touch()
+    boot = gpu_boot(root, boots, "nvrc.fm.mode=1 nvrc.fm.rail=symmetric", fabric=True)
+    nvidia.run_daemons(boot)
+    assert boot.facts["daemons"] == ["nvidia-persistenced", "nv-fabricmanager"]
+    cfg = (root / nvidia.FM_RUN_CONFIG).read_text()
+    assert "FABRIC_MODE=1\n" in cfg and "PARTITION_RAIL_POLICY=symmetric\n" in cfg
+    assert "DAEMONIZE=0\n" in cfg and "LOG_USE_SYSLOG=1\n" in cfg
+    assert boot.supervisor.service("nv-fabricmanager").running
+    nvidia.check_daemons(boot)
+    boot.supervisor.stop(["nv-fabricmanager"], grace=2.0)
+    with pytest.raises(BootError, match="health check: nv-fabricmanager is not running"):
+        nvidia.check_daemons(boot)
+
+
+def test_missing_fm_template_is_named(gpu_root: tuple[pathlib.Path, list[Boot]]) -> None:
+    root, boots = gpu_root
+    boot = gpu_boot(root, boots)
+    boot.facts["mode"] = "nvl4"
+    with pytest.raises(BootError, match=r"prepare nv-fabricmanager config from .*"
+                                        r"fabricmanager.cfg: No such file"):
+        nvidia.run_daemons(boot)
+
+
+def test_cpu_mode_starts_nothing(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tmp_path)
+    boot.facts.update(mode="cpu", inventory=[])
+    nvidia.run_daemons(boot)
+    assert boot.facts["daemons"] == [] and boot.supervisor.services == {}
