@@ -165,7 +165,7 @@ def apply_nodes(boot: Boot, nodes: Sequence[Node]) -> list[str]:
                 created.append(path)
             boot.effects.chown_chmod(path, node.mode, 0, node.gid)
         except OSError as exc:
-            raise BootError(Stage.DEVICES, f"create {path}: {exc}") from None
+            raise BootError(Stage.DEVICES, f"create {path}: {exc.strerror or exc}") from None
     return created
 
 

@@ -297,7 +297,8 @@ def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str) -> li
         try:
             check_vermagic(step.name, step.path, kernel_release)
         except OSError as exc:
-            raise BootError(Stage.MODULES, f"read module {step.name}: {exc}") from None
+            raise BootError(Stage.MODULES, f"read module {step.name} ({step.path}): "
+                            f"{exc.strerror or exc}") from None
         except ModuleError as exc:
             raise BootError(Stage.MODULES, str(exc)) from None
         start = boot.timeline.now()
@@ -328,7 +329,8 @@ def set_firmware_path(boot: Boot, path: str) -> None:
     try:
         boot.effects.write(param, path)
     except OSError as exc:
-        raise BootError(Stage.MODULES, f"set firmware search path {path}: {exc}") from None
+        raise BootError(Stage.MODULES,
+                        f"set firmware search path {path}: {exc.strerror or exc}") from None
 
 
 def load_modules(boot: Boot, wanted: Sequence[str], extra_params: Sequence[str] = (),

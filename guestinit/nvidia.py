@@ -171,7 +171,7 @@ def _smi(boot: Boot, args: Sequence[str], what: str) -> None:
     try:
         code, out = boot.procs.run(argv, timeout=SMI_TIMEOUT)
     except (OSError, TimeoutError) as exc:
-        raise BootError(Stage.DAEMONS, f"nvidia-smi {what}: {exc}") from None
+        raise BootError(Stage.DAEMONS, f"nvidia-smi {what}: {exc.strerror or exc}") from None
     if code != 0:
         tail = out.strip().splitlines()[-1:] or ["no output"]
         raise BootError(Stage.DAEMONS, f"nvidia-smi {what} ({' '.join(args)}) exited {code}: "
