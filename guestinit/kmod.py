@@ -339,14 +339,24 @@ def load_modules(boot: Boot, wanted: Sequence[str], extra_params: Sequence[str] 
     if not wanted:
         return []
     release = kernel_release or os.uname().release
+    present = loaded_modules(boot.root)
+    if all(normalize(n) in present for n in wanted):
+        # loaded or built in: no module tree needed (a kernel with these drivers =y)
+        return [f"{normalize(n)} (already loaded)" for n in wanted]
     try:
         index = load_index(boot.path("lib", "modules", release), release)
-        words = [*extra_params, *boot.config().words("module.params"),
+        configured = boot.cfg.words("module.params") if boot.cfg is not None else ()
+        words = [*extra_params, *configured,
                  *cmdline_params(boot.cmdline, index.paths)]
-        steps = plan_load(wanted, index, loaded_modules(boot.root), parse_params(words))
+        steps = plan_load(wanted, index, present, parse_params(words))
     except ModuleError as exc:
         raise BootError(Stage.MODULES, str(exc)) from None
     return load_steps(boot, steps, release)
+
+
+def load_early(boot: Boot, names: Sequence[str], kernel_release: str | None = None) -> list[str]:
+    """The early modules alone (the failure path uses it to get the report channel up)."""
+    return load_modules(boot, [normalize(n) for n in names], kernel_release=kernel_release)
 
 
 def run_modules(boot: Boot, kernel_release: str | None = None) -> None:

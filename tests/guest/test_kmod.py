@@ -142,6 +142,14 @@ def test_cpu_mode_loads_only_the_early_modules(tmp_path: pathlib.Path) -> None:
                                                    "module:vmw_vsock_virtio_transport"]
 
 
+def test_load_early_works_before_the_config_stage(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, GPU_DEP)
+    boot = make_boot(tmp_path)
+    boot.cfg = None  # the failure path may run before the config stage
+    assert kmod.load_early(boot, ["vmw-vsock-virtio-transport"], kernel_release=REL) == [
+        "vsock", "vmw_vsock_virtio_transport"]
+
+
 def test_cpu_mode_without_modules_touches_nothing(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tmp_path)  # no module tree at all
     boot.facts.update(mode="cpu", inventory=[])
@@ -209,6 +217,17 @@ def test_missing_module_fails_the_stage_naming_it(tmp_path: pathlib.Path) -> Non
     with pytest.raises(BootError, match=r"module virtio_console \(requested\): not in .*"
                                         r"modules.dep"):
         kmod.run_modules(boot, kernel_release=REL)
+
+
+def test_present_modules_need_no_module_tree(tmp_path: pathlib.Path) -> None:
+    for name in ("vsock", "nvidia", "nvidia_uvm"):
+        (tmp_path / "sys/module" / name).mkdir(parents=True)
+    boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
+    boot.facts.update(mode="gpu", inventory=[{"kind": "gpu", "modules": []}])
+    kmod.run_modules(boot, kernel_release=REL)
+    assert finits(boot.effects) == []
+    assert boot.facts["modules"] == ["vsock (already loaded)", "nvidia (already loaded)",
+                                     "nvidia_uvm (already loaded)"]
 
 
 def test_missing_tree_is_named(tmp_path: pathlib.Path) -> None:
