@@ -12,7 +12,6 @@ import os
 import selectors
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import TextIO
 
 from bench import proc
 from bench.image import Image
-from bench.qemu import VmSpec, choose_accel, kernel_cmdline, qemu_argv
+from bench.qemu import QEMU, VmSpec, choose_accel, kernel_cmdline, qemu_argv
 from bench.qmp import Qmp, QmpError
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
@@ -38,6 +37,7 @@ class BootOptions:
     workdir: str | None = None  # console log and sockets; default a new /tmp dir
     powerdown_grace: float = 20.0  # powerdown -> `shutdown` + exit, before QMP quit
     exit_grace: float = 20.0  # `failed`/`shutdown` frame -> QEMU exit, before a kill
+    qemu: str = QEMU
 
 
 @dataclass
@@ -140,26 +140,26 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
     res.workdir = opts.workdir or tempfile.mkdtemp(prefix="guestinit-boot-")
     os.makedirs(res.workdir, exist_ok=True)
     res.console_log = os.path.join(res.workdir, "console.log")
-    res.accel, res.accel_why = choose_accel(opts.accel, image.kernel)
+    res.accel, res.accel_why = choose_accel(opts.accel, image.kernel, opts.qemu)
     res.cmdline = kernel_cmdline(image.boot_cmdline(), opts.append)
     spec = VmSpec(
         kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),
         qmp_socket=os.path.join(res.workdir, "qmp.sock"), accel=res.accel,
-        memory_mib=opts.memory_mib, disks=image.disks,
+        memory_mib=opts.memory_mib, disks=image.disks, qemu=opts.qemu,
     )
     res.argv = qemu_argv(spec)
     return res, spec
 
 
-def boot(image: Image, opts: BootOptions, progress: TextIO | None = sys.stderr) -> BootResult:
+def boot(image: Image, opts: BootOptions, progress: TextIO | None = None) -> BootResult:
     """Boot ``image`` once; never raises for guest misbehaviour (it is in the result)."""
     res, spec = prepare(image, opts)
     return run(res, spec, opts, progress)
 
 
 def run(
-    res: BootResult, spec: VmSpec, opts: BootOptions, progress: TextIO | None = sys.stderr
+    res: BootResult, spec: VmSpec, opts: BootOptions, progress: TextIO | None = None
 ) -> BootResult:
     """Run the boot ``prepare`` planned; QEMU is stopped and reaped before this returns."""
     report_l = _listen(spec.report_socket)
@@ -223,7 +223,7 @@ def _collect(
                 if opts.shutdown:
                     res.timings["host_powerdown_s"] = now - spawned
                     try:
-                        qmp.execute("system_powerdown")
+                        qmp.execute("system_powerdown", timeout=3.0)
                     except QmpError as exc:
                         res.errors.append(f"asking for a powerdown: {exc}")
                     deadline = now + opts.powerdown_grace
@@ -252,7 +252,7 @@ def _collect(
                 quit_sent = True
                 deadline = now + 5.0
                 try:
-                    qmp.execute("quit", timeout=5.0)
+                    qmp.execute("quit", timeout=3.0)
                 except QmpError:
                     break
                 continue
@@ -261,6 +261,10 @@ def _collect(
                 take(data)
                 if not data:
                     sel.unregister(report)
+            if reader.closed and waiting_for == "ready":
+                # After a bad length prefix nothing more can be decoded: no ready can follow.
+                res.reason = f"the report stream broke ({res.errors[-1]}); no ready can follow"
+                break
             progress.show(time.monotonic() - spawned, waiting_for, res.last_stage())
         # QEMU is gone (or being stopped): whatever it had delivered is still readable.
         if child.poll() is not None:

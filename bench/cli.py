@@ -31,7 +31,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     print(f"accelerator: {res.accel} ({res.accel_why})")
     print(f"kernel cmdline: {res.cmdline}")
     print(f"console log: {res.console_log}", flush=True)
-    run(res, spec, opts)
+    run(res, spec, opts, progress=sys.stderr)
     if args.frames:
         print("frames:")
         print(report.frames_text(res))

@@ -114,15 +114,16 @@ def probe_kvm(kernel: str, qemu: str = QEMU, seconds: float = PROBE_SECONDS) -> 
 
 
 def choose_accel(
-    requested: str, kernel: str, qemu: str = QEMU, cache_dir: str = CACHE_DIR
+    requested: str, kernel: str, qemu: str = QEMU, cache_dir: str = CACHE_DIR,
+    kvm_device: str = "/dev/kvm",
 ) -> tuple[str, str]:
     """Return (accel, why). ``requested`` is auto, kvm or tcg; auto probes once and caches."""
     if requested in ("kvm", "tcg"):
         return requested, "requested"
     if requested != "auto":
         raise ValueError(f"accelerator {requested!r}: use auto, kvm or tcg")
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg", "no usable /dev/kvm"
+    if not os.access(kvm_device, os.R_OK | os.W_OK):
+        return "tcg", f"no usable {kvm_device}"
     key = _probe_key(kernel, qemu)
     cache = os.path.join(cache_dir, "kvm-probe.json")
     try:

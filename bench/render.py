@@ -46,18 +46,27 @@ def timeline_table(spans: list[tuple[str, int, int]]) -> str:
     return "\n".join(rows)
 
 
-def _items(value: object) -> list[str]:
+def _items(value: object, depth: int = 0) -> list[str]:
+    """Lines for a nested value: lists of records one per line, maps as ``key: ...``."""
+    pad = "  " * depth
     if isinstance(value, list):
-        return [_describe(v) for v in value]
+        return [f"{pad}- {_describe(v)}" for v in value]
     if isinstance(value, dict):
-        return [f"{k}: {_describe(v)}" for k, v in value.items()]
-    return [_describe(value)]
+        out: list[str] = []
+        for k, v in value.items():
+            if isinstance(v, list) and any(isinstance(x, dict) for x in v) and depth < 2:
+                out.append(f"{pad}{k}:")
+                out.extend(_items(v, depth + 1))
+            else:
+                out.append(f"{pad}{k}: {_describe(v)}")
+        return out
+    return [pad + _describe(value)]
 
 
 def _describe(value: object) -> str:
     if isinstance(value, dict):
         name = value.get("name") or value.get("slot") or value.get("address")
-        rest = ", ".join(f"{k}={_short(v, 40)}" for k, v in value.items() if v is not name)
+        rest = ", ".join(f"{k}={_short(v, 60)}" for k, v in value.items() if v is not name)
         return f"{name}: {rest}" if name is not None else rest
     if isinstance(value, list):
         return ", ".join(_short(v, 40) for v in value) or "(none)"

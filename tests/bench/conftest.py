@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.image import Image
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def fake_vmm(tmp_path: Path) -> str:
+    """An executable that stands in for qemu-system-x86_64 (see fakevmm.py)."""
+    path = tmp_path / "fake-qemu"
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fakevmm.py"} "$@"\n')
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+@pytest.fixture
+def paper_image(tmp_path: Path) -> Image:
+    """Image files that exist but never boot (the fake VMM does not read them)."""
+    d = tmp_path / "img"
+    d.mkdir()
+    for name in ("vmlinuz", "initramfs.cpio.zst"):
+        (d / name).write_bytes(b"\0" * 16)
+    (d / "cmdline.txt").write_text("console=ttyS0 quiet\n")
+    return Image(str(d), str(d / "vmlinuz"), str(d / "initramfs.cpio.zst"),
+                 "console=ttyS0 quiet")
+
+
+def qemu_pids() -> set[int]:
+    """PIDs of every qemu-system process on the machine (to prove none was left behind)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if argv0.endswith((b"qemu-system-x86_64", b"fake-qemu")):
+            pids.add(int(entry))
+    return pids

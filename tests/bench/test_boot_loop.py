@@ -1,0 +1,88 @@
+"""The harness loop against a stand-in VMM: frame handling, judging, never leaving a VMM."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from bench.boot import BootOptions, BootResult, boot
+from bench.image import Image
+from bench.report import text, to_json
+from tests.bench.conftest import qemu_pids
+
+
+def _boot(image: Image, vmm: str, tmp_path: Path, mode: str, **kw: object) -> BootResult:
+    opts = BootOptions(append=f"fake.mode={mode}", accel="tcg", qemu=vmm,
+                       workdir=str(tmp_path / f"run-{mode}"), timeout=10, **kw)  # type: ignore[arg-type]
+    before = qemu_pids()
+    res = boot(image, opts, progress=io.StringIO())
+    assert qemu_pids() - before == set(), "the harness left a VMM process behind"
+    return res
+
+
+def test_ready_then_powerdown_then_shutdown_is_ok(paper_image: Image, fake_vmm: str,
+                                                 tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "ok")
+    assert res.ok, res.reason
+    assert [r.frame.type.value for r in res.frames] == ["hello", "ready", "shutdown"]
+    t = res.timings
+    assert t["guest_first_frame_ns"] == 10 and t["guest_init_exec_ns"] == 100
+    assert t["guest_ready_ns"] == 300 and 0 < t["host_ready_s"] < 10
+    assert "result: OK" in text(res)
+    doc = json.loads(json.dumps(to_json(res)))
+    assert doc["ok"] is True and [f["type"] for f in doc["frames"]][-1] == "shutdown"
+
+
+def test_frames_split_into_single_bytes_are_reassembled(paper_image: Image, fake_vmm: str,
+                                                        tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "split")
+    assert res.ok, res.reason
+
+
+def test_malformed_frames_are_reported_and_fail_the_boot(paper_image: Image, fake_vmm: str,
+                                                         tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "junk")
+    assert [r.frame.type.value for r in res.frames] == ["hello", "ready", "shutdown"]
+    assert len(res.errors) == 2
+    assert not res.ok
+    assert "2 malformed frame(s)" in res.reason
+    assert "bad input from the guest: undecodable frame" in text(res)
+
+
+def test_a_bad_length_prefix_drops_the_rest_of_the_stream(paper_image: Image, fake_vmm: str,
+                                                          tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "badlength")
+    assert [r.frame.type.value for r in res.frames] == ["hello"]
+    assert res.errors == ["frame length 4294967295 outside 1..65536"]
+    assert res.reason == (
+        "the report stream broke (frame length 4294967295 outside 1..65536); "
+        "no ready can follow")
+    assert "console log: " in text(res)
+
+
+def test_vmm_dying_before_ready_is_a_failure(paper_image: Image, fake_vmm: str,
+                                             tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "die")
+    assert res.qemu_rc == 3
+    assert res.reason == "QEMU exited (status 3) before the guest was ready"
+
+
+def test_no_shutdown_frame_after_powerdown_is_a_failure(paper_image: Image, fake_vmm: str,
+                                                        tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "noshutdown")
+    assert res.reason == "the guest was ready but sent no shutdown frame"
+
+
+def test_guest_ignoring_powerdown_is_quit_then_killed(paper_image: Image, fake_vmm: str,
+                                                      tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "stubborn", powerdown_grace=1.0)
+    assert not res.ok
+    assert res.forced == "quit"
+    assert res.qemu_rc == -9
+    assert "no shutdown frame (QEMU stopped with quit)" in res.reason
+
+
+def test_qemu_that_cannot_start_is_reported(paper_image: Image, tmp_path: Path) -> None:
+    res = _boot(paper_image, "/bin/false", tmp_path, "ok")
+    assert res.reason == "QEMU exited (status 1) before connecting the QMP monitor"

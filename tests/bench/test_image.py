@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import image
+
+
+def _make(d: Path, *names: str) -> None:
+    d.mkdir(exist_ok=True)
+    for name in names:
+        (d / name).write_text("console=ttyS0\n  quiet\n" if name == "cmdline.txt" else "x")
+
+
+def test_missing_directory_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(image.ImageError, match=r"does not exist.*guestinit-build image cpu"):
+        image.load(str(tmp_path / "nope"))
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    _make(tmp_path / "img", "vmlinuz", "cmdline.txt")
+    with pytest.raises(image.ImageError, match=r"initramfs\.cpio\.zst is missing"):
+        image.load(str(tmp_path / "img"))
+
+
+def test_initramfs_boot_has_no_disks_and_a_normalised_cmdline(tmp_path: Path) -> None:
+    _make(tmp_path / "img", "vmlinuz", "initramfs.cpio.zst", "cmdline.txt")
+    img = image.load(str(tmp_path / "img"))
+    assert img.cmdline == "console=ttyS0 quiet"
+    assert img.disks == []
+    assert img.boot_cmdline() == "console=ttyS0 quiet"
+
+
+def test_erofs_boot_needs_disk_hash_tree_and_roothash(tmp_path: Path) -> None:
+    d = tmp_path / "img"
+    _make(d, "vmlinuz", "initramfs.cpio.zst", "cmdline.txt", "rootfs.erofs")
+    with pytest.raises(image.ImageError, match=r"rootfs\.verity is missing"):
+        image.load(str(d), erofs=True)
+    _make(d, "rootfs.verity")
+    (d / "roothash.txt").write_text("not-hex\n")
+    with pytest.raises(image.ImageError, match=r"roothash\.txt holds 'not-hex'"):
+        image.load(str(d), erofs=True)
+    (d / "roothash.txt").write_text("AB" * 32 + "\n")
+    img = image.load(str(d), erofs=True)
+    assert img.disks == [str(d / "rootfs.erofs"), str(d / "rootfs.verity")]
+    assert img.boot_cmdline().endswith(f" {image.ROOTHASH_KEY}={'ab' * 32}")

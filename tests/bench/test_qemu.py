@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import qemu
+from bench.qemu import VmSpec, choose_accel, kernel_cmdline, qemu_argv
+
+
+def test_cmdline_adds_report_channel_console_and_panic_after_the_image_words() -> None:
+    line = kernel_cmdline("quiet root=x", "guestinit.log=debug 'a=b c'")
+    assert line.split()[:2] == ["quiet", "root=x"]
+    assert "console=ttyS0" in line.split()
+    assert "panic=-1" in line.split()
+    words = line.split(" ")
+    report = words.index("guestinit.report=virtio-port:guestinit.report")
+    assert words.index("guestinit.log=debug") > report  # --append comes last, so it wins
+    assert line.endswith("a=b c")
+
+
+def test_cmdline_keeps_the_image_console_and_panic() -> None:
+    line = kernel_cmdline("console=hvc0 panic=5")
+    assert line.count("console=") == 1 and "console=hvc0" in line
+    assert line.count("panic=") == 1
+
+
+def _spec(**kw: object) -> VmSpec:
+    base: dict[str, object] = dict(
+        kernel="/k", initramfs="/i", cmdline="quiet x=1", console_log="/c.log",
+        report_socket="/r.sock", qmp_socket="/q.sock",
+    )
+    base.update(kw)
+    return VmSpec(**base)  # type: ignore[arg-type]
+
+
+def test_argv_is_a_microvm_with_report_port_qmp_and_serial_log() -> None:
+    argv = qemu_argv(_spec())
+    joined = " ".join(argv)
+    assert argv[0] == "qemu-system-x86_64"
+    assert argv[argv.index("-M") + 1].startswith("microvm")
+    assert argv[argv.index("-append") + 1] == "quiet x=1"  # one argv word, never re-split
+    assert "-nodefaults" in argv and "-no-user-config" in argv and "-no-reboot" in argv
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    # QEMU is the client of both sockets: the harness listens before QEMU starts.
+    assert "socket,id=report,path=/r.sock" in argv
+    assert "socket,id=qmp,path=/q.sock" in argv
+    assert "server" not in joined
+    assert "virtserialport,chardev=report,name=guestinit.report" in argv
+    assert "chardev=qmp,mode=control" in argv
+    assert "file,id=console,path=/c.log" in argv
+    assert "virtio-blk-device" not in joined
+
+
+def test_argv_attaches_disks_read_only_in_order_and_kvm_when_chosen() -> None:
+    argv = qemu_argv(_spec(disks=["/a.erofs", "/a.verity"], accel="kvm", memory_mib=333))
+    drives = [argv[i + 1] for i, w in enumerate(argv) if w == "-drive"]
+    assert drives == [
+        "id=disk0,file=/a.erofs,format=raw,if=none,readonly=on",
+        "id=disk1,file=/a.verity,format=raw,if=none,readonly=on",
+    ]
+    assert argv[argv.index("-accel") + 1] == "kvm"
+    assert argv[argv.index("-m") + 1] == "333"
+
+
+def test_requested_accel_is_used_without_probing(tmp_path: Path) -> None:
+    assert choose_accel("tcg", "/nonexistent") == ("tcg", "requested")
+    with pytest.raises(ValueError, match=r"'fast'.*auto, kvm or tcg"):
+        choose_accel("fast", "/nonexistent")
+
+
+def _dev(tmp_path: Path) -> str:
+    """A stand-in for /dev/kvm that opens, so the harness goes on to its probe boot."""
+    dev = tmp_path / "kvm"
+    dev.touch()
+    return str(dev)
+
+
+def _auto(kernel: Path, tmp_path: Path) -> tuple[str, str]:
+    return choose_accel("auto", str(kernel), cache_dir=str(tmp_path), kvm_device=_dev(tmp_path))
+
+
+def test_auto_accel_without_kvm_device_is_tcg(tmp_path: Path) -> None:
+    accel, why = choose_accel("auto", "/k", kvm_device=str(tmp_path / "none"))
+    assert accel == "tcg" and "none" in why
+
+
+def test_auto_accel_trusts_the_cached_probe(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    key = qemu._probe_key(str(kernel), qemu.QEMU)
+    (tmp_path / "kvm-probe.json").write_text(json.dumps({key: True}))
+    assert _auto(kernel, tmp_path)[0] == "kvm"
+    (tmp_path / "kvm-probe.json").write_text(json.dumps({key: False}))
+    accel, why = _auto(kernel, tmp_path)
+    assert accel == "tcg" and "cached" in why
+
+
+def test_kvm_probe_fails_fast_for_a_file_that_is_no_kernel(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 4096)
+    accel, why = _auto(kernel, tmp_path)
+    assert accel == "tcg" and "probe" in why
+    cached = json.loads((tmp_path / "kvm-probe.json").read_text())
+    assert list(cached.values()) == [False]
