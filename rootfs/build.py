@@ -12,7 +12,7 @@ from pathlib import Path
 import guestinit
 from guestinit import config as guest_config
 from guestinit import modinfo
-from rootfs import closure, cpio, fetch, kernel, manifest, pack, profile, tree_extras
+from rootfs import closure, fetch, kernel, manifest, pack, profile, tree_extras
 from rootfs.closure import Origin, Pool, Tree
 from rootfs.steps import BuildError, Progress
 
@@ -161,7 +161,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         pool = Pool()
         for name, deb in sorted(inputs.debs.items()):
             if name != inputs.kernel_package:
-                pool.add_package(fetch.extract_deb(deb), Origin(name, inputs.lock.debs[name].version))
+                origin = Origin(name, inputs.lock.debs[name].version)
+                pool.add_package(fetch.extract_deb(deb), origin)
         kroot = fetch.extract_deb(inputs.debs[inputs.kernel_package])
         kt = kernel.open_tree(kroot, inputs.kernel_package)
         korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
@@ -195,19 +196,22 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
                     install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)))
                     roots.extend(tree_extras.wheel_roots(whl))
                 tree.take(pool, "/usr/bin/python3.11", "the init")
+                tree.add_symlink("usr/bin/python3", "python3.11")
                 cfg = {"modules": ",".join(early), **prof.config, **(extra_config or {})}
                 try:
                     text = guest_config.render_file(cfg)
                 except guest_config.ConfigError as exc:
                     raise BuildError(f"--append-config / profile config: {exc}") from None
                 tree.add_bytes("etc/guestinit.conf", text.encode(), GENERATED)
-                closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE)
             for binary in prof.binaries:
                 tree.take(pool, binary, f"binaries in profile {prof.name}")
             if prof.shell:
                 tree_extras.install_busybox(tree, pool)
             if bundle:
                 bundle.install(tree)
+            if prof.init is profile.Init.GUESTINIT:
+                closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE,
+                                       closure.python_scripts(tree))
             install_modules(tree, kt, mods, korigin, bundle.origin if bundle else None)
             write_users(tree, prof.users, prof.shell)
         with progress.step("ELF closure"):

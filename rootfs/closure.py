@@ -134,6 +134,7 @@ def elf_needs(path: Path) -> tuple[list[str], list[str], str | None]:
     """(DT_NEEDED, RUNPATH/RPATH entries, PT_INTERP) of an ELF file."""
     from elftools.elf.dynamic import DynamicSection
     from elftools.elf.elffile import ELFFile
+    from elftools.elf.segments import InterpSegment
 
     needed: list[str] = []
     runpath: list[str] = []
@@ -141,18 +142,18 @@ def elf_needs(path: Path) -> tuple[list[str], list[str], str | None]:
     with path.open("rb") as f:
         elf = ELFFile(f)
         for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_INTERP":
+            if isinstance(seg, InterpSegment):
                 interp = seg.get_interp_name()
         for sec in elf.iter_sections():
             if not isinstance(sec, DynamicSection):
                 continue
             for tag in sec.iter_tags():
                 if tag.entry.d_tag == "DT_NEEDED":
-                    needed.append(tag.needed)
+                    needed.append(tag.needed)  # type: ignore[attr-defined]
                 elif tag.entry.d_tag == "DT_RUNPATH":
-                    runpath.extend(tag.runpath.split(":"))
+                    runpath.extend(tag.runpath.split(":"))  # type: ignore[attr-defined]
                 elif tag.entry.d_tag == "DT_RPATH":
-                    runpath.extend(tag.rpath.split(":"))
+                    runpath.extend(tag.rpath.split(":"))  # type: ignore[attr-defined]
     return needed, runpath, interp
 
 
@@ -201,12 +202,27 @@ def elf_closure(tree: Tree, pool: Pool) -> list[str]:
 
 # --- Python import graph -----------------------------------------------------------------
 
-def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str) -> list[str]:
+def python_scripts(tree: Tree) -> list[Path]:
+    """Executables in the tree that are Python scripts (e.g. from a driver bundle)."""
+    out = []
+    for d in ("usr/bin", "usr/sbin"):
+        for path in sorted(tree.host(d).glob("*")):
+            if path.is_file() and not path.is_symlink():
+                with path.open("rb") as f:
+                    first = f.readline(200)
+                if first.startswith(b"#!") and b"python" in first:
+                    out.append(path)
+    return out
+
+
+def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
+                   scripts: list[Path] | None = None) -> list[str]:
     """Stdlib files (image paths) for the modules ``roots`` import, transitively.
 
     ``roots`` are module names importable from ``site_dir`` (an image path already
-    filled with guestinit and the wheels) or the stdlib. Uses modulefinder over a
-    merged view of the pool's stdlib, so lazy imports inside functions count too.
+    filled with guestinit and the wheels) or the stdlib; ``scripts`` are Python
+    programs in the tree. Uses modulefinder over a merged view of the pool's stdlib,
+    so lazy imports inside functions count too.
     """
     with tempfile.TemporaryDirectory(prefix="guestinit-stdlib-") as tmp:
         merged = Path(tmp)
@@ -226,14 +242,16 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str) -> l
             excludes=PY_EXCLUDES,
         )
         finder.run_script(str(script))
+        for extra in scripts or []:
+            finder.run_script(str(extra))
         missing = [name for name in roots if name not in finder.modules]
         if missing:
             raise BuildError(f"python closure: module {missing[0]} not found in {site_dir} "
                              "or the stdlib of the profile's packages")
         files: set[str] = set()
-        for name, mod in finder.modules.items():
-            path = mod.__file__
-            if name == "__main__" or not path:
+        for mod in finder.modules.values():
+            path = getattr(mod, "__file__", None)
+            if not path:
                 continue
             real = Path(path)
             if real.is_relative_to(merged):

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -82,13 +83,38 @@ def check_signature(out: Path, pub_path: Path) -> None:
                           ) from None
 
 
+def _check_initramfs(out: Path, man: dict[str, Any]) -> str:
+    path = out / "initramfs.cpio.zst"
+    if not path.is_file():
+        raise VerifyError(f"verify: output initramfs.cpio.zst is missing from {out}")
+    files = {r["path"]: r for r in man["files"]}
+    seen = 0
+    try:
+        for e in cpio.read(pack.decompress(path)):
+            row = files.get("/" + e.path)
+            if row is None:
+                raise VerifyError(f"verify: initramfs holds /{e.path}, not in {MANIFEST}")
+            if stat.S_ISREG(e.mode) and hashlib.sha256(e.data).hexdigest() != row["sha256"]:
+                raise VerifyError(f"verify: initramfs file /{e.path} was modified (sha256 "
+                                  f"differs from {MANIFEST})")
+            seen += 1
+    except (ValueError, BuildError) as exc:
+        if isinstance(exc, VerifyError):
+            raise
+        raise VerifyError(f"verify: initramfs.cpio.zst is corrupt: {exc}") from None
+    if seen != len(files):
+        raise VerifyError(f"verify: initramfs has {seen} entries, {MANIFEST} lists {len(files)}")
+    return f"{seen} initramfs entries match {MANIFEST}"
+
+
 def verify(out: Path, pub_path: Path | None) -> list[str]:
     """Check outputs, initramfs contents, verity and signature; returns what was checked."""
-    man = Manifest.read(out).data if (out / MANIFEST).exists() else None
-    if man is None:
-        _read_manifest_bytes(out)
-        raise AssertionError("unreachable")
+    _read_manifest_bytes(out)  # a clear error when there is no manifest
+    man = Manifest.read(out).data
     done = []
+    if "initramfs.cpio.zst" in man["outputs"]:
+        # first, so that a changed file inside the archive is named, not just the archive
+        done.append(_check_initramfs(out, man))
     for name, want in sorted(man["outputs"].items()):
         path = out / name
         if not path.is_file():
@@ -97,20 +123,6 @@ def verify(out: Path, pub_path: Path | None) -> list[str]:
             raise VerifyError(f"verify: output {name} was modified (sha256 differs from "
                               f"{MANIFEST})")
     done.append(f"{len(man['outputs'])} outputs match {MANIFEST}")
-    if "initramfs.cpio.zst" in man["outputs"]:
-        files = {r["path"]: r for r in man["files"]}
-        seen = 0
-        for e in cpio.read(pack.decompress(out / "initramfs.cpio.zst")):
-            row = files.get("/" + e.path)
-            if row is None:
-                raise VerifyError(f"verify: initramfs holds /{e.path}, not in {MANIFEST}")
-            if stat.S_ISREG(e.mode) and hashlib.sha256(e.data).hexdigest() != row["sha256"]:
-                raise VerifyError(f"verify: initramfs file /{e.path} differs from {MANIFEST}")
-            seen += 1
-        if seen != len(files):
-            raise VerifyError(f"verify: initramfs has {seen} entries, {MANIFEST} lists "
-                              f"{len(files)}")
-        done.append(f"{seen} initramfs entries match {MANIFEST}")
     if man.get("roothash"):
         recorded = (out / "roothash.txt").read_text().strip()
         if recorded != man["roothash"]:

@@ -27,7 +27,7 @@ def run(
     try:
         proc = subprocess.run(
             args, cwd=cwd, env=None if env is None else dict(env), input=stdin,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False,
+            capture_output=True, check=False,
         )
     except FileNotFoundError:
         raise BuildError(f"{what or args[0]}: command {args[0]} not found "

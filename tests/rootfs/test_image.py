@@ -1,0 +1,185 @@
+"""The cpu image: byte-identical rebuilds, contents, sign/verify and tamper detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rootfs import cpio, pack
+from rootfs.cli import main
+from rootfs.sign import VerifyError, sign, verify
+
+EARLY = "virtio_mmio,virtio_console,vsock,vmw_vsock_virtio_transport"
+OUTPUTS = {"vmlinuz", "initramfs.cpio.zst", "rootfs.erofs", "rootfs.verity", "roothash.txt",
+           "cmdline.txt", "cmdline-erofs.txt", "manifest.json", "sbom.spdx.json",
+           "kernel-release.txt"}
+
+
+def entries(out: Path) -> dict[str, cpio.Entry]:
+    return {e.path: e for e in cpio.read(pack.decompress(out / "initramfs.cpio.zst"))}
+
+
+def write_key(path: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub = path.with_suffix(".pub")
+    pub.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return pub
+
+
+def test_rebuild_is_byte_identical(cpu_images: tuple[Path, Path]) -> None:
+    a, b = cpu_images
+    names = sorted(p.name for p in a.iterdir())
+    assert set(names) == OUTPUTS
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+
+
+def test_initramfs_contents(cpu_images: tuple[Path, Path]) -> None:
+    out = cpu_images[0]
+    ents = entries(out)
+    assert (out / "initramfs.cpio.zst").stat().st_size <= 16 * 2**20
+    assert ents["dev/console"].rdev == (5, 1) and stat.S_ISCHR(ents["dev/console"].mode)
+    for d in ("proc", "sys", "dev", "run", "tmp", "var", "etc"):
+        assert stat.S_ISDIR(ents[d].mode), d
+    init = ents["init"].data.decode()
+    assert init.startswith("#!/usr/bin/python3.11 -IS\n")
+    assert "from guestinit.__main__ import main; main()" in init
+    assert ents["usr/sbin/init"].data == ents["init"].data
+    assert ents["sbin"].data == b"usr/sbin"  # /sbin/init resolves through the usr merge
+    conf = ents["etc/guestinit.conf"].data.decode()
+    assert f"modules={EARLY}\n" in conf
+    release = (out / "kernel-release.txt").read_text().strip()
+    dep = ents[f"usr/lib/modules/{release}/modules.dep"].data.decode()
+    for mod in ("virtio_mmio", "virtio_console", "vsock", "vmw_vsock_virtio_transport",
+                "virtio_blk", "dm-verity", "dm-mod", "erofs"):
+        assert f"/{mod}.ko:" in dep, mod
+    assert "usr/lib/guestinit/_cffi_backend.cpython-311-x86_64-linux-gnu.so" in ents
+    assert "usr/lib/guestinit/pyudev/__init__.py" in ents
+    assert "usr/lib/python3.11/__pycache__/enum.cpython-311.pyc" in ents
+    assert "usr/lib/x86_64-linux-gnu/libudev.so.1" in ents
+    # distroless: no shell, no package manager, no docs
+    assert not any(p in ents for p in ("usr/bin/sh", "usr/bin/busybox", "usr/bin/dpkg"))
+    assert not any(p.startswith(("usr/share/doc", "usr/share/locale")) for p in ents)
+    assert not any(p.startswith("usr/lib/guestinit/cffi/") for p in ents)
+    assert ents["etc/passwd"].data.startswith(b"root:x:0:0:")
+    assert all(e.path != "usr/lib/guestinit/guestinit/_libc_build.py" for e in ents.values())
+
+
+def test_manifest_and_sbom(cpu_images: tuple[Path, Path]) -> None:
+    out = cpu_images[0]
+    man = json.loads((out / "manifest.json").read_text())
+    files = {r["path"]: r for r in man["files"]}
+    assert files["/usr/bin/python3.11"]["package"] == "python3.11-minimal"
+    assert files["/usr/lib/guestinit/msgpack/__init__.py"]["package"] == "msgpack"
+    assert files["/init"]["package"] == "guestinit"
+    assert files["/dev/console"]["type"] == "chardev"
+    assert all(r.get("package") not in (None, "unknown") for r in files.values()
+               if r["type"] == "file")
+    assert man["roothash"] == (out / "roothash.txt").read_text().strip()
+    sbom = json.loads((out / "sbom.spdx.json").read_text())
+    assert sbom["spdxVersion"] == "SPDX-2.3"
+    names = {p["name"] for p in sbom["packages"]}
+    assert {"libc6", "python3.11-minimal", "pyudev", "cffi"} <= names
+    assert any(n.startswith("linux-image-6.") for n in names)
+
+
+def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
+    out = cpu_copy
+    assert any("dm-verity" in line for line in verify(out, None))
+    pub = write_key(tmp_path / "key.pem")
+    assert main(["sign", "--key", str(tmp_path / "key.pem"), str(out)]) == 0
+    assert any("signature valid" in line for line in verify(out, pub))
+    # a different key is rejected
+    other = write_key(tmp_path / "other.pem")
+    with pytest.raises(VerifyError, match="does not match manifest.json under key"):
+        verify(out, other)
+    # a changed manifest breaks the signature (after fixing nothing else)
+    man = out / "manifest.json"
+    original = man.read_bytes()
+    man.write_bytes(original.replace(b'"profile": "cpu"', b'"profile": "cpX"'))
+    with pytest.raises(VerifyError, match="signature"):
+        verify(out, pub)
+    man.write_bytes(original)
+    # a changed output is named
+    kernel = out / "vmlinuz"
+    data = bytearray(kernel.read_bytes())
+    data[-1] ^= 0xFF
+    kernel.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="output vmlinuz was modified"):
+        verify(out, pub)
+    assert main(["verify", str(out), "--key", str(pub)]) == 2
+
+
+def test_verify_names_file_inside_initramfs(cpu_copy: Path) -> None:
+    out = cpu_copy
+    raw = pack.decompress(out / "initramfs.cpio.zst")
+    patched = raw.replace(b"root:x:0:0:root:", b"root:x:0:0:r00t:", 1)
+    assert patched != raw
+    compressed = subprocess.run(["zstd", "-q", "-c"], input=patched, capture_output=True,
+                                check=True).stdout
+    (out / "initramfs.cpio.zst").write_bytes(compressed)
+    with pytest.raises(VerifyError, match="initramfs file /etc/passwd was modified"):
+        verify(out, None)
+
+
+def test_verify_detects_erofs_tamper(cpu_copy: Path) -> None:
+    image = cpu_copy / "rootfs.erofs"
+    data = bytearray(image.read_bytes())
+    data[8192] ^= 0x01
+    image.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="output rootfs.erofs was modified"):
+        verify(cpu_copy, None)
+
+
+def test_inspect_table(cpu_images: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(cpu_images[0])]) == 0
+    table = capsys.readouterr().out
+    for comp in ("kernel", "modules", "python", "wheels", "guestinit", "libraries"):
+        assert f"\n{comp} " in table, comp
+    assert "initramfs.cpio.zst" in table
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+def test_python_runs_inside_the_tree(cpu_images: tuple[Path, Path], tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], cwd=root, check=True,
+                   input=pack.decompress(cpu_images[0] / "initramfs.cpio.zst"))
+    code = ("import sys; sys.path.insert(0, '/usr/lib/guestinit'); import guestinit.config, "
+            "guestinit.wire, guestinit.modinfo, msgpack, psutil, pyudev, _cffi_backend; "
+            "import ctypes.util; print(ctypes.util.find_library('udev'), "
+            "guestinit.config.build(open('/etc/guestinit.conf').read()).words('modules'))")
+    res = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IS", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("libudev.so.1 ('virtio_mmio', 'virtio_console'")
+
+
+@pytest.mark.vm
+def test_kernel_runs_python_init(cpu_images: tuple[Path, Path]) -> None:
+    out = cpu_images[0]
+    cmdline = (out / "cmdline.txt").read_text().strip() + " loglevel=7"
+    argv = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "512", "-nographic",
+            "-no-reboot", "-nodefaults", "-serial", "stdio", "-kernel", str(out / "vmlinuz"),
+            "-initrd", str(out / "initramfs.cpio.zst"), "-append", cmdline]
+    try:
+        console = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                 check=False).stdout
+    except subprocess.TimeoutExpired as exc:  # the init may wait for a host; it started
+        raw = exc.stdout or b""
+        console = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    assert "Run /init as init process" in console, console[-3000:]
+    assert "Fatal Python error" not in console, console[-3000:]
+    assert "No working init found" not in console

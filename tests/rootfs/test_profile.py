@@ -1,0 +1,70 @@
+"""Profile parsing: every shipped profile loads; bad ones fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rootfs import profile
+from rootfs.profile import ProfileError
+
+
+def write(tmp_path: Path, text: str, name: str = "p") -> str:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in profile.PROFILES_DIR.glob("*.toml")))
+def test_shipped_profiles_load(name: str) -> None:
+    prof = profile.load(name)
+    assert prof.name == name
+    assert prof.cmdline()[0].startswith("console=")
+
+
+def test_cpu_profile() -> None:
+    prof = profile.load("cpu")
+    assert prof.init is profile.Init.GUESTINIT
+    assert prof.kernel.early == ("virtio_mmio", "virtio_console", "vsock",
+                                 "vmw_vsock_virtio_transport")
+    words = prof.cmdline()
+    assert len(words) == len(set(words)), "presets must not duplicate words"
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('colour = "red"\n', "unknown key colour"),
+    ('[kernel]\nmodulez = ["x"]\n', "unknown key kernel.modulez"),
+    ('init = "sysvinit"\n', "key init: 'sysvinit' is not one of guestinit, busybox, systemd"),
+    ('formats = ["iso"]\n', "key formats"),
+    ('debs = "libc6"\n', "key debs: expected a list"),
+    ("shell = 1\n", "key shell: expected true or false"),
+    ('[kernel]\nfragments = ["nope.conf"]\n', "key kernel.fragments: .*nope.conf does not exist"),
+    ('[kernel]\ncmdline_presets = ["x.txt"]\n', "key kernel.cmdline_presets"),
+    ("[users]\ndaemon = 0\n", "key users.daemon: expected a uid"),
+    ('[config]\nbogus = "1"\n', "key config.bogus: .*unknown key"),
+    ('[config]\nlog = "loud"\n', "key config.log"),
+    ('extends = "missing"\n', "no such file"),
+    ("init = \n", "not valid TOML"),
+])
+def test_bad_profiles_name_the_key(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ProfileError, match=match):
+        profile.load(write(tmp_path, text))
+
+
+def test_extends_merges_tables(tmp_path: Path) -> None:
+    write(tmp_path, 'debs = ["libc6"]\n[kernel]\nearly = ["vsock"]\n[config]\nlog = "debug"\n',
+          "base")
+    child = profile.load(write(tmp_path, 'extends = "base"\nshell = true\n[config]\n'
+                               'hostname = "vm"\n'))
+    assert child.debs == ("libc6",)
+    assert child.kernel.early == ("vsock",)
+    assert child.config == {"log": "debug", "hostname": "vm"}
+    assert child.shell
+
+
+def test_extends_cycle(tmp_path: Path) -> None:
+    write(tmp_path, 'extends = "b"\n', "a")
+    write(tmp_path, 'extends = "a"\n', "b")
+    with pytest.raises(ProfileError, match="cycle"):
+        profile.load(str(tmp_path / "a.toml"))
