@@ -46,7 +46,7 @@ def test_missing_library_names_binary_and_library(libc_pool: Pool, tmp_path: Pat
 
 def test_tree_take_unknown_path(libc_pool: Pool, tmp_path: Path) -> None:
     tree = Tree(tmp_path / "t")
-    with pytest.raises(BuildError, match="/usr/bin/nope .*needed by me"):
+    with pytest.raises(BuildError, match=r"/usr/bin/nope .*needed by me"):
         tree.take(libc_pool, "/usr/bin/nope", "me")
 
 

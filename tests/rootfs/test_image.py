@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from rootfs import cpio, pack
 from rootfs.cli import main
-from rootfs.sign import VerifyError, sign, verify
+from rootfs.sign import VerifyError, verify
 
 EARLY = "virtio_mmio,virtio_console,vsock,vmw_vsock_virtio_transport"
 OUTPUTS = {"vmlinuz", "initramfs.cpio.zst", "rootfs.erofs", "rootfs.verity", "roothash.txt",
@@ -103,7 +103,7 @@ def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
     assert any("signature valid" in line for line in verify(out, pub))
     # a different key is rejected
     other = write_key(tmp_path / "other.pem")
-    with pytest.raises(VerifyError, match="does not match manifest.json under key"):
+    with pytest.raises(VerifyError, match=r"does not match manifest\.json under key"):
         verify(out, other)
     # a changed manifest breaks the signature (after fixing nothing else)
     man = out / "manifest.json"
@@ -139,7 +139,7 @@ def test_verify_detects_erofs_tamper(cpu_copy: Path) -> None:
     data = bytearray(image.read_bytes())
     data[8192] ^= 0x01
     image.write_bytes(bytes(data))
-    with pytest.raises(VerifyError, match="output rootfs.erofs was modified"):
+    with pytest.raises(VerifyError, match=r"output rootfs\.erofs was modified"):
         verify(cpu_copy, None)
 
 

@@ -77,7 +77,8 @@ def test_modules_alias_and_softdep(kernel_tree: KernelTree, tmp_path: Path) -> N
 
 def test_missing_dependency_names_both(kernel_tree: KernelTree, tmp_path: Path) -> None:
     tree = subset(kernel_tree, tmp_path, [DM[0], DM[2], DM[3]])  # no dm-mod
-    with pytest.raises(modinfo.ModinfoError, match=r"module dm_mod \(needed by dm_(bufio|verity)\)"):
+    missing = r"module dm_mod \(needed by dm_(bufio|verity)\)"
+    with pytest.raises(modinfo.ModinfoError, match=missing):
         modinfo.generate(str(tree), kernel_tree.release)
 
 
@@ -90,5 +91,5 @@ def test_load_order_diamond_and_cycle() -> None:
 
 
 def test_generate_wrong_release(tmp_path: Path) -> None:
-    with pytest.raises(modinfo.ModinfoError, match="6.1.0-99-amd64"):
+    with pytest.raises(modinfo.ModinfoError, match=r"6\.1\.0-99-amd64"):
         modinfo.generate(str(tmp_path), "6.1.0-99-amd64")
