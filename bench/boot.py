@@ -141,7 +141,7 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
     os.makedirs(res.workdir, exist_ok=True)
     res.console_log = os.path.join(res.workdir, "console.log")
     res.accel, res.accel_why = choose_accel(opts.accel, image.kernel, opts.qemu)
-    res.cmdline = kernel_cmdline(image.boot_cmdline(), opts.append)
+    res.cmdline = kernel_cmdline(image.cmdline, opts.append)
     spec = VmSpec(
         kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),

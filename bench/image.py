@@ -12,8 +12,8 @@ EROFS = "rootfs.erofs"
 VERITY = "rootfs.verity"
 ROOTHASH = "roothash.txt"
 CMDLINE = "cmdline.txt"
-# Kernel cmdline key the initramfs reads the dm-verity root hash from (``--erofs`` boots).
-ROOTHASH_KEY = "guestinit.verity.roothash"
+# The whole cmdline for an erofs boot: dm-mod.create with the verity table, root=/dev/dm-0.
+CMDLINE_EROFS = "cmdline-erofs.txt"
 
 _HEX = re.compile(r"^[0-9a-f]{64,128}$")
 
@@ -26,22 +26,16 @@ class ImageError(ValueError):
 class Image:
     directory: str
     kernel: str
-    initramfs: str
-    cmdline: str  # cmdline.txt, one line, whitespace-normalised
+    initramfs: str | None  # None for an erofs boot: the kernel mounts the verity root itself
+    cmdline: str  # cmdline.txt (or cmdline-erofs.txt), one line, whitespace-normalised
     erofs: str | None = None  # set for --erofs boots: the erofs image ...
     verity: str | None = None  # ... its dm-verity hash tree ...
-    roothash: str | None = None  # ... and the root hash that pins it
+    roothash: str | None = None  # ... and the root hash that pins it (also in the cmdline)
 
     @property
     def disks(self) -> list[str]:
         """Block devices in attach order: vda = erofs, vdb = verity hash tree."""
         return [p for p in (self.erofs, self.verity) if p is not None]
-
-    def boot_cmdline(self) -> str:
-        """cmdline.txt, plus the root hash for an erofs boot."""
-        if self.roothash is None:
-            return self.cmdline
-        return f"{self.cmdline} {ROOTHASH_KEY}={self.roothash}".strip()
 
 
 def _need(directory: str, name: str) -> str:
@@ -67,10 +61,9 @@ def load(directory: str, *, erofs: bool = False) -> Image:
             f"guestinit-build image cpu --out {directory}"
         )
     kernel = _need(directory, KERNEL)
-    initramfs = _need(directory, INITRAMFS)
-    cmdline = _one_line(_need(directory, CMDLINE))
     if not erofs:
-        return Image(directory, kernel, initramfs, cmdline)
+        initramfs = _need(directory, INITRAMFS)
+        return Image(directory, kernel, initramfs, _one_line(_need(directory, CMDLINE)))
     disk = _need(directory, EROFS)
     verity = _need(directory, VERITY)
     roothash = _one_line(_need(directory, ROOTHASH)).lower()
@@ -79,4 +72,10 @@ def load(directory: str, *, erofs: bool = False) -> Image:
             f"image {directory}: {ROOTHASH} holds {roothash[:80]!r}, not a hex root hash; "
             "rebuild the image"
         )
-    return Image(directory, kernel, initramfs, cmdline, disk, verity, roothash)
+    erofs_cmdline = _one_line(_need(directory, CMDLINE_EROFS))
+    if roothash not in erofs_cmdline:
+        raise ImageError(
+            f"image {directory}: {CMDLINE_EROFS} does not pin the root hash in {ROOTHASH} "
+            f"({roothash[:16]}...); the files come from different builds, rebuild the image"
+        )
+    return Image(directory, kernel, None, erofs_cmdline, disk, verity, roothash)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ PROBE_SECONDS = 4.0
 @dataclass(frozen=True)
 class VmSpec:
     kernel: str
-    initramfs: str
+    initramfs: str | None  # None: no -initrd (the erofs boot mounts its root from disk)
     cmdline: str
     console_log: str
     report_socket: str
@@ -51,7 +50,7 @@ def kernel_cmdline(base: str, extra: str = "", port: str = REPORT_PORT) -> str:
     if not any(w.startswith("panic=") for w in words):
         words.append("panic=-1")
     words.append(f"guestinit.report=virtio-port:{port}")
-    words.extend(shlex.split(extra))
+    words.extend(extra.split())  # kernel syntax, quotes kept: a="b c" stays one parameter
     return " ".join(words)
 
 
@@ -61,7 +60,8 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         spec.qemu, "-M", "microvm,x-option-roms=off", *accel,
         "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-kernel", spec.kernel, "-initrd", spec.initramfs, "-append", spec.cmdline,
+        "-kernel", spec.kernel, "-append", spec.cmdline,
+        *(["-initrd", spec.initramfs] if spec.initramfs else []),
         "-chardev", f"file,id=console,path={spec.console_log}",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=report,path={spec.report_socket}",

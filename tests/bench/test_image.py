@@ -29,7 +29,7 @@ def test_initramfs_boot_has_no_disks_and_a_normalised_cmdline(tmp_path: Path) ->
     img = image.load(str(tmp_path / "img"))
     assert img.cmdline == "console=ttyS0 quiet"
     assert img.disks == []
-    assert img.boot_cmdline() == "console=ttyS0 quiet"
+    assert img.initramfs == str(tmp_path / "img" / "initramfs.cpio.zst")
 
 
 def test_erofs_boot_needs_disk_hash_tree_and_roothash(tmp_path: Path) -> None:
@@ -42,6 +42,15 @@ def test_erofs_boot_needs_disk_hash_tree_and_roothash(tmp_path: Path) -> None:
     with pytest.raises(image.ImageError, match=r"roothash\.txt holds 'not-hex'"):
         image.load(str(d), erofs=True)
     (d / "roothash.txt").write_text("AB" * 32 + "\n")
+    with pytest.raises(image.ImageError, match=r"cmdline-erofs\.txt is missing"):
+        image.load(str(d), erofs=True)
+    other = f'dm-mod.create="v,,,ro,0 8 verity {"cd" * 32}"'
+    (d / "cmdline-erofs.txt").write_text(f"root=/dev/dm-0 {other}")
+    with pytest.raises(image.ImageError, match="does not pin the root hash"):
+        image.load(str(d), erofs=True)
+    table = f'dm-mod.create="v,,,ro,0 8 verity {"ab" * 32}"'
+    (d / "cmdline-erofs.txt").write_text(f"console=ttyS0  {table}\n")
     img = image.load(str(d), erofs=True)
     assert img.disks == [str(d / "rootfs.erofs"), str(d / "rootfs.verity")]
-    assert img.boot_cmdline().endswith(f" {image.ROOTHASH_KEY}={'ab' * 32}")
+    assert img.initramfs is None  # the kernel mounts the verity root; no initramfs
+    assert img.cmdline == f"console=ttyS0 {table}"

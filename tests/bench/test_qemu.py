@@ -10,14 +10,14 @@ from bench.qemu import VmSpec, choose_accel, kernel_cmdline, qemu_argv
 
 
 def test_cmdline_adds_report_channel_console_and_panic_after_the_image_words() -> None:
-    line = kernel_cmdline("quiet root=x", "guestinit.log=debug 'a=b c'")
+    line = kernel_cmdline("quiet root=x", 'guestinit.log=debug guestinit.agent="/bin/a -x"')
     assert line.split()[:2] == ["quiet", "root=x"]
     assert "console=ttyS0" in line.split()
     assert "panic=-1" in line.split()
     words = line.split(" ")
     report = words.index("guestinit.report=virtio-port:guestinit.report")
     assert words.index("guestinit.log=debug") > report  # --append comes last, so it wins
-    assert line.endswith("a=b c")
+    assert line.endswith(' guestinit.agent="/bin/a -x"')  # quoting is the kernel's to parse
 
 
 def test_cmdline_keeps_the_image_console_and_panic() -> None:
