@@ -188,8 +188,9 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         with progress.step("assemble tree"):
             for d, mode in BASE_DIRS.items():
                 tree.mkdir(d, mode)
+            early_set = kernel.select_modules(trees, early, kt.release)
             site_roots = tree_extras.install_init(tree, prof, pool, kt.release,
-                                                   [mods.rel[m] for m in mods.order])
+                                                  [early_set.rel[m] for m in early_set.order])
             if prof.init is profile.Init.GUESTINIT:
                 roots = install_guestinit(tree)
                 for name, whl in sorted(inputs.wheels.items()):

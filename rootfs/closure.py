@@ -157,6 +157,13 @@ def elf_needs(path: Path) -> tuple[list[str], list[str], str | None]:
     return needed, runpath, interp
 
 
+def _loaded_elsewhere(tree: Tree, lib: str) -> bool:
+    """A library in a private dir (e.g. lib/x86_64-linux-gnu/systemd/) that an executable
+    loads through its own RUNPATH; the dynamic loader then matches it by soname for
+    every later object, which is how libsystemd-core finds libsystemd-shared."""
+    return any(tree.host("usr/lib").glob(f"*/*/{lib}"))
+
+
 def elf_closure(tree: Tree, pool: Pool) -> list[str]:
     """Add every library the tree's ELF files need; returns the image paths added.
 
@@ -187,7 +194,7 @@ def elf_closure(tree: Tree, pool: Pool) -> list[str]:
                       for p in runpath if p] + ["/" + d for d in LIB_DIRS]
             for lib in needed:
                 candidates = [os.path.normpath(f"{d}/{lib}") for d in search]
-                if any(tree.has(c) for c in candidates):
+                if any(tree.has(c) for c in candidates) or _loaded_elsewhere(tree, lib):
                     continue
                 for cand in candidates:
                     if pool.get(cand) is not None:

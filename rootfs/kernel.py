@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +63,43 @@ class ModuleSet:
     rel: dict[str, str]  # name -> path inside lib/modules/<release>
 
 
-def select_modules(trees: list[Path], wanted: list[str], release: str) -> ModuleSet:
-    """``wanted`` plus dependencies, found in ``trees`` (release dirs; earlier ones win).
+def softdep_names(info: dict[str, list[str]]) -> list[str]:
+    """Module names or aliases from ``softdep=pre: a b post: c`` (pre and post alike)."""
+    return [w for value in info.get("softdep", []) for w in value.split()
+            if w not in ("pre:", "post:")]
 
-    A wanted or needed module that no tree has is a BuildError naming it; so is a
-    module whose vermagic is for another kernel release.
+
+def alias_index(tree: Path) -> dict[str, list[str]]:
+    """Plain aliases (no wildcards, e.g. ``crc32c``) -> module names, cached per tree."""
+    cache = tree / ".guestinit-aliases.json"
+    if cache.is_file():
+        cached: dict[str, list[str]] = json.loads(cache.read_text())
+        return cached
+    out: dict[str, list[str]] = {}
+    for name, rel in sorted(modinfo.find_modules(str(tree)).items()):
+        for alias in modinfo.read_modinfo(str(tree / rel)).get("alias", []):
+            if not any(c in alias for c in "*?[:"):
+                out.setdefault(alias, []).append(name)
+    try:
+        cache.write_text(json.dumps(out, sort_keys=True))
+    except OSError:
+        pass  # a read-only tree (e.g. a driver bundle): recomputed next time
+    return out
+
+
+def select_modules(trees: list[Path], wanted: list[str], release: str) -> ModuleSet:
+    """``wanted`` plus dependencies and soft dependencies, found in ``trees``.
+
+    ``trees`` are release dirs; earlier ones win. A wanted or needed module that no
+    tree has is a BuildError naming it; so is a module whose vermagic is for another
+    kernel release. Soft dependencies (``softdep=pre: crc32c``) are resolved by name
+    or alias and carried when found; they also order the load like hard ones.
     """
     index: dict[str, tuple[Path, str]] = {}
     for tree in trees:
         for name, rel in modinfo.find_modules(str(tree)).items():
             index.setdefault(name, (tree / rel, rel))
+    aliases: dict[str, list[str]] | None = None
     depends: dict[str, list[str]] = {}
     todo = [modinfo.module_name(w) for w in wanted]
     while todo:
@@ -84,6 +112,17 @@ def select_modules(trees: list[Path], wanted: list[str], release: str) -> Module
             raise BuildError(f"kernel module {index[name][0]}: built for {vermagic.split()[0]}, "
                              f"the image kernel is {release}; rebuild it for {release}")
         depends[name] = modinfo.dependencies(info)
+        for soft in softdep_names(info):
+            if modinfo.module_name(soft) in index:
+                found = [modinfo.module_name(soft)]
+            else:
+                if aliases is None:
+                    aliases = {}
+                    for tree in trees:
+                        for key, names in alias_index(tree).items():
+                            aliases.setdefault(key, []).extend(names)
+                found = aliases.get(soft, [])
+            depends[name].extend(f for f in found if f not in depends[name])
         todo.extend(depends[name])
     try:
         order = modinfo.load_order(wanted, depends, what="image modules")
