@@ -149,8 +149,12 @@ def compile_python(tree: Tree, dirs: list[str]) -> None:
 
 def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = None,
                 extra_config: dict[str, str] | None = None, locked: bool = False,
-                progress: Progress | None = None) -> manifest.Manifest:
+                progress: Progress | None = None,
+                zstd_level: int = pack.ZSTD_LEVEL) -> manifest.Manifest:
     progress = progress or Progress()
+    if driver_dir is not None and prof.driver is profile.Driver.NONE:
+        raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
+                         "use nvidia-gpu or nvidia-servicevm with --driver")
     if prof.driver is profile.Driver.REQUIRED and driver_dir is None:
         raise BuildError(f"profile {prof.name}: needs a driver bundle: pass --driver DIR "
                          "(layout in docs/image.md)")
@@ -170,7 +174,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         results = kernel.check_fragments(kt.config, prof.fragment_paths())
         from rootfs.kconfig import modules_needed
         needed = modules_needed(results)
-        bundle = tree_extras.DriverBundle.open(driver_dir, kt.release) if driver_dir else None
+        bundle = (tree_extras.DriverBundle.open(driver_dir, kt.release, prof.driver_files)
+                  if driver_dir else None)
         wanted = [*needed, *prof.kernel.modules, *(bundle.module_names() if bundle else [])]
         trees = [kt.modules, *([bundle.modules_dir] if bundle else [])]
         mods = kernel.select_modules(trees, wanted, kt.release)
@@ -209,7 +214,9 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
             if prof.shell:
                 tree_extras.install_busybox(tree, pool)
             if bundle:
-                bundle.install(tree)
+                n = bundle.install(tree)
+                progress.note(f"driver bundle {bundle.version}: {n} files, "
+                              f"{len(bundle.module_names())} modules")
             if prof.init is profile.Init.GUESTINIT:
                 closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE,
                                        closure.python_scripts(tree))
@@ -229,7 +236,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         outputs: dict[str, Path] = {}
         if profile.Format.INITRAMFS in prof.formats:
             with progress.step("pack initramfs (cpio newc + zstd)"):
-                outputs["initramfs.cpio.zst"] = pack.initramfs(tree.root, out, epoch)
+                outputs["initramfs.cpio.zst"] = pack.initramfs(tree.root, out, epoch,
+                                                               zstd_level)
         roothash = None
         if profile.Format.EROFS in prof.formats:
             with progress.step("pack erofs + dm-verity"):

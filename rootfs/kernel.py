@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +81,8 @@ def alias_index(tree: Path) -> dict[str, list[str]]:
         for alias in modinfo.read_modinfo(str(tree / rel)).get("alias", []):
             if not any(c in alias for c in "*?[:"):
                 out.setdefault(alias, []).append(name)
-    try:
+    with contextlib.suppress(OSError):  # a read-only tree: recomputed next time
         cache.write_text(json.dumps(out, sort_keys=True))
-    except OSError:
-        pass  # a read-only tree (e.g. a driver bundle): recomputed next time
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from rootfs import cpio
 from rootfs.steps import BuildError, run
 
-ZSTD_LEVEL = "-19"
+ZSTD_LEVEL = 19  # ~13 s for the cpu image on one core; level 12: ~1.3 s, +17% size
 # dm-verity parameters: fixed salt and UUIDs make the hash tree reproducible.
 VERITY_SALT = "0" * 64
 VERITY_UUID = "7f1f0d5c-6a53-4b39-9b0e-67756573746e"
@@ -50,10 +50,10 @@ def cpio_bytes(root: Path, epoch: int) -> bytes:
     return buf.getvalue()
 
 
-def initramfs(root: Path, out: Path, epoch: int) -> Path:
+def initramfs(root: Path, out: Path, epoch: int, level: int = ZSTD_LEVEL) -> Path:
     target = out / "initramfs.cpio.zst"
     data = cpio_bytes(root, epoch)
-    compressed = run(["zstd", "-q", ZSTD_LEVEL, "-T1", "--no-progress", "-c"], stdin=data,
+    compressed = run(["zstd", "-q", f"-{level}", "-T1", "--no-progress", "-c"], stdin=data,
                      what="compress initramfs")
     target.write_bytes(compressed)
     return target

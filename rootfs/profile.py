@@ -64,6 +64,7 @@ class Profile:
     debs: tuple[str, ...]
     wheels: tuple[str, ...]
     binaries: tuple[str, ...]
+    driver_files: tuple[str, ...]
     kernel: Kernel
     users: dict[str, int] = field(default_factory=dict)
     config: dict[str, str] = field(default_factory=dict)
@@ -79,8 +80,8 @@ class Profile:
         return list(dict.fromkeys(words))  # first occurrence wins, order kept
 
 
-TOP_KEYS = {"description", "extends", "init", "formats", "shell", "driver", "lock", "debs",
-            "wheels", "binaries", "kernel", "users", "config"}
+TOP_KEYS = {"description", "extends", "init", "formats", "shell", "driver", "driver_files",
+            "lock", "debs", "wheels", "binaries", "kernel", "users", "config"}
 KERNEL_KEYS = {"package", "fragments", "modules", "early", "cmdline", "cmdline_presets"}
 
 
@@ -190,6 +191,10 @@ def load(name_or_path: str) -> Profile:
     for user, uid in users.items():
         if not isinstance(uid, int) or isinstance(uid, bool) or not 0 < uid < 65534:
             raise ProfileError(f"{where}: key users.{user}: expected a uid 1..65533, got {uid!r}")
+    for key, v in data.get("config", {}).items():
+        if isinstance(v, dict | list):
+            raise ProfileError(f"{where}: key config.{key}: expected a string, number or "
+                               f"boolean (quote dotted keys: \"{key}.x\" = ...)")
     cfg = {key: str(v).lower() if isinstance(v, bool) else str(v)
            for key, v in data.get("config", {}).items()}
     try:
@@ -214,6 +219,7 @@ def load(name_or_path: str) -> Profile:
         debs=_strs(where, "debs", data.get("debs", [])),
         wheels=_strs(where, "wheels", data.get("wheels", [])),
         binaries=_strs(where, "binaries", data.get("binaries", [])),
+        driver_files=_strs(where, "driver_files", data.get("driver_files", [])),
         kernel=kernel,
         users=dict(users),
         config=cfg,

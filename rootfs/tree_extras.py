@@ -110,7 +110,12 @@ def write_ld_cache(tree: Tree) -> None:
 
 @dataclass(frozen=True)
 class DriverBundle:
-    """An NVIDIA driver bundle directory (layout in docs/image.md)."""
+    """An NVIDIA driver bundle directory: a root overlay (layout in docs/image.md).
+
+    ``VERSION`` (optional) names the driver version; ``lib/modules/<release>/`` holds
+    the kernel modules, which go in with the kernel's; everything else is copied
+    as is (``usr/bin``, ``usr/lib/x86_64-linux-gnu``, ``lib/firmware/nvidia``...).
+    """
 
     root: Path
     version: str
@@ -125,32 +130,38 @@ class DriverBundle:
         return self.root / "lib" / "modules" / self.release
 
     @classmethod
-    def open(cls, root: Path, release: str) -> DriverBundle:
+    def open(cls, root: Path, release: str, required: tuple[str, ...] = ()) -> DriverBundle:
+        if not root.is_dir():
+            raise BuildError(f"driver bundle {root}: not a directory (--driver DIR)")
         version_file = root / "VERSION"
-        if not version_file.is_file():
-            raise BuildError(f"driver bundle {root}: no VERSION file (the driver version, "
-                             "e.g. 570.124.06; layout in docs/image.md)")
-        version = version_file.read_text().strip()
+        version = version_file.read_text().strip() if version_file.is_file() else "unversioned"
         mods = root / "lib" / "modules"
         built = sorted(p.name for p in mods.iterdir()) if mods.is_dir() else []
-        if release not in built:
+        if built and release not in built:
             raise BuildError(f"driver bundle {root}: no lib/modules/{release}/ (modules are "
-                             f"built for {', '.join(built) or 'no kernel'}); build the driver's "
-                             f"kernel modules against the image kernel {release}")
+                             f"built for {', '.join(built)}); build the driver's kernel "
+                             f"modules against the image kernel {release}")
+        for rel in required:
+            if not (root / rel.lstrip("/")).exists():
+                raise BuildError(f"driver bundle {root}: {rel.lstrip('/')} is missing (the "
+                                 "profile's driver_files need it)")
         return cls(root, version, release)
 
     def module_names(self) -> list[str]:
+        if not self.modules_dir.is_dir():
+            return []
         return sorted(modinfo.find_modules(str(self.modules_dir)))
 
-    def install(self, tree: Tree) -> None:
-        """Userspace and firmware; the modules go in with the kernel's."""
-        for sub in ("usr/bin", "usr/lib", "lib/firmware", "etc"):
-            base = self.root / sub
-            if not base.is_dir():
+    def install(self, tree: Tree) -> int:
+        """Everything but VERSION and the modules; returns the number of files."""
+        count = 0
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root)
+            if str(rel) == "VERSION" or rel.parts[:2] == ("lib", "modules"):
                 continue
-            for path in sorted(base.rglob("*")):
-                rel = path.relative_to(self.root)
-                if path.is_symlink():
-                    tree.add_symlink(str(rel), str(path.readlink()))
-                elif path.is_file():
-                    tree.add_file(str(rel), path, self.origin)
+            if path.is_symlink():
+                tree.add_symlink(str(rel), str(path.readlink()))
+            elif path.is_file():
+                tree.add_file(str(rel), path, self.origin)
+                count += 1
+        return count
