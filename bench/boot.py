@@ -19,7 +19,7 @@ from typing import TextIO
 
 from bench import proc
 from bench.image import Image
-from bench.qemu import QEMU, VmSpec, choose_accel, kernel_cmdline, qemu_argv
+from bench.qemu import QEMU, VmSpec, choose_accel, host_tsc_khz, kernel_cmdline, qemu_argv
 from bench.qmp import Qmp, QmpError
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
@@ -37,6 +37,7 @@ class BootOptions:
     workdir: str | None = None  # console log and sockets; default a new /tmp dir
     powerdown_grace: float = 20.0  # powerdown -> `shutdown` + exit, before QMP quit
     exit_grace: float = 20.0  # `failed`/`shutdown` frame -> QEMU exit, before a kill
+    hold_until: str | None = None  # after ready, wait for this console text, then powerdown
     qemu: str = QEMU
 
 
@@ -141,7 +142,8 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
     os.makedirs(res.workdir, exist_ok=True)
     res.console_log = os.path.join(res.workdir, "console.log")
     res.accel, res.accel_why = choose_accel(opts.accel, image.kernel, opts.qemu)
-    res.cmdline = kernel_cmdline(image.cmdline, opts.append)
+    tsc = host_tsc_khz() if res.accel == "tcg" else None
+    res.cmdline = kernel_cmdline(image.cmdline, opts.append, tsc_khz=tsc)
     spec = VmSpec(
         kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),
@@ -200,81 +202,132 @@ def _collect(
     res: BootResult, opts: BootOptions, child: subprocess.Popen[bytes], report: socket.socket,
     qmp: Qmp, spawned: float, progress: _Progress,
 ) -> None:
-    reader = FrameReader()
-    sel = selectors.DefaultSelector()
-    report.setblocking(False)
-    sel.register(report, selectors.EVENT_READ)
-    waiting_for = "ready"
-    deadline = spawned + opts.timeout
-    quit_sent = False
+    _Watch(res, opts, qmp, spawned).loop(child, report, progress)
 
-    def take(data: bytes) -> None:
-        nonlocal waiting_for, deadline
-        items: list[Frame | FrameError] = reader.feed(data) if data else list(reader.eof())
+
+class _Watch:
+    """The states of one boot: ready -> [hold] -> shutdown -> exit, with a deadline each."""
+
+    READY = "ready"
+    HOLD = "console text"
+    SHUTDOWN = "shutdown"
+    EXIT = "QEMU to exit"
+
+    def __init__(self, res: BootResult, opts: BootOptions, qmp: Qmp, spawned: float) -> None:
+        self.res, self.opts, self.qmp, self.spawned = res, opts, qmp, spawned
+        self.reader = FrameReader()
+        self.state = self.READY
+        self.deadline = spawned + opts.timeout
+        self.quit_sent = False
+
+    def _at(self, now: float) -> float:
+        return now - self.spawned
+
+    def _powerdown(self, now: float) -> None:
+        self.state = self.SHUTDOWN
+        if not self.opts.shutdown:
+            self.deadline = now + self.opts.timeout  # the guest is to stop on its own
+            return
+        self.res.timings["host_powerdown_s"] = self._at(now)
+        try:
+            self.qmp.execute("system_powerdown", timeout=3.0)
+        except QmpError as exc:
+            self.res.errors.append(f"asking for a powerdown: {exc}")
+        self.deadline = now + self.opts.powerdown_grace
+
+    def take(self, data: bytes) -> None:
+        res, timings = self.res, self.res.timings
+        items = self.reader.feed(data) if data else list(self.reader.eof())
         for item in items:
             now = time.monotonic()
             if isinstance(item, FrameError):
                 res.errors.append(str(item))
                 continue
-            res.frames.append(Received(now - spawned, item))
-            if item.type is FrameType.READY and waiting_for == "ready":
-                res.timings["host_ready_s"] = now - spawned
-                waiting_for = "shutdown"
-                if opts.shutdown:
-                    res.timings["host_powerdown_s"] = now - spawned
-                    try:
-                        qmp.execute("system_powerdown", timeout=3.0)
-                    except QmpError as exc:
-                        res.errors.append(f"asking for a powerdown: {exc}")
-                    deadline = now + opts.powerdown_grace
+            res.frames.append(Received(self._at(now), item))
+            if item.type is FrameType.READY and self.state == self.READY:
+                timings["host_ready_s"] = self._at(now)
+                if self.opts.hold_until:
+                    self.state = self.HOLD
+                    self.deadline = now + self.opts.timeout
                 else:
-                    deadline = now + opts.timeout
-            elif item.type is FrameType.FAILED and "host_failed_s" not in res.timings:
-                res.timings["host_failed_s"] = now - spawned
-                waiting_for = "QEMU to exit"
-                deadline = now + opts.exit_grace
-            elif item.type is FrameType.SHUTDOWN and "host_shutdown_s" not in res.timings:
-                res.timings["host_shutdown_s"] = now - spawned
-                waiting_for = "QEMU to exit"
-                deadline = now + opts.exit_grace
+                    self._powerdown(now)
+            elif item.type is FrameType.FAILED and "host_failed_s" not in timings:
+                timings["host_failed_s"] = self._at(now)
+                self.state = self.EXIT
+                self.deadline = now + self.opts.exit_grace
+            elif item.type is FrameType.SHUTDOWN and "host_shutdown_s" not in timings:
+                timings["host_shutdown_s"] = self._at(now)
+                self.state = self.EXIT
+                self.deadline = now + self.opts.exit_grace
 
-    try:
-        while child.poll() is None:
-            now = time.monotonic()
-            if now >= deadline:
-                if waiting_for == "ready":
-                    res.reason = f"no ready frame after {opts.timeout:g}s"
+    def _console_has(self, text: str) -> bool:
+        try:
+            with open(self.res.console_log, "rb") as fh:
+                return text.encode() in fh.read()
+        except OSError:
+            return False
+
+    def _overdue(self, now: float) -> bool:
+        """Act on a passed deadline; True when the loop should stop."""
+        res = self.res
+        if self.state == self.READY:
+            res.reason = f"no ready frame after {self.opts.timeout:g}s"
+            return True
+        if self.state == self.HOLD:
+            res.reason = (f"{self.opts.hold_until!r} did not appear on the console within "
+                          f"{self.opts.timeout:g}s after ready")
+            self._powerdown(now)
+            return False
+        if self.quit_sent:
+            return True
+        # The guest did not stop on its own: QMP quit so nothing hangs, and say so.
+        res.forced = "quit"
+        self.quit_sent = True
+        self.deadline = now + 5.0
+        try:
+            self.qmp.execute("quit", timeout=3.0)
+        except QmpError:
+            return True
+        return False
+
+    def loop(self, child: subprocess.Popen[bytes], report: socket.socket,
+             progress: _Progress) -> None:
+        sel = selectors.DefaultSelector()
+        report.setblocking(False)
+        sel.register(report, selectors.EVENT_READ)
+        try:
+            while child.poll() is None:
+                now = time.monotonic()
+                if now >= self.deadline:
+                    if self._overdue(now):
+                        break
+                    continue
+                for _key, _ev in sel.select(timeout=min(0.2, max(0.0, self.deadline - now))):
+                    data = _recv(report)
+                    self.take(data)
+                    if not data:
+                        sel.unregister(report)
+                if self.reader.closed and self.state == self.READY:
+                    # After a bad length prefix nothing more can be decoded: no ready follows.
+                    self.res.reason = (f"the report stream broke ({self.res.errors[-1]}); "
+                                       "no ready can follow")
                     break
-                if quit_sent:
-                    break
-                # The guest did not stop on its own: QMP quit so nothing hangs, and say so.
-                res.forced = "quit"
-                quit_sent = True
-                deadline = now + 5.0
-                try:
-                    qmp.execute("quit", timeout=3.0)
-                except QmpError:
-                    break
-                continue
-            for _key, _ev in sel.select(timeout=min(0.2, max(0.0, deadline - now))):
-                data = _recv(report)
-                take(data)
-                if not data:
-                    sel.unregister(report)
-            if reader.closed and waiting_for == "ready":
-                # After a bad length prefix nothing more can be decoded: no ready can follow.
-                res.reason = f"the report stream broke ({res.errors[-1]}); no ready can follow"
-                break
-            progress.show(time.monotonic() - spawned, waiting_for, res.last_stage())
-        # QEMU is gone (or being stopped): whatever it had delivered is still readable.
-        if child.poll() is not None:
-            res.timings["host_exit_s"] = time.monotonic() - spawned
-            while data := _recv(report):
-                take(data)
-            take(b"")
-    finally:
-        progress.done()
-        sel.close()
+                if self.state == self.HOLD and self._console_has(self.opts.hold_until or ""):
+                    self.res.timings["host_hold_s"] = self._at(time.monotonic())
+                    self._powerdown(time.monotonic())
+                waiting = self.state
+                if self.state == self.HOLD:
+                    waiting = f"{self.opts.hold_until!r} on the console"
+                progress.show(self._at(time.monotonic()), waiting, self.res.last_stage())
+            # QEMU is gone (or being stopped): whatever it had delivered is still readable.
+            if child.poll() is not None:
+                self.res.timings["host_exit_s"] = self._at(time.monotonic())
+                while data := _recv(report):
+                    self.take(data)
+                self.take(b"")
+        finally:
+            progress.done()
+            sel.close()
 
 
 def _recv(sock: socket.socket) -> bytes:

@@ -23,7 +23,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     opts = BootOptions(
         append=args.append, timeout=args.timeout, erofs=args.erofs,
         shutdown=not args.no_shutdown, memory_mib=args.memory, accel=args.accel,
-        workdir=args.workdir,
+        workdir=args.workdir, hold_until=args.hold_until,
     )
     root = "erofs + dm-verity disk" if args.erofs else "initramfs"
     print(f"booting {img.directory} ({root}) in QEMU microvm, {opts.memory_mib} MiB", flush=True)
@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir", metavar="DIR",
                    help="where the console log and sockets go (default: a new /tmp dir)")
     b.add_argument("--frames", action="store_true", help="also list every frame received")
+    b.add_argument("--hold-until", metavar="TEXT",
+                   help="after ready, wait (up to --timeout) for TEXT on the serial console "
+                   "before asking for the powerdown")
     b.set_defaults(func=_cmd_boot)
 
     li = sub.add_parser("listen", help="print the frames arriving on a report channel")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,18 +38,56 @@ class VmSpec:
     qemu: str = QEMU
 
 
-def kernel_cmdline(base: str, extra: str = "", port: str = REPORT_PORT) -> str:
+def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys") -> int | None:
+    """The host TSC rate in kHz, when the host knows it for sure; else None.
+
+    Under TCG the guest's TSC is the host's, so this is the guest's TSC rate too.
+    """
+    try:
+        with open(os.path.join(sysfs, "devices/system/cpu/cpu0/tsc_freq_khz")) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            first_cpu = fh.read().split("\n\n", 1)[0]
+    except OSError:
+        return None
+    fields = dict(
+        (k.strip(), v.strip()) for k, _, v in
+        (line.partition(":") for line in first_cpu.splitlines()) if k.strip()
+    )
+    flags = set(fields.get("flags", "").split())
+    if not {"constant_tsc", "nonstop_tsc"} <= flags:
+        return None
+    ghz = re.search(r"@\s*([0-9.]+)\s*GHz", fields.get("model name", ""))
+    if ghz:  # Intel names carry the nominal rate, which is the TSC rate
+        return round(float(ghz.group(1)) * 1e6)
+    if "tsc_known_freq" in flags and "cpu MHz" in fields:
+        # A guest told its TSC rate by its hypervisor reports it as ``cpu MHz``.
+        return round(float(fields["cpu MHz"]) * 1000)
+    return None
+
+
+def kernel_cmdline(
+    base: str, extra: str = "", port: str = REPORT_PORT, tsc_khz: int | None = None
+) -> str:
     """The image's cmdline + the report channel + ``extra`` (later words win in guestinit).
 
     Adds ``console=ttyS0`` (the harness captures ttyS0) and ``panic=-1`` (a dead
     PID 1 reboots, which ``-no-reboot`` turns into a QEMU exit instead of a hang)
-    when the image does not set them.
+    when the image does not set them. With ``tsc_khz`` (TCG boots) it adds
+    ``tsc_early_khz=``: microvm has no HPET or ACPI PM timer, so when a loaded host
+    makes the PIT calibration fail the kernel marks the TSC unstable and hangs at
+    boot with nothing on the console; a given rate skips that calibration.
     """
     words = base.split()
     if not any(w.startswith("console=") for w in words):
         words.append("console=ttyS0")
     if not any(w.startswith("panic=") for w in words):
         words.append("panic=-1")
+    if tsc_khz and not any(w.startswith("tsc_early_khz=") for w in words):
+        words.append(f"tsc_early_khz={tsc_khz}")
     words.append(f"guestinit.report=virtio-port:{port}")
     words.extend(extra.split())  # kernel syntax, quotes kept: a="b c" stays one parameter
     return " ".join(words)

@@ -86,3 +86,12 @@ def test_guest_ignoring_powerdown_is_quit_then_killed(paper_image: Image, fake_v
 def test_qemu_that_cannot_start_is_reported(paper_image: Image, tmp_path: Path) -> None:
     res = _boot(paper_image, "/bin/false", tmp_path, "ok")
     assert res.reason == "QEMU exited (status 1) before connecting the QMP monitor"
+
+
+def test_hold_until_text_that_never_shows_fails_but_still_shuts_down(
+    paper_image: Image, fake_vmm: str, tmp_path: Path
+) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "ok", hold_until="never printed")
+    assert res.reason == "'never printed' did not appear on the console within 10s after ready"
+    assert [r.frame.type.value for r in res.frames] == ["hello", "ready", "shutdown"]
+    assert res.forced == "" and res.qemu_rc == 0

@@ -28,7 +28,8 @@ def test_boot_ready_powerdown_shutdown(busybox_image: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     before = qemu_pids()
     rc = main(["boot", busybox_image, "--accel", "tcg", "--timeout", "60",
-               "--json", str(tmp_path / "boot.json"), "--workdir", str(tmp_path / "w")])
+               "--json", str(tmp_path / "boot.json"), "--workdir", str(tmp_path / "w"),
+               "--hold-until", "fake init: waiting for the power button"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "accelerator: tcg (requested)" in out
@@ -39,6 +40,8 @@ def test_boot_ready_powerdown_shutdown(busybox_image: str, tmp_path: Path,
     assert [f["type"] for f in doc["frames"]] == ["hello", "progress", "ready", "shutdown"]
     assert doc["timings"]["guest_init_exec_ns"] == 1_500_000_000
     assert 0 < doc["timings"]["host_ready_s"] < 60
+    assert doc["timings"]["host_ready_s"] <= doc["timings"]["host_hold_s"]
+    assert doc["timings"]["host_hold_s"] <= doc["timings"]["host_powerdown_s"]
     assert doc["forced"] == ""
     assert "fake init: power button pressed" in (tmp_path / "w" / "console.log").read_text()
     assert qemu_pids() - before == set()

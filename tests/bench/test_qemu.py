@@ -104,3 +104,33 @@ def test_kvm_probe_fails_fast_for_a_file_that_is_no_kernel(tmp_path: Path) -> No
     assert accel == "tcg" and "probe" in why
     cached = json.loads((tmp_path / "kvm-probe.json").read_text())
     assert list(cached.values()) == [False]
+
+
+def test_tcg_cmdline_pins_the_tsc_rate_unless_the_image_does() -> None:
+    assert "tsc_early_khz=2596120" in kernel_cmdline("quiet", tsc_khz=2596120).split()
+    assert "tsc_early_khz" not in kernel_cmdline("quiet", tsc_khz=None)
+    line = kernel_cmdline("tsc_early_khz=1000", tsc_khz=2596120)
+    assert line.split().count("tsc_early_khz=1000") == 1 and "2596120" not in line
+
+
+def _cpuinfo(tmp_path: Path, model: str, flags: str, mhz: str = "1234.5") -> str:
+    text = (f"processor\t: 0\nmodel name\t: {model}\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n\n"
+            f"processor\t: 1\nmodel name\t: other\ncpu MHz\t\t: 99\nflags\t\t: {flags}\n")
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    return str(path)
+
+
+def test_host_tsc_rate_from_sysfs_model_name_or_hypervisor(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    stable = "fpu tsc constant_tsc nonstop_tsc"
+    intel = _cpuinfo(tmp_path, "Intel(R) Xeon(R) Gold 6230 CPU @ 2.10GHz", stable)
+    assert qemu.host_tsc_khz(intel, str(sysfs)) == 2_100_000
+    vm = _cpuinfo(tmp_path, "AMD EPYC", stable + " tsc_known_freq hypervisor", "2596.120")
+    assert qemu.host_tsc_khz(vm, str(sysfs)) == 2_596_120
+    # cpu MHz on bare metal is the current clock, not the TSC rate: no guess.
+    assert qemu.host_tsc_khz(_cpuinfo(tmp_path, "AMD EPYC", stable), str(sysfs)) is None
+    assert qemu.host_tsc_khz(_cpuinfo(tmp_path, "X @ 2.10GHz", "fpu tsc"), str(sysfs)) is None
+    (sysfs / "devices/system/cpu/cpu0").mkdir(parents=True)
+    (sysfs / "devices/system/cpu/cpu0/tsc_freq_khz").write_text("3000000\n")
+    assert qemu.host_tsc_khz(intel, str(sysfs)) == 3_000_000
