@@ -74,11 +74,14 @@ if [ "$mode" = exit ]; then
 else
   ev=
   for e in /sys/class/input/event*; do
-    grep -q "Power Button" $e/device/name 2>/dev/null && ev=/dev/${e##*/}
+    grep -q "Power Button" $e/device/name 2>/dev/null && ev=/dev/input/${e##*/}
   done
   echo "fake init: waiting for the power button on $ev"
-  timeout 60 dd if="$ev" bs=24 count=1 >/dev/null 2>&1
-  echo "fake init: power button pressed"
+  if timeout 60 dd if="$ev" bs=24 count=1 >/dev/null 2>&1; then
+    echo "fake init: power button pressed"
+  else
+    echo "fake init: no power button event (ev=$ev)"
+  fi
 fi
 cat /frames/shutdown.bin >&3
 exec 3>&-
