@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -120,6 +121,18 @@ def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(VerifyError, match="output vmlinuz was modified"):
         verify(out, pub)
     assert main(["verify", str(out), "--key", str(pub)]) == 2
+
+
+def test_signature_checks_with_openssl(cpu_copy: Path, tmp_path: Path) -> None:
+    """The cosign blob format is base64(DER ECDSA over SHA-256): openssl agrees."""
+    pub = write_key(tmp_path / "key.pem")
+    assert main(["sign", "--key", str(tmp_path / "key.pem"), str(cpu_copy)]) == 0
+    der = tmp_path / "sig.der"
+    der.write_bytes(base64.b64decode((cpu_copy / "manifest.json.sig").read_text()))
+    res = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(pub), "-signature",
+                          str(der), str(cpu_copy / "manifest.json")],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "Verified OK" in res.stdout, res.stderr
 
 
 def test_verify_names_file_inside_initramfs(cpu_copy: Path) -> None:

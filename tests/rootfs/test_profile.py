@@ -44,6 +44,7 @@ def test_cpu_profile() -> None:
     ("[users]\ndaemon = 0\n", "key users.daemon: expected a uid"),
     ('[config]\nbogus = "1"\n', "key config.bogus: .*unknown key"),
     ('[config]\nlog = "loud"\n', "key config.log"),
+    ('[config]\nuvm.persistence = "1"\n', "key config.uvm: expected a string"),
     ('extends = "missing"\n', "no such file"),
     ("init = \n", "not valid TOML"),
 ])
