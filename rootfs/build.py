@@ -100,14 +100,17 @@ def install_wheel(tree: Tree, whl: Path, origin: Origin) -> None:
 
 
 def install_guestinit(tree: Tree) -> list[str]:
-    """The guestinit package (sources) and the two init entry points."""
+    """The guestinit package with its subpackages (the VM tier runs guestinit.testing's
+    stand-ins inside the image) and the two init entry points; returns module names."""
     src = Path(guestinit.__file__).parent
     modules = []
-    for py in sorted(src.glob("*.py")):
-        if py.name == "_libc_build.py":
-            continue  # build-time generator of _libc_cffi.py, needs cffi's compiler
-        tree.add_file(f"{GUEST_SITE}/guestinit/{py.name}", py, PROJECT, 0o644)
-        modules.append("guestinit" if py.stem == "__init__" else f"guestinit.{py.stem}")
+    for py in sorted(src.rglob("*.py")):
+        rel = py.relative_to(src)
+        if py.name == "_libc_build.py" or "__pycache__" in rel.parts:
+            continue  # _libc_build: build-time generator of _libc_cffi.py, needs cffi's compiler
+        tree.add_file(f"{GUEST_SITE}/guestinit/{rel}", py, PROJECT, 0o644)
+        parts = ("guestinit", *rel.with_suffix("").parts)
+        modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     for path in ("init", "usr/sbin/init"):
         tree.add_bytes(path, INIT_SCRIPT.encode(), PROJECT, 0o755)
     return modules

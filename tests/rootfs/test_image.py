@@ -68,6 +68,8 @@ def test_initramfs_contents(cpu_images: tuple[Path, Path]) -> None:
         assert f"/{mod}.ko:" in dep, mod
     assert "usr/lib/guestinit/_cffi_backend.cpython-311-x86_64-linux-gnu.so" in ents
     assert "usr/lib/guestinit/pyudev/__init__.py" in ents
+    # the VM tier runs guestinit.testing's agent stand-in inside the cpu image
+    assert "usr/lib/guestinit/guestinit/testing/agent_standin.py" in ents
     assert "usr/lib/python3.11/__pycache__/enum.cpython-311.pyc" in ents
     assert "usr/lib/x86_64-linux-gnu/libudev.so.1" in ents
     # distroless: no shell, no package manager, no docs

@@ -69,3 +69,20 @@ def test_extends_cycle(tmp_path: Path) -> None:
     write(tmp_path, 'extends = "a"\n', "b")
     with pytest.raises(ProfileError, match="cycle"):
         profile.load(str(tmp_path / "a.toml"))
+
+
+def test_lock_command_pins_kernel_and_debs(tmp_path: Path) -> None:
+    from rootfs import fetch
+    from rootfs.cli import main
+
+    src = profile.PROFILES_DIR / "baseline-busybox.toml"
+    path = tmp_path / "bb.toml"
+    path.write_text(src.read_text().replace('lock = "debian.lock"', 'lock = "bb.lock"'))
+    assert main(["lock", str(path)]) == 0
+    lock = fetch.Lock.load(tmp_path / "bb.lock")
+    kpkg = lock.kernel["linux-image-amd64"]
+    assert kpkg.startswith("linux-image-6.") and kpkg.endswith("-amd64")
+    assert set(lock.debs) == {"busybox-static", kpkg}
+    assert len(lock.debs["busybox-static"].sha256) == 64
+    again = fetch.Lock.load(tmp_path / "bb.lock")
+    assert again.render() == lock.render()  # the written file reads back the same
