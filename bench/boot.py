@@ -358,10 +358,16 @@ def _judge(res: BootResult) -> None:
         pass  # a harness-side reason (timeout, QEMU did not start) is already set
     elif ready is None:
         res.reason = f"QEMU exited (status {res.qemu_rc}) before the guest was ready"
+        if not res.frames:
+            res.reason += " (no frame arrived on the report port)"
     elif shutdown is None:
         res.reason = "the guest was ready but sent no shutdown frame"
         if res.forced:
             res.reason += f" (QEMU stopped with {res.forced})"
+        if "host_powerdown_s" in res.timings:
+            res.reason += ("; system_powerdown is an ACPI power button press: the guest "
+                           "needs the button and evdev modules and a reader on its "
+                           "/dev/input/event* node, opened before ready")
     elif res.forced:
         res.reason = f"QEMU did not exit after the shutdown frame (stopped with {res.forced})"
     elif res.qemu_rc != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from typing import TextIO
 
 from bench.boot import BootResult
@@ -51,11 +52,24 @@ def text(res: BootResult) -> str:
         out.append(f"result: OK (ready, clean shutdown, QEMU exit status {res.qemu_rc})")
     else:
         out.append(f"result: FAILED: {res.reason}")
+        tail = _console_tail(res.console_log)
+        if tail:
+            out.append("console (last lines):")
+            out.extend(f"  {line}" for line in tail)
         out.append(f"console log: {res.console_log}")
         if res.qemu_stderr.strip():
             out.append("QEMU stderr (tail):")
             out.extend(f"  {line}" for line in res.qemu_stderr.strip().splitlines()[-8:])
     return "\n".join(out)
+
+
+def _console_tail(path: str, lines: int = 8) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()[-8192:]
+    except OSError:
+        return []
+    return [line[:200] for line in text.splitlines() if line.strip()][-lines:]
 
 
 def frames_text(res: BootResult) -> str:
@@ -97,6 +111,55 @@ def to_json(res: BootResult) -> dict[str, object]:
     }
 
 
-def write_json(res: BootResult, fh: TextIO) -> None:
-    json.dump(to_json(res), fh, indent=1)
+MEDIAN_KEYS = (
+    ("host_ready_s", "host, QEMU spawn -> ready frame", 1.0, "s"),
+    ("guest_init_exec_ns", "guest, init exec (BOOTTIME)", 1e-6, "ms"),
+    ("guest_ready_ns", "guest, ready frame (BOOTTIME)", 1e-6, "ms"),
+    ("host_exit_s", "host, QEMU spawn -> QEMU exit", 1.0, "s"),
+)
+
+
+def medians(results: list[BootResult]) -> dict[str, float | None]:
+    """Median per timing over the boots that were OK (None when none has it)."""
+    out: dict[str, float | None] = {}
+    for key, _, _, _ in MEDIAN_KEYS:
+        values = [r.timings[key] for r in results if r.ok and r.timings.get(key) is not None]
+        out[key] = statistics.median(v for v in values if v is not None) if values else None
+    return out
+
+
+def medians_text(results: list[BootResult]) -> str:
+    ok = sum(r.ok for r in results)
+    rows = [f"median of {ok} OK boot(s) out of {len(results)}:"]
+    med = medians(results)
+    for key, label, scale, unit in MEDIAN_KEYS:
+        values = [r.timings.get(key) for r in results if r.ok]
+        nums = [v * scale for v in values if v is not None]
+        value = med[key]
+        if value is None:
+            rows.append(f"  {label:<34} -")
+            continue
+        spread = f"  (min {min(nums):.2f}, max {max(nums):.2f})" if len(nums) > 1 else ""
+        rows.append(f"  {label:<34} {value * scale:.2f} {unit}{spread}")
+    return "\n".join(rows)
+
+
+def one_line(res: BootResult) -> str:
+    t = res.timings
+    if not res.ok:
+        return f"FAILED: {res.reason}"
+    return (f"OK  ready {_s(t.get('host_ready_s'))} host, init exec "
+            f"{_ms(t.get('guest_init_exec_ns'))}, ready {_ms(t.get('guest_ready_ns'))} guest")
+
+
+def write_json(results: BootResult | list[BootResult], fh: TextIO) -> None:
+    """One boot: its document. Several: ``{"runs": [...], "median": {...}}``."""
+    if isinstance(results, BootResult):
+        doc: dict[str, object] = to_json(results)
+    else:
+        doc = {"schema": JSON_SCHEMA, "ok": all(r.ok for r in results),
+               "runs": [to_json(r) for r in results], "median": medians(results)}
+        if len(results) == 1:
+            doc = to_json(results[0])
+    json.dump(doc, fh, indent=1)
     fh.write("\n")

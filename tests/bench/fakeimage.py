@@ -68,16 +68,19 @@ case "$mode" in
   fail) cat /frames/failed.bin >&3; poweroff -f ;;
   garbage) cat /frames/garbage.bin >&3 ;;
 esac
+# Open the power button before saying ready: evdev only queues events for open readers,
+# and the host may press the button the moment ready arrives.
+ev=
+for e in /sys/class/input/event*; do
+  grep -q "Power Button" $e/device/name 2>/dev/null && ev=/dev/input/${e##*/}
+done
+[ -n "$ev" ] && exec 4<"$ev"
 cat /frames/progress.bin /frames/ready.bin >&3
 if [ "$mode" = exit ]; then
   sleep 1
 else
-  ev=
-  for e in /sys/class/input/event*; do
-    grep -q "Power Button" $e/device/name 2>/dev/null && ev=/dev/input/${e##*/}
-  done
   echo "fake init: waiting for the power button on $ev"
-  if timeout 60 dd if="$ev" bs=24 count=1 >/dev/null 2>&1; then
+  if timeout 60 dd bs=24 count=1 <&4 >/dev/null 2>&1; then
     echo "fake init: power button pressed"
   else
     echo "fake init: no power button event (ev=$ev)"

@@ -65,13 +65,15 @@ def test_vmm_dying_before_ready_is_a_failure(paper_image: Image, fake_vmm: str,
                                              tmp_path: Path) -> None:
     res = _boot(paper_image, fake_vmm, tmp_path, "die")
     assert res.qemu_rc == 3
-    assert res.reason == "QEMU exited (status 3) before the guest was ready"
+    assert res.reason == ("QEMU exited (status 3) before the guest was ready "
+                          "(no frame arrived on the report port)")
 
 
 def test_no_shutdown_frame_after_powerdown_is_a_failure(paper_image: Image, fake_vmm: str,
                                                         tmp_path: Path) -> None:
     res = _boot(paper_image, fake_vmm, tmp_path, "noshutdown")
-    assert res.reason == "the guest was ready but sent no shutdown frame"
+    assert res.reason.startswith("the guest was ready but sent no shutdown frame; "
+                                 "system_powerdown is an ACPI power button press")
 
 
 def test_guest_ignoring_powerdown_is_quit_then_killed(paper_image: Image, fake_vmm: str,
