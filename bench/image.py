@@ -78,4 +78,8 @@ def load(directory: str, *, erofs: bool = False) -> Image:
             f"image {directory}: {CMDLINE_EROFS} does not pin the root hash in {ROOTHASH} "
             f"({roothash[:16]}...); the files come from different builds, rebuild the image"
         )
-    return Image(directory, kernel, None, erofs_cmdline, disk, verity, roothash)
+    # With root= the kernel mounts the verity root itself (dm-mod.create); without it an
+    # initramfs does (loads virtio_blk/dm-verity/erofs, then switches root), so pass it.
+    has_root = any(w.startswith("root=") for w in erofs_cmdline.split())
+    initramfs = None if has_root else _need(directory, INITRAMFS)
+    return Image(directory, kernel, initramfs, erofs_cmdline, disk, verity, roothash)

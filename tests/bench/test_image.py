@@ -49,8 +49,11 @@ def test_erofs_boot_needs_disk_hash_tree_and_roothash(tmp_path: Path) -> None:
     with pytest.raises(image.ImageError, match="does not pin the root hash"):
         image.load(str(d), erofs=True)
     table = f'dm-mod.create="v,,,ro,0 8 verity {"ab" * 32}"'
-    (d / "cmdline-erofs.txt").write_text(f"console=ttyS0  {table}\n")
+    (d / "cmdline-erofs.txt").write_text(f"console=ttyS0  {table} root=/dev/dm-0\n")
     img = image.load(str(d), erofs=True)
     assert img.disks == [str(d / "rootfs.erofs"), str(d / "rootfs.verity")]
     assert img.initramfs is None  # the kernel mounts the verity root; no initramfs
-    assert img.cmdline == f"console=ttyS0 {table}"
+    assert img.cmdline == f"console=ttyS0 {table} root=/dev/dm-0"
+    # Without root= an initramfs sets up the verity root, so it goes along.
+    (d / "cmdline-erofs.txt").write_text(f"guestinit.root=verity:{'ab' * 32}\n")
+    assert image.load(str(d), erofs=True).initramfs == str(d / "initramfs.cpio.zst")
