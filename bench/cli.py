@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     opts = BootOptions(
         append=args.append, timeout=args.timeout, erofs=args.erofs,
         shutdown=not args.no_shutdown, memory_mib=args.memory, accel=args.accel,
-        workdir=args.workdir, hold_until=args.hold_until,
+        workdir=args.workdir, hold_until=args.hold_until, qemu=args.qemu,
     )
     root = "erofs + dm-verity disk" if args.erofs else "initramfs"
     print(f"booting {img.directory} ({root}) in QEMU microvm, {opts.memory_mib} MiB", flush=True)
@@ -103,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir", metavar="DIR",
                    help="where the console log and sockets go (default: a new /tmp dir)")
     b.add_argument("--frames", action="store_true", help="also list every frame received")
+    b.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH",
+                   help="the QEMU binary (default qemu-system-x86_64 on PATH)")
     b.add_argument("--runs", type=_positive, default=1, metavar="N",
                    help="boot N times and print the median timings (default 1)")
     b.add_argument("--hold-until", metavar="TEXT",
@@ -124,13 +127,23 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM/SIGHUP (CI cancelling a job, a closed terminal) unwind like Ctrl-C, so the
+    # finally blocks stop and reap QEMU instead of leaving it running in its own session.
+    saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted; QEMU stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     return rc
 
 

@@ -81,5 +81,5 @@ def load(directory: str, *, erofs: bool = False) -> Image:
     # With root= the kernel mounts the verity root itself (dm-mod.create); without it an
     # initramfs does (loads virtio_blk/dm-verity/erofs, then switches root), so pass it.
     has_root = any(w.startswith("root=") for w in erofs_cmdline.split())
-    initramfs = None if has_root else _need(directory, INITRAMFS)
-    return Image(directory, kernel, initramfs, erofs_cmdline, disk, verity, roothash)
+    rd = None if has_root else _need(directory, INITRAMFS)
+    return Image(directory, kernel, rd, erofs_cmdline, disk, verity, roothash)

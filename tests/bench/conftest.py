@@ -34,16 +34,18 @@ def paper_image(tmp_path: Path) -> Image:
 
 
 def qemu_pids() -> set[int]:
-    """PIDs of every qemu-system process on the machine (to prove none was left behind)."""
+    """PIDs of every QEMU or stand-in VMM on the machine (to prove none was left behind)."""
     pids = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv0 = fh.read().split(b"\0", 1)[0]
+                argv = fh.read().split(b"\0")
         except OSError:
             continue
-        if argv0.endswith((b"qemu-system-x86_64", b"fake-qemu")):
+        # The stand-in execs python, so it is known by its script name.
+        if argv[0].endswith(b"qemu-system-x86_64") or any(a.endswith(b"fakevmm.py")
+                                                           for a in argv[1:3]):
             pids.add(int(entry))
     return pids

@@ -97,3 +97,28 @@ def test_hold_until_text_that_never_shows_fails_but_still_shuts_down(
     assert res.reason == "'never printed' did not appear on the console within 10s after ready"
     assert [r.frame.type.value for r in res.frames] == ["hello", "ready", "shutdown"]
     assert res.forced == "" and res.qemu_rc == 0
+
+
+def test_sigterm_to_the_harness_stops_the_vmm(paper_image: Image, fake_vmm: str,
+                                              tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = qemu_pids()
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "boot", paper_image.directory, "--qemu", fake_vmm,
+         "--accel", "tcg", "--append", "fake.mode=stubborn"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while not (qemu_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert qemu_pids() - before, "the stand-in VMM never started"
+    time.sleep(1.0)  # ready is in; the harness now waits for a shutdown that never comes
+    os.kill(harness.pid, signal.SIGTERM)
+    out, _ = harness.communicate(timeout=20)
+    assert harness.returncode == 130, out
+    assert "interrupted; QEMU stopped" in out
+    assert qemu_pids() - before == set()
