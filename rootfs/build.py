@@ -140,14 +140,21 @@ def write_users(tree: Tree, users: dict[str, int], shell: bool) -> None:
     tree.add_bytes("etc/group", group.encode(), GENERATED)
 
 
-def compile_python(tree: Tree, dirs: list[str]) -> None:
-    """Byte-compile every .py (unchecked-hash pycs: no mtimes, no rewrite on a read-only root)."""
+def compile_python(tree: Tree, dirs: list[str], sourceless: bool = False) -> None:
+    """Byte-compile every .py (unchecked-hash pycs: no mtimes, no rewrite on a read-only root).
+
+    ``sourceless`` (the stdlib): only ``x.pyc`` ships, half the bytes to unpack at boot;
+    guestinit and the wheels keep their sources for readable tracebacks.
+    """
     sources = sorted(str(p) for d in dirs for p in tree.host(d).rglob("*.py"))
-    pack.compile_pycs(tree.root, sources)
+    pack.compile_pycs(tree.root, sources, sourceless)
     for src in sources:
         rel = str(Path(src).relative_to(tree.root))
-        pyc = Path(src).parent / "__pycache__" / f"{Path(src).stem}.cpython-311.pyc"
-        tree.origins[str(pyc.relative_to(tree.root))] = tree.origins.get(rel, GENERATED)
+        if sourceless:
+            tree.origins[rel + "c"] = tree.origins.pop(rel, GENERATED)
+        else:
+            pyc = Path(src).parent / "__pycache__" / f"{Path(src).stem}.cpython-311.pyc"
+            tree.origins[str(pyc.relative_to(tree.root))] = tree.origins.get(rel, GENERATED)
 
 
 def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = None,
@@ -231,7 +238,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
             tree_extras.write_ld_cache(tree)
         if prof.init is profile.Init.GUESTINIT:
             with progress.step("byte-compile python"):
-                compile_python(tree, [closure.PY_STDLIB, GUEST_SITE])
+                compile_python(tree, [closure.PY_STDLIB], sourceless=True)
+                compile_python(tree, [GUEST_SITE])
         out.mkdir(parents=True, exist_ok=True)
         for old in out.iterdir():
             if old.is_file():

@@ -26,10 +26,18 @@ PY_DYNLOAD = "usr/lib/python3.11/lib-dynload"
 PY_STARTUP = ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.ascii",
               "encodings.latin_1", "os", "codecs", "io", "abc", "stat", "posixpath",
               "genericpath", "_collections_abc")
-# Never part of a guest: imported only by optional code paths of other modules.
+# Never part of a guest: reached only through optional code paths of other stdlib modules
+# (asyncio and http via inspect/pprint chains, tarfile/bz2/lzma via shutil's archive
+# helpers, ssl/_hashlib via http.client and hashlib's OpenSSL backend: Debian builds the
+# hash functions in, so hashlib works without libcrypto). guestinit's own code importing
+# one of these is a build error (python_closure), so nothing can silently go missing.
 PY_EXCLUDES = ["tkinter", "_tkinter", "idlelib", "lib2to3", "pydoc", "pydoc_data", "doctest",
                "unittest", "test", "ensurepip", "venv", "distutils", "turtle", "turtledemo",
-               "_pyrepl", "pdb", "curses", "readline", "sqlite3", "_sqlite3", "dbm"]
+               "_pyrepl", "pdb", "curses", "readline", "sqlite3", "_sqlite3", "dbm",
+               "asyncio", "multiprocessing", "concurrent", "xmlrpc", "http", "email", "ssl",
+               "_ssl", "_hashlib", "tarfile", "lzma", "_lzma", "bz2", "_bz2", "decimal",
+               "_decimal", "_pydecimal", "statistics", "xml", "pyexpat", "mailbox", "smtplib",
+               "ftplib", "imaplib", "poplib", "nntplib", "webbrowser", "cgi"]
 
 
 def canonical(image_path: str) -> str:
@@ -232,7 +240,7 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
     so lazy imports inside functions count too.
     """
     with tempfile.TemporaryDirectory(prefix="guestinit-stdlib-") as tmp:
-        merged = Path(tmp)
+        merged = Path(tmp) / "stdlib"
         prefix = PY_STDLIB + "/"
         for rel, (host, _origin) in pool.files.items():
             if rel.startswith(prefix):
@@ -242,7 +250,7 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
         if not (merged / "os.py").exists():
             raise BuildError("python closure: no usr/lib/python3.11/os.py in the profile's "
                              "packages; add libpython3.11-minimal and libpython3.11-stdlib")
-        script = merged / "__guestinit_roots__.py"
+        script = Path(tmp) / "roots.py"  # outside the merged stdlib view
         script.write_text("".join(f"import {m}\n" for m in (*PY_STARTUP, *roots)))
         finder = modulefinder.ModuleFinder(
             path=[str(tree.host(site_dir)), str(merged), str(merged / "lib-dynload")],
@@ -251,6 +259,14 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
         finder.run_script(str(script))
         for extra in scripts or []:
             finder.run_script(str(extra))
+        ours = [(name, sorted(callers)) for name, callers in sorted(finder.badmodules.items())
+                if name.split(".")[0] in PY_EXCLUDES
+                and any(c.startswith("guestinit") for c in callers)]
+        if ours:
+            name, callers = ours[0]
+            raise BuildError(f"python closure: {callers[0]} imports {name}, which the image "
+                             "leaves out (rootfs/closure.py PY_EXCLUDES); remove the import or "
+                             "take it off that list")
         missing = [name for name in roots if name not in finder.modules]
         if missing:
             raise BuildError(f"python closure: module {missing[0]} not found in {site_dir} "

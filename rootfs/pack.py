@@ -24,20 +24,27 @@ SPECIAL_NODES = (cpio.Entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
                  cpio.Entry("dev/urandom", stat.S_IFCHR | 0o666, rdev=(1, 9)))
 
 _COMPILE = """
-import py_compile, sys
-root = sys.argv[1]
+import os, py_compile, sys
+root, sourceless = sys.argv[1], sys.argv[2] == "1"
 for src in sys.stdin.read().split("\\0"):
     if src:
-        py_compile.compile(src, dfile="/" + src[len(root):].lstrip("/"), doraise=True,
+        py_compile.compile(src, cfile=src + "c" if sourceless else None,
+                           dfile="/" + src[len(root):].lstrip("/"), doraise=True,
                            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        if sourceless:
+            os.unlink(src)
 """
 
 
-def compile_pycs(root: Path, sources: list[str]) -> None:
-    """Byte-compile in one child with a fixed hash seed (marshal output is then stable)."""
+def compile_pycs(root: Path, sources: list[str], sourceless: bool = False) -> None:
+    """Byte-compile in one child with a fixed hash seed (marshal output is then stable).
+
+    ``sourceless``: write ``x.pyc`` next to ``x.py`` and drop the source (Python imports
+    such legacy pycs when there is no source); otherwise ``__pycache__/x.cpython-311.pyc``.
+    """
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": ""}
     env.pop("PYTHONPYCACHEPREFIX", None)
-    run([sys.executable, "-I", "-c", _COMPILE, str(root)], env=env,
+    run([sys.executable, "-I", "-c", _COMPILE, str(root), "1" if sourceless else "0"], env=env,
         stdin="\0".join(sources).encode(), what="byte-compile python")
 
 

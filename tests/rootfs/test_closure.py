@@ -62,3 +62,21 @@ def test_python_scripts_found(tmp_path: Path) -> None:
     tree.add_bytes("usr/bin/sh-tool", b"#!/bin/sh\n", Origin("x", "1"))
     assert [p.name for p in closure.python_scripts(tree)] == ["tool"]
     shutil.rmtree(tmp_path / "t")
+
+
+def test_guest_code_importing_an_excluded_module_is_an_error(tmp_path: Path) -> None:
+    inputs = pin_inputs(profile.load("cpu"), Progress(quiet=True), locked=False)
+    pool = Pool()
+    for name in ("libpython3.11-minimal", "libpython3.11-stdlib", "python3.11-minimal"):
+        pool.add_package(fetch.extract_deb(inputs.debs[name]), Origin(name, "x"))
+    tree = Tree(tmp_path / "t")
+    site = "usr/lib/guestinit"
+    tree.add_bytes(f"{site}/guestinit/__init__.py", b"", Origin("guestinit", "0"))
+    tree.add_bytes(f"{site}/guestinit/ok.py", b"def f():\n    import json\n",
+                   Origin("guestinit", "0"))
+    files = closure.python_closure(tree, pool, ["guestinit", "guestinit.ok"], site)
+    assert "usr/lib/python3.11/json/__init__.py" in files  # lazy import inside a function
+    tree.add_bytes(f"{site}/guestinit/bad.py", b"def f():\n    import asyncio\n",
+                   Origin("guestinit", "0"))
+    with pytest.raises(BuildError, match=r"guestinit\.bad imports asyncio"):
+        closure.python_closure(tree, pool, ["guestinit", "guestinit.bad"], site)
