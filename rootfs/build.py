@@ -27,6 +27,9 @@ INIT_SCRIPT = (
 BASE_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777,
              "var": 0o755, "var/tmp": 0o1777, "etc": 0o755, "root": 0o700, "mnt": 0o755,
              "usr/lib/firmware": 0o755}
+OUTPUT_NAMES = ("vmlinuz", "kernel-release.txt", "initramfs.cpio.zst", "rootfs.erofs",
+                "rootfs.verity", "roothash.txt", "cmdline.txt", "cmdline-erofs.txt",
+                "manifest.json", "sbom.spdx.json", "manifest.json.sig", "signing-key.pub.pem")
 # Only these parts of a wheel reach the guest (cffi: the backend, not the compiler front end).
 WHEEL_SKIP = ("cffi/", ".dist-info/")
 
@@ -241,9 +244,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
                 compile_python(tree, [closure.PY_STDLIB], sourceless=True)
                 compile_python(tree, [GUEST_SITE])
         out.mkdir(parents=True, exist_ok=True)
-        for old in out.iterdir():
-            if old.is_file():
-                old.unlink()
+        for name in OUTPUT_NAMES:  # only our own files: --out may be any directory
+            (out / name).unlink(missing_ok=True)
         outputs: dict[str, Path] = {}
         if profile.Format.INITRAMFS in prof.formats:
             with progress.step("pack initramfs (cpio newc + zstd)"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,9 @@ def install_init(tree: Tree, prof: profile.Profile, pool: Pool, release: str,
 def write_ld_cache(tree: Tree) -> None:
     """/etc/ld.so.cache, so ``ctypes.util.find_library`` (pyudev's libudev lookup) works."""
     tree.add_bytes("etc/ld.so.conf", b"/usr/lib/x86_64-linux-gnu\n/usr/lib\n", GENERATED)
-    run(["ldconfig", "-X", "-r", tree.root], what="ldconfig -r (ld.so.cache)")
+    # ldconfig -r chroots: as a normal user, do it in a user namespace
+    prefix = [] if os.geteuid() == 0 else ["unshare", "-r"]
+    run([*prefix, "ldconfig", "-X", "-r", tree.root], what="ldconfig -r (ld.so.cache)")
     if tree.has("etc/ld.so.cache"):
         tree.origins["etc/ld.so.cache"] = GENERATED
 

@@ -215,3 +215,19 @@ def test_kernel_runs_python_init(cpu_images: tuple[Path, Path]) -> None:
     assert "Run /init as init process" in console, console[-3000:]
     assert "Fatal Python error" not in console, console[-3000:]
     assert "No working init found" not in console
+
+
+def test_rebuild_into_a_directory_keeps_foreign_files(cpu_images: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    from rootfs import profile
+    from rootfs.build import build_image
+    from rootfs.steps import Progress
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "vmlinuz").write_text("stale")
+    build_image(profile.load("cpu"), out, locked=True, progress=Progress(quiet=True),
+                zstd_level=1)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert (out / "vmlinuz").read_bytes() == (cpu_images[0] / "vmlinuz").read_bytes()
