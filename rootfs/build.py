@@ -12,7 +12,7 @@ from pathlib import Path
 import guestinit
 from guestinit import config as guest_config
 from guestinit import modinfo
-from rootfs import closure, fetch, kernel, manifest, pack, profile, tree_extras
+from rootfs import closure, fetch, kconfig, kernel, manifest, pack, profile, tree_extras
 from rootfs.closure import Origin, Pool, Tree
 from rootfs.steps import BuildError, Progress
 
@@ -185,8 +185,7 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
     with progress.step("check kernel config and pick modules"):
         results = kernel.check_fragments(kt.config, prof.fragment_paths())
-        from rootfs.kconfig import modules_needed
-        needed = modules_needed(results)
+        needed = kconfig.modules_needed(results)
         bundle = (tree_extras.DriverBundle.open(driver_dir, kt.release, prof.driver_files)
                   if driver_dir else None)
         wanted = [*needed, *prof.kernel.modules, *(bundle.module_names() if bundle else [])]
@@ -266,7 +265,9 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
             (out / "cmdline.txt").write_text(" ".join(prof.cmdline()) + "\n")
             outputs["cmdline.txt"] = out / "cmdline.txt"
             if roothash is not None:
-                pack.write_erofs_cmdline(out, prof.cmdline(), roothash)
+                kcfg = kconfig.read_config(kt.config)
+                builtin = all(kcfg.get(o) == "y" for o in pack.VERITY_BUILTIN)
+                pack.write_erofs_cmdline(out, prof.cmdline(), roothash, builtin)
             man = manifest.build(prof.name, kt.release, epoch, tree, outputs, inputs.lock,
                                  {**{n: inputs.lock.debs[n] for n in inputs.debs},
                                   **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},

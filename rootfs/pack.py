@@ -85,20 +85,34 @@ def verity_field(text: str, key: str) -> str:
     raise BuildError(f"veritysetup: no '{key}' in its output: {text[:300]!r}")
 
 
-def write_erofs_cmdline(out: Path, words: list[str], roothash: str) -> None:
-    """The cmdline for booting the erofs image as root without an initramfs.
+# Kernel options that let the kernel itself mount the verity root (dm-mod.create, root=).
+VERITY_BUILTIN = ("CONFIG_BLK_DEV_DM", "CONFIG_DM_VERITY", "CONFIG_EROFS_FS", "CONFIG_VIRTIO_BLK")
+ROOTHASH_KEY = "guestinit.verity.roothash"
 
-    Needs a kernel with dm-mod, dm-verity, erofs and virtio-blk built in (dm-mod.create
-    only exists in a built-in dm-mod); the data image is the first virtio disk, the
-    hash tree the second.
+
+def write_erofs_cmdline(out: Path, words: list[str], roothash: str, builtin: bool) -> str:
+    """The cmdline for booting ``rootfs.erofs`` (vda) under dm-verity (hash tree on vdb).
+
+    ``builtin`` (dm-mod, dm-verity, erofs and virtio-blk are ``=y``): the kernel mounts
+    the root itself from ``dm-mod.create`` (which exists only in a built-in dm-mod), no
+    initramfs needed. Otherwise (Debian's kernel: all four are modules) the initramfs
+    must load them and set up verity, so the cmdline carries only the root hash, as
+    ``guestinit.verity.roothash=``; salt, block sizes and algorithm are in the hash
+    tree's superblock.
     """
-    size = (out / "rootfs.erofs").stat().st_size
-    sectors, blocks = size // 512, size // 4096
-    table = (f"vroot,,,ro,0 {sectors} verity 1 /dev/vda /dev/vdb 4096 4096 {blocks} 0 "
-             f"sha256 {roothash} {VERITY_SALT}")
-    parts = [*words, f'dm-mod.create="{table}"', "root=/dev/dm-0", "rootfstype=erofs", "ro",
-             "init=/usr/sbin/init"]
-    (out / "cmdline-erofs.txt").write_text(" ".join(parts) + "\n")
+    if builtin:
+        size = (out / "rootfs.erofs").stat().st_size
+        sectors, blocks = size // 512, size // 4096
+        # hash_start_block 1: veritysetup format puts its superblock in block 0
+        table = (f"vroot,,,ro,0 {sectors} verity 1 /dev/vda /dev/vdb 4096 4096 {blocks} 1 "
+                 f"sha256 {roothash} {VERITY_SALT}")
+        parts = [*words, f'dm-mod.create="{table}"', "root=/dev/dm-0", "rootfstype=erofs",
+                 "ro", "init=/usr/sbin/init"]
+    else:
+        parts = [*words, f"{ROOTHASH_KEY}={roothash}"]
+    text = " ".join(parts) + "\n"
+    (out / "cmdline-erofs.txt").write_text(text)
+    return text
 
 
 def verity_verify(out: Path, roothash: str) -> None:

@@ -231,3 +231,31 @@ def test_rebuild_into_a_directory_keeps_foreign_files(cpu_images: tuple[Path, Pa
                 zstd_level=1)
     assert (out / "notes.txt").read_text() == "keep me"
     assert (out / "vmlinuz").read_bytes() == (cpu_images[0] / "vmlinuz").read_bytes()
+
+
+def test_erofs_cmdline_for_a_modular_kernel(cpu_images: tuple[Path, Path]) -> None:
+    """Debian's dm-mod/dm-verity/erofs are modules: no dm-mod.create, the initramfs mounts
+    the verity root and learns the root hash from the cmdline."""
+    out = cpu_images[0]
+    words = (out / "cmdline-erofs.txt").read_text().split()
+    roothash = (out / "roothash.txt").read_text().strip()
+    assert f"{pack.ROOTHASH_KEY}={roothash}" in words
+    assert not any(w.startswith(("root=", "dm-mod.create")) for w in words)
+    assert words[: len((out / "cmdline.txt").read_text().split())] == \
+        (out / "cmdline.txt").read_text().split()
+
+
+def test_erofs_cmdline_for_a_builtin_kernel(cpu_copy: Path) -> None:
+    roothash = (cpu_copy / "roothash.txt").read_text().strip()
+    text = pack.write_erofs_cmdline(cpu_copy, ["console=ttyS0"], roothash, builtin=True)
+    dump = subprocess.run(["veritysetup", "dump", str(cpu_copy / "rootfs.verity")],
+                          capture_output=True, text=True, check=True).stdout
+    blocks = pack.verity_field(dump, "Data blocks")
+    table = text.split('dm-mod.create="')[1].split('"')[0].split()
+    # vroot,,,ro,0 SECTORS verity 1 DATA HASH 4096 4096 BLOCKS HASH_START sha256 ROOT SALT
+    assert table[2:4] == ["verity", "1"] and table[4:6] == ["/dev/vda", "/dev/vdb"]
+    assert table[8] == blocks and int(table[1]) == int(blocks) * 8
+    assert table[9] == "1"  # block 0 of the hash device is veritysetup's superblock
+    assert table[11] == roothash
+    assert table[12] == pack.verity_field(dump, "Salt")
+    assert "root=/dev/dm-0" in text.split()
