@@ -1,0 +1,119 @@
+"""The init's own log: lines written to /dev/kmsg, so they land in the kernel ring
+(and on the console) next to the kernel's messages.
+
+PID 1 must never die because logging failed: ``Kmsg`` never raises. When the
+device cannot be opened (before devtmpfs is mounted, or in tests) lines go to a
+fallback stream (stderr by default) and the open is retried on the next line.
+
+Note: unless the kernel runs with ``printk.devkmsg=on`` (or
+``/proc/sys/kernel/printk_devkmsg`` says ``on``), the kernel itself rate-limits
+writes to /dev/kmsg to a burst of 10 lines per 5 s per open file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from guestinit.config import LogLevel
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
+
+# The kernel keeps at most ~1 KiB per record (PRINTKRB_RECORD_MAX / LOG_LINE_MAX
+# minus the header); longer writes are cut by the kernel mid-character, so cut
+# ourselves, on a UTF-8 boundary.
+MAX_LINE = 976
+TAG = "guestinit: "
+
+
+def clip(data: bytes, limit: int) -> bytes:
+    """UTF-8 ``data`` cut to at most ``limit`` bytes without splitting a character."""
+    if len(data) <= limit:
+        return data
+    # "ignore" drops only the partial character at the cut: ``data`` is valid UTF-8.
+    return data[:limit].decode("utf-8", "ignore").encode()
+
+
+class Kmsg:
+    """``Kmsg().log(6, "text")`` writes ``<6>guestinit: text`` to /dev/kmsg."""
+
+    __slots__ = ("_fallback", "_fd", "level", "path", "write_errors")
+
+    def __init__(
+        self,
+        path: str = "/dev/kmsg",
+        level: LogLevel = LogLevel.INFO,
+        fallback: TextIO | None = None,
+    ) -> None:
+        self.path = path
+        self.level = level
+        self._fallback = fallback
+        self._fd: int | None = None
+        self.write_errors = 0  # writes that failed on the device and went to the fallback
+        self._open()
+
+    def _open(self) -> bool:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            self._fd = None
+            return False
+        return True
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def set_level(self, level: LogLevel | int) -> None:
+        self.level = LogLevel(level)
+
+    def log(self, level: int, text: str) -> None:
+        """Write ``text`` at syslog priority ``level`` (3 err, 4 warn, 6 info, 7 debug)
+        if ``level`` passes the threshold; one record per line of ``text``."""
+        if level > self.level or level < 0:
+            return
+        prefix = f"<{level}>{TAG}".encode()
+        for line in text.rstrip("\n").split("\n"):
+            body = line.encode("utf-8", "replace")
+            self._write(prefix + clip(body, MAX_LINE - 1 - len(prefix)) + b"\n")
+
+    def raw(self, line: str) -> None:
+        """Write a record already formatted with its ``<PRI>`` prefix (the syslog
+        forwarder's lines); not filtered by ``level`` (the caller decides)."""
+        if self.level == LogLevel.OFF:
+            return
+        data = clip(line.rstrip("\n").encode("utf-8", "replace"), MAX_LINE - 1) + b"\n"
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None and not self._open():
+            self._to_fallback(data)
+            return
+        assert self._fd is not None
+        try:
+            os.write(self._fd, data)
+        except OSError:
+            # EAGAIN / EINVAL / EIO: the line is not lost, it goes to the fallback.
+            self.write_errors += 1
+            self._to_fallback(data)
+
+    def _to_fallback(self, data: bytes) -> None:
+        stream = self._fallback if self._fallback is not None else sys.stderr
+        if stream is None:  # stdio closed (python3 -I -S with no console)
+            return
+        try:
+            stream.write(data.decode("utf-8", "replace"))
+            stream.flush()
+        except (OSError, ValueError):
+            # A closed or broken stream: nothing left to tell, and PID 1 must go on.
+            return
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                return
