@@ -84,7 +84,9 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="guestinit-bench", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="guestinit-bench",
+        description="Boot guestinit images in QEMU and read what the guest reports.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("boot", help="boot an image directory in QEMU and report on it")
