@@ -65,7 +65,7 @@ def test_boot_timeout_stops_qemu(busybox_image: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     before = qemu_pids()
     rc = main(["boot", busybox_image, "--accel", "tcg", "--append", "fake.mode=hang",
-               "--timeout", "4"])
+               "--timeout", "4", "--workdir", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert rc == 1
     assert "result: FAILED: no ready frame after 4s" in out
