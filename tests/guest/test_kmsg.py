@@ -1,0 +1,104 @@
+"""Kmsg writing to regular files, /dev/full and a FIFO in tmp_path (never the host's kmsg)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from guestinit.config import LogLevel
+from guestinit.kmsg import MAX_LINE, Kmsg, clip
+
+
+def test_line_format_and_levels(tmp_path: Path) -> None:
+    dev = tmp_path / "kmsg"
+    dev.touch()
+    k = Kmsg(str(dev), level=LogLevel.INFO)
+    assert k.is_open
+    k.log(3, "mount proc: EBUSY")
+    k.log(6, "stage early done")
+    k.log(7, "debug detail")  # above the threshold: dropped
+    k.set_level(LogLevel.DEBUG)
+    k.log(7, "now visible")
+    k.set_level(LogLevel.OFF)
+    k.log(3, "nothing at off")
+    k.raw("<14>daemon: not at off either")
+    k.close()
+    assert dev.read_text() == (
+        "<3>guestinit: mount proc: EBUSY\n"
+        "<6>guestinit: stage early done\n"
+        "<7>guestinit: now visible\n"
+    )
+
+
+def test_multiline_text_is_one_record_per_line(tmp_path: Path) -> None:
+    dev = tmp_path / "kmsg"
+    dev.touch()
+    k = Kmsg(str(dev))
+    k.log(4, "Traceback:\n  File x\nValueError: y\n")
+    k.close()
+    assert dev.read_text().splitlines() == [
+        "<4>guestinit: Traceback:", "<4>guestinit:   File x", "<4>guestinit: ValueError: y"]
+
+
+def test_long_lines_are_cut_on_a_character_boundary(tmp_path: Path) -> None:
+    dev = tmp_path / "kmsg"
+    dev.touch()
+    k = Kmsg(str(dev))
+    k.log(6, "é" * 2000)
+    k.raw("<14>" + "a" * 5000)
+    k.close()
+    first, second = dev.read_bytes().split(b"\n")[:2]
+    assert len(first) + 1 <= MAX_LINE and len(first) + 1 >= MAX_LINE - 2
+    first.decode("utf-8")  # no half character at the cut
+    assert len(second) + 1 == MAX_LINE
+    assert clip("aé".encode(), 2) == b"a"
+    assert clip(b"abc", 3) == b"abc"
+
+
+def test_fallback_when_the_device_is_missing_then_reopens(tmp_path: Path) -> None:
+    dev = tmp_path / "dev" / "kmsg"
+    out = io.StringIO()
+    k = Kmsg(str(dev), fallback=out)
+    assert not k.is_open
+    k.log(6, "before devtmpfs")
+    assert out.getvalue() == "<6>guestinit: before devtmpfs\n"
+    dev.parent.mkdir()
+    dev.touch()  # "devtmpfs is mounted"
+    k.log(6, "after")
+    assert k.is_open
+    assert dev.read_text() == "<6>guestinit: after\n"
+    assert out.getvalue() == "<6>guestinit: before devtmpfs\n"
+    k.close()
+
+
+def test_write_errors_go_to_the_fallback() -> None:
+    out = io.StringIO()
+    k = Kmsg("/dev/full", fallback=out)  # every write fails with ENOSPC
+    assert k.is_open
+    k.log(3, "disk full")
+    assert k.write_errors == 1
+    assert out.getvalue() == "<3>guestinit: disk full\n"
+    k.close()
+
+
+def test_never_raises_even_with_a_closed_fallback(tmp_path: Path) -> None:
+    out = io.StringIO()
+    out.close()
+    k = Kmsg(str(tmp_path / "missing"), fallback=out)
+    k.log(3, "nobody hears this")  # must not raise
+    k.raw("<3>nor this")
+
+
+def test_fifo_gets_whole_records(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        k = Kmsg(str(fifo))
+        k.log(6, "one")
+        k.raw("<30>svc[3]: two\n")
+        assert os.read(reader, 4096) == b"<6>guestinit: one\n<30>svc[3]: two\n"
+        k.close()
+    finally:
+        os.close(reader)
