@@ -43,9 +43,12 @@ def _populated(path: str) -> bool:
         return False
 
 
-def plan_mounts(root: str, mountinfo: str = "") -> list[Mount]:
-    """What the early stage mounts, in order, skipping what is already there."""
-    test_root = os.path.realpath(root) != "/"
+def plan_mounts(root: str, mountinfo: str = "", private_dev: bool | None = None) -> list[Mount]:
+    """What the early stage mounts, in order, skipping what is already there.
+
+    ``private_dev`` (default: whether ``root`` is a test root) mounts a tmpfs on
+    /dev instead of devtmpfs."""
+    test_root = os.path.realpath(root) != "/" if private_dev is None else private_dev
     j = lambda p: os.path.join(root, p)  # noqa: E731
     dev = (Mount("tmpfs", j("dev"), "tmpfs", MS_NOSUID, "mode=0755,size=4m") if test_root
            else Mount("devtmpfs", j("dev"), "devtmpfs", MS_NOSUID, "mode=0755"))

@@ -159,14 +159,15 @@ class Supervisor:
         """SIGTERM the named services, SIGKILL what is left after ``grace``; audit lines."""
         audit: list[str] = []
         targets = [self.services[n] for n in names if n in self.services]
-        for service in targets:
+        # pids first: reaping while we wait for one clears the others' records
+        pids = [(service, service.pid) for service in targets]
+        for service, pid in pids:
             service.stopping = True
             service.next_start = None
-            if service.pid is not None:
-                self._procs.kill(service.pid, signal.SIGTERM)
+            if pid is not None:
+                self._procs.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for service in targets:
-            pid = service.pid
+        for service, pid in pids:
             if pid is None:
                 audit.append(f"{service.name}: not running")
                 continue
@@ -177,8 +178,6 @@ class Supervisor:
                 audit.append(f"{service.name}: pid {pid} killed after {grace}s grace (status {code})")
             else:
                 audit.append(f"{service.name}: pid {pid} stopped (status {code})")
-            if service.pid == pid:
-                # the table reaped it inside wait(); make sure the record is closed
-                service.pid = None
-                service.last_status = code
+            service.pid = None
+            service.last_status = code
         return audit

@@ -173,9 +173,9 @@ def decode_body(body: bytes) -> Frame:
         raise FrameError(f"frame body is {len(body)} bytes, over {MAX_FRAME}")
     try:
         obj = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, max_buffer_size=MAX_FRAME, use_list=True
+            body, raw=False, strict_map_key=True, use_list=True
         )
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # garbage in several shapes
         raise FrameError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
     return validate(obj)
 

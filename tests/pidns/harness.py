@@ -1,0 +1,162 @@
+"""Runs the real init as PID 1 of a fresh PID + mount (+ UTS, net) namespace.
+
+``NsInit(tmp_path, cmdline=..., conf=...)`` builds a root under tmp_path, listens
+on a Unix socket for the report channel (``guestinit.report=unix:...``), starts
+``unshare --pid --fork --mount --uts --net python -m guestinit --root ROOT``
+and collects frames. Lockdown is off unless a test asks: under a test root,
+/proc is the host's real procfs and ``modules_disabled`` is global.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from guestinit import wire
+from guestinit.control import query
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = REPO / "guestinit" / "testing" / "agent_standin.py"
+
+
+def agent_arg(*args: str) -> str:
+    """``guestinit.agent=...`` running the stand-in with the test's Python."""
+    words = [sys.executable, "-I", str(STANDIN), *args]
+    return 'guestinit.agent="' + " ".join(words) + '"'
+
+
+class NsInit:
+    def __init__(self, tmp_path: Path, cmdline: str = "", conf: str = "",
+                 root_setup: object = None, lockdown: bool = False) -> None:
+        self.tmp = tmp_path
+        self.root = tmp_path / "root"
+        for d in ("proc", "sys", "dev", "run", "tmp", "etc"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        (self.root / "etc" / "guestinit.conf").write_text(conf)
+        if callable(root_setup):
+            root_setup(self.root)
+        self.sock_path = tmp_path / "report.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.sock_path))
+        self.listener.listen(4)
+        self.conn: socket.socket | None = None
+        self.reader = wire.FrameReader()
+        self.frames: list[wire.Frame] = []
+        self.errors: list[wire.FrameError] = []
+        full = f"guestinit.report=unix:{self.sock_path} guestinit.shutdown.grace=2 " + \
+            ("" if lockdown else "guestinit.lockdown=0 ") + cmdline
+        self.cmd = ["unshare", "--pid", "--fork", "--mount", "--uts", "--net", "--kill-child",
+                    sys.executable, "-m", "guestinit", "--root", str(self.root),
+                    "--cmdline", full]
+        self.log_path = tmp_path / "init.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(REPO), env=env, start_new_session=True)
+
+    # -- frames ------------------------------------------------------------
+    def _pump(self, timeout: float) -> bool:
+        if self.conn is None:
+            self.listener.settimeout(timeout)
+            try:
+                self.conn, _ = self.listener.accept()
+            except TimeoutError:
+                return False
+            self.conn.settimeout(timeout)
+        try:
+            data = self.conn.recv(65536)
+        except TimeoutError:
+            return False
+        if not data:
+            self.errors += self.reader.eof()
+            return False
+        for item in self.reader.feed(data):
+            if isinstance(item, wire.FrameError):
+                self.errors.append(item)
+            else:
+                self.frames.append(item)
+        return True
+
+    def wait_frame(self, ftype: wire.FrameType, timeout: float = 20.0) -> wire.Frame:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for frame in self.frames[seen:]:
+                if frame.type == ftype:
+                    return frame
+            seen = len(self.frames)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self._pump(min(left, 0.5)) and self.proc.poll() is not None and \
+                    self.conn is not None:
+                # init gone and the stream drained
+                if not self._pump(0.1):
+                    break
+        raise AssertionError(
+            f"no {ftype.value} frame within {timeout}s; got {[f.type.value for f in self.frames]}"
+            f", errors {self.errors}; init log:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    # -- the init ----------------------------------------------------------
+    def init_pid(self) -> int:
+        """Host pid of the namespace's PID 1 (unshare's only child)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+                if text.split():
+                    return int(text.split()[0])
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise AssertionError("unshare started no child")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.init_pid(), sig)
+
+    def status(self, timeout: float = 2.0) -> dict[str, object]:
+        return query(str(self.root / "run" / "guestinit" / "control"), timeout)
+
+    def children_of_init(self) -> list[tuple[int, str]]:
+        """(pid, state) of the init's direct children, from the host's /proc."""
+        pid = self.init_pid()
+        out = []
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return []
+        for kid in kids:
+            try:
+                stat = Path(f"/proc/{kid}/stat").read_text()
+            except OSError:
+                continue
+            out.append((int(kid), stat.rsplit(")", 1)[1].split()[0]))
+        return out
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"init did not end within {timeout}s; log:\n{self.log()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+        self._log.close()
