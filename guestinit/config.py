@@ -8,6 +8,7 @@ values or raise ``ConfigError`` naming the key and the value; they never touch
 
 from __future__ import annotations
 
+import builtins
 import enum
 
 TYPE_CHECKING = False
@@ -119,7 +120,7 @@ def _enum(cls: type[enum.Enum]) -> Callable[[str], object]:
         try:
             return cls(value.lower())
         except ValueError:
-            names = ", ".join(str(m.value) for m in cls)  # type: ignore[var-annotated]
+            names = ", ".join(str(m.value) for m in cls)
             raise ValueError(f"expected one of {names}") from None
 
     return parse
@@ -171,7 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown.grace", parse_seconds, 5.0,
             "seconds a daemon gets after SIGTERM before SIGKILL"),
     Setting("syslog", parse_bool, True, "run the syslog server on /dev/log"),
-    Setting("syslog.file_max", parse_uint, 1 << 20, "bytes of syslog kept in /run/guestinit/syslog"),
+    Setting("syslog.file_max", parse_uint, 1 << 20,
+            "bytes of syslog kept in /run/guestinit/syslog"),
     Setting("syslog.kmsg_rate", parse_uint, 50, "syslog lines per second forwarded to kmsg"),
     Setting("syslog.forward", parse_bool, True, "forward syslog lines to kmsg"),
     Setting("readonly", parse_list, (), "mount points remounted read-only in the lockdown stage"),
@@ -179,7 +181,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("modules", parse_list, (), "extra kernel modules loaded early (names)"),
     Setting("daemon.timeout", parse_seconds, 600.0, "seconds a daemon may take to become ready",
             ("daemon.timeout",)),
-    Setting("uvm.persistence", parse_bool, True, "run nvidia-persistenced with --uvm-persistence-mode",
+    Setting("uvm.persistence", parse_bool, True,
+            "run nvidia-persistenced with --uvm-persistence-mode",
             ("uvm.persistence.mode",)),
     Setting("smi.lgc", str, "", "nvidia-smi --lock-gpu-clocks value", ("smi.lgc",)),
     Setting("smi.lmc", str, "", "nvidia-smi --lock-memory-clocks value", ("smi.lmc",)),
@@ -211,6 +214,13 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_ALIAS: dict[str, Setting] = {a: s for s in SETTINGS for a in s.aliases}
 
 
+# Config's accessors are named after the builtins; annotations inside the class use these.
+_Str = builtins.str
+_Int = builtins.int
+_Float = builtins.float
+_Bool = builtins.bool
+
+
 class Config:
     """Typed values, read with ``cfg["agent.restart"]``; immutable once built."""
 
@@ -223,32 +233,32 @@ class Config:
     def __getitem__(self, key: str) -> object:
         return self._values[key]
 
-    def str(self, key: str) -> str:
+    def str(self, key: _Str) -> _Str:
         value = self._values[key]
         assert isinstance(value, str)
         return value
 
-    def int(self, key: str) -> int:
+    def int(self, key: _Str) -> _Int:
         value = self._values[key]
         assert isinstance(value, int)
         return value
 
-    def float(self, key: str) -> float:
+    def float(self, key: _Str) -> _Float:
         value = self._values[key]
         assert isinstance(value, int | float)
         return float(value)
 
-    def bool(self, key: str) -> bool:
+    def bool(self, key: _Str) -> _Bool:
         value = self._values[key]
         assert isinstance(value, bool)
         return value
 
-    def words(self, key: str) -> tuple[str, ...]:
+    def words(self, key: _Str) -> tuple[_Str, ...]:
         value = self._values[key]
         assert isinstance(value, tuple)
         return value
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[_Str, object]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._values.items()}
 
 

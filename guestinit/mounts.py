@@ -49,7 +49,10 @@ def plan_mounts(root: str, mountinfo: str = "", private_dev: bool | None = None)
     ``private_dev`` (default: whether ``root`` is a test root) mounts a tmpfs on
     /dev instead of devtmpfs."""
     test_root = os.path.realpath(root) != "/" if private_dev is None else private_dev
-    j = lambda p: os.path.join(root, p)  # noqa: E731
+
+    def j(path: str) -> str:
+        return os.path.join(root, path)
+
     dev = (Mount("tmpfs", j("dev"), "tmpfs", MS_NOSUID, "mode=0755,size=4m") if test_root
            else Mount("devtmpfs", j("dev"), "devtmpfs", MS_NOSUID, "mode=0755"))
     plan = [

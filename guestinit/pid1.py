@@ -22,6 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from guestinit.control import ControlServer
     from guestinit.supervisor import Service
 
 StageFn = "Callable[[Boot], None]"
@@ -46,7 +47,7 @@ class Init:
         self._wake_r = -1
         self.loop_iterations = 0
         self.started = time.monotonic()
-        self.extra_fds: dict[int, Callable[[], None]] = {}  # e.g. the power button
+        self.extra_fds: dict[int, Callable[[], object]] = {}  # e.g. the power button
 
     # -- signals -----------------------------------------------------------
     def install_signals(self) -> None:
@@ -99,7 +100,7 @@ class Init:
     def main_loop(self) -> None:
         boot = self.boot
         poller = select.poll()
-        handlers: dict[int, Callable[[], None]] = {self._wake_r: self._drain_signals}
+        handlers: dict[int, Callable[[], object]] = {self._wake_r: self._drain_signals}
         if boot.syslog is not None:
             handlers[boot.syslog.fileno()] = boot.syslog.drain
         control = self._control()
@@ -118,7 +119,7 @@ class Init:
         if control is not None:
             control.close()
 
-    def _control(self) -> object:
+    def _control(self) -> ControlServer | None:
         from guestinit.control import ControlServer
 
         path = self.boot.path("run/guestinit/control")

@@ -66,7 +66,8 @@ def open_transport(uri: str, root: str) -> tuple[int, bool]:
         if kind == "virtio-port":
             path = find_virtio_port(root, rest)
             if path is None:
-                raise TransportError(errno.ENOENT, f"virtio port {rest!r} not found under {root}sys")
+                raise TransportError(errno.ENOENT,
+                                     f"virtio port {rest!r} not found under {root}sys")
             return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY), False
         if kind == "console":
             path = os.path.join(root, "dev/console")

@@ -34,7 +34,7 @@ def decide(policy: Restart, code: int, restarts: int, max_restarts: int) -> str:
 
 def backoff_delay(restarts: int, base: float, cap: float) -> float:
     """Delay before restart number ``restarts + 1``: base, 2*base, 4*base ... cap."""
-    return min(cap, base * (2 ** min(restarts, 32)))
+    return float(min(cap, base * (2.0 ** min(restarts, 32))))
 
 
 class Service:
@@ -175,7 +175,8 @@ class Supervisor:
             if code is None:
                 self._procs.kill(pid, signal.SIGKILL)
                 code = self._procs.wait(pid, 5.0)
-                audit.append(f"{service.name}: pid {pid} killed after {grace}s grace (status {code})")
+                audit.append(f"{service.name}: pid {pid} killed after {grace}s grace "
+                             f"(status {code})")
             else:
                 audit.append(f"{service.name}: pid {pid} stopped (status {code})")
             service.pid = None

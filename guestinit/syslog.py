@@ -156,7 +156,7 @@ class SyslogServer:
         store_max: int,
         kmsg_rate: int,
         forward: bool,
-        tick: Callable[[], None] | None = None,
+        tick: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
+
 import msgpack
 
 TYPE_CHECKING = False  # typing costs import time on the guest's boot path
@@ -105,7 +106,7 @@ class Frame:
 
 
 def encode(frame: Frame) -> bytes:
-    body = msgpack.packb(frame.to_map(), use_bin_type=True)
+    body: bytes = msgpack.packb(frame.to_map(), use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame {frame.type.value} is {len(body)} bytes, over {MAX_FRAME}")
     return HEADER.pack(len(body)) + body
@@ -134,7 +135,7 @@ def validate(obj: object) -> Frame:
     if v > SCHEMA_VERSION:
         raise FrameError(f"schema version {v} is newer than {SCHEMA_VERSION}")
     try:
-        ftype = FrameType(obj.get("type"))
+        ftype = FrameType(str(obj.get("type")))
     except ValueError:
         raise FrameError(f"unknown frame type {obj.get('type')!r}") from None
     boot_id = obj.get("boot_id")

@@ -51,7 +51,7 @@ def test_run_captures_output_and_times_out() -> None:
     code, out = procs.run([sys.executable, "-c", "print('hi'); import sys; "
                            "print('err', file=sys.stderr); raise SystemExit(3)"], timeout=10)
     assert code == 3 and "hi" in out and "err" in out
-    with pytest.raises(TimeoutError, match="did not finish within 0.3s"):
+    with pytest.raises(TimeoutError, match=r"did not finish within 0\.3s"):
         procs.run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.3)
     assert procs.running() == []
 

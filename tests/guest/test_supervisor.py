@@ -6,7 +6,15 @@ import pytest
 
 from guestinit.config import Restart
 from guestinit.process import ProcessTable
-from guestinit.supervisor import GIVE_UP, RESTART, STOPPED, Service, Supervisor, backoff_delay, decide
+from guestinit.supervisor import (
+    GIVE_UP,
+    RESTART,
+    STOPPED,
+    Service,
+    Supervisor,
+    backoff_delay,
+    decide,
+)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +125,7 @@ def test_stop_escalates_to_sigkill_with_real_processes() -> None:
 
     time.sleep(0.3)  # let the stubborn one install its handler
     audit = sup.stop(["stubborn", "polite"], grace=0.5)
-    assert audit[0].startswith("stubborn: pid") and "killed after 0.5s grace (status -9)" in audit[0]
+    assert audit[0].startswith("stubborn: pid")
+    assert "killed after 0.5s grace (status -9)" in audit[0]
     assert audit[1].startswith("polite: pid") and "stopped (status -15)" in audit[1]
     assert not sup.service("stubborn").running

@@ -53,8 +53,9 @@ def test_garbage_never_crashes(data: bytes) -> None:
 
 
 @settings(max_examples=200)
-@given(st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(), st.none(),
-                                                      st.lists(st.integers(0, 9))), max_size=8))
+@given(st.dictionaries(st.text(max_size=8),
+                       st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(), st.none(),
+                                 st.lists(st.integers(0, 9))), max_size=8))
 def test_random_maps_are_frames_or_errors(obj: dict[str, object]) -> None:
     body = msgpack.packb(obj)
     got = FrameReader().feed(struct.pack(">I", len(body)) + body)

@@ -94,11 +94,9 @@ class NsInit:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if not self._pump(min(left, 0.5)) and self.proc.poll() is not None and \
-                    self.conn is not None:
-                # init gone and the stream drained
-                if not self._pump(0.1):
-                    break
+            if (not self._pump(min(left, 0.5)) and self.proc.poll() is not None
+                    and self.conn is not None and not self._pump(0.1)):
+                break  # init gone and the stream drained
         raise AssertionError(
             f"no {ftype.value} frame within {timeout}s; got {[f.type.value for f in self.frames]}"
             f", errors {self.errors}; init log:\n{self.log()}")
@@ -147,7 +145,8 @@ class NsInit:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"init did not end within {timeout}s; log:\n{self.log()}")
+            raise AssertionError(
+                f"init did not end within {timeout}s; log:\n{self.log()}") from None
 
     def close(self) -> None:
         if self.proc.poll() is None:
