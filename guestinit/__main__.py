@@ -103,12 +103,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif flag == "--cmdline" and args:
             cmdline = args.pop(0)
         # the kernel passes unknown cmdline words as init arguments: ignore them
+    from_proc = cmdline is None
     if cmdline is None:
-        cmdline = early.read_text("/proc/cmdline")
+        cmdline = early.read_text(os.path.join(root, "proc/cmdline"))
     kmsg = Kmsg(os.path.join(root, "dev/kmsg"))
     procs = ProcessTable()
     boot = Boot(root, Effects(), Timeline(), Reporter(root, new_boot_id(), kmsg), kmsg, procs,
                 Supervisor(procs), cmdline)
+    boot.cmdline_from_proc = from_proc
+    if "GUESTINIT_SPANS" in os.environ:  # we were exec'ed from the initramfs onto a verity root
+        from guestinit.verity import inherited_spans
+
+        for name, start, end in inherited_spans(os.environ):
+            boot.timeline.add(name, start, end)
     init = Init(boot)
     boot.reporter.send(wire.FrameType.HELLO, version=VERSION, pid=os.getpid())
     init.run(STAGES)

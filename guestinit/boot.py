@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 class Boot:
     __slots__ = (
-        "audit", "cfg", "cmdline", "effects", "facts", "kmsg", "procs", "reporter", "root",
-        "supervisor", "syslog", "timeline",
+        "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts", "kmsg", "procs",
+        "reporter", "root", "supervisor", "syslog", "timeline",
     )
 
     def __init__(
@@ -47,6 +47,9 @@ class Boot:
         self.procs = procs
         self.supervisor = supervisor
         self.cmdline = cmdline
+        # No --cmdline: /proc/cmdline, read again once the early stage has mounted /proc
+        # (the kernel starts PID 1 with no /proc).
+        self.cmdline_from_proc = False
         self.cfg: Config | None = None  # set by the config stage
         self.syslog: SyslogServer | None = None  # set by the log stage
         self.facts: dict[str, object] = {}

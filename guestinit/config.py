@@ -160,7 +160,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mode", _enum(Mode), Mode.AUTO, "auto (from the PCI inventory), cpu, gpu, nvl4, nvl5",
             ("mode",)),
     Setting("hostname", str, "localhost", "hostname set in the early stage"),
-    Setting("agent", parse_words, ("/usr/bin/kata-agent",), "agent command line (space separated)"),
+    Setting("agent", parse_words, ("/usr/bin/kata-agent",),
+            "agent command line (space separated); none: start no agent"),
     Setting("agent.restart", _enum(Restart), Restart.NEVER, "agent restart policy"),
     Setting("agent.shutdown_on_exit", parse_bool, True,
             "power off when the agent stops for good"),
@@ -207,6 +208,8 @@ SETTINGS: tuple[Setting, ...] = (
             "system user nvidia-persistenced runs as, when the image has it"),
     Setting("fabricmanager.config", str, "/usr/share/nvidia/nvswitch/fabricmanager.cfg",
             "nv-fabricmanager config template (copied to /run and rewritten)"),
+    Setting("verity.roothash", str, "",
+            "dm-verity root hash of rootfs.erofs: the initramfs mounts it and switches root"),
     Setting("inject", str, "", "test hook: raise an exception at the start of this stage"),
 )
 

@@ -30,6 +30,14 @@ def run_early(boot: Boot) -> None:
         boot.facts["mounts"] = mounts.apply_mounts(plan, boot.effects)
     except OSError as exc:
         raise BootError(Stage.EARLY, str(exc)) from None
+    if boot.cmdline_from_proc and not boot.cmdline:
+        boot.cmdline = read_text(boot.path("proc/cmdline")).strip()
+    if "guestinit.verity.roothash=" in boot.cmdline:
+        from guestinit import verity
+
+        roothash = verity.wanted(boot)
+        if roothash is not None:
+            verity.switch_to_verity_root(boot, roothash)  # execs the verified root's init
     if boot.root == "/":
         _console_stdio(boot.path("dev/console"))
         try:

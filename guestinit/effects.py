@@ -74,9 +74,11 @@ class Effects:
         ffi = self._ffi
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            rc = self._lib.syscall(  # type: ignore[attr-defined]
-                SYS_finit_module, ffi.cast("int", fd), params.encode(), ffi.cast("int", 0)  # type: ignore[attr-defined]
-            )
+            # syscall(2) is variadic: cffi wants every extra argument as typed cdata, and
+            # the kernel reads each as a full register, hence long and char*.
+            args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()),  # type: ignore[attr-defined]
+                    ffi.cast("long", 0))  # type: ignore[attr-defined]
+            rc = self._lib.syscall(SYS_finit_module, *args)  # type: ignore[attr-defined]
             self._check(rc, f"finit_module {path}")
         finally:
             os.close(fd)

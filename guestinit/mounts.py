@@ -91,7 +91,7 @@ def apply_mounts(plan: list[Mount], effects: Effects) -> list[str]:
             effects.makedirs(m.target)
             effects.mount(m.source, m.target, m.fstype, m.flags, m.data)
         except OSError as exc:
-            if m.optional and exc.errno in (2, 19):  # ENOENT, ENODEV
+            if m.optional and exc.errno in (1, 2, 19):  # EPERM, ENOENT, ENODEV
                 continue
             raise
         done.append(m.target)

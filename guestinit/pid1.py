@@ -37,8 +37,8 @@ def _noop(signum: int, frame: object) -> None:
 class Init:
     """Owns the boot: ``Init(boot).run(stages)`` never returns when PID 1."""
 
-    __slots__ = ("_stop_reason", "_wake_r", "boot", "current", "extra_fds", "loop_iterations",
-                 "started")
+    __slots__ = ("_stop_reason", "_unwatch", "_wake_r", "boot", "current", "extra_fds",
+                 "loop_iterations", "started")
 
     def __init__(self, boot: Boot) -> None:
         self.boot = boot
@@ -48,6 +48,7 @@ class Init:
         self.loop_iterations = 0
         self.started = time.monotonic()
         self.extra_fds: dict[int, Callable[[], object]] = {}  # e.g. the power button
+        self._unwatch: list[int] = []  # extra fds whose device went away
 
     # -- signals -----------------------------------------------------------
     def install_signals(self) -> None:
@@ -75,6 +76,8 @@ class Init:
             self.install_signals()
             for stage, fn in stages:
                 self.current = stage
+                if stage == Stage.READY:
+                    self._watch_power_button()
                 self._run_stage(stage, fn)
         except BootError as exc:
             self.fail(exc.stage, exc.reason)
@@ -96,6 +99,29 @@ class Init:
         boot.reporter.progress(stage, "done")
         boot.kmsg.log(7, f"stage {stage} done")
 
+    def _watch_power_button(self) -> None:
+        """Before ``ready``: the host may ask for a powerdown as soon as it reads it."""
+        from guestinit import powerbutton
+
+        fd = powerbutton.open_button(self.boot.root)
+        if fd is None:
+            self.boot.kmsg.log(6, "no power button input device: powerdown requests "
+                               "arrive only as signals")
+            return
+
+        def on_event() -> None:
+            try:
+                hit = powerbutton.read_pressed(fd)
+            except OSError as exc:
+                self.boot.kmsg.log(4, f"power button: {exc}; no longer watched")
+                self._unwatch.append(fd)
+                return
+            if hit and self._stop_reason is None:
+                self._stop_reason = "power button (ACPI powerdown request)"
+
+        self.extra_fds[fd] = on_event
+        self.boot.kmsg.log(6, "watching the power button")
+
     # -- running -----------------------------------------------------------
     def main_loop(self) -> None:
         boot = self.boot
@@ -115,6 +141,10 @@ class Init:
             timeout_ms = 1000 if due is None else max(1, int(due * 1000))
             for fd, _ in poller.poll(timeout_ms):
                 handlers[fd]()
+            while self._unwatch:
+                fd = self._unwatch.pop()
+                poller.unregister(fd)
+                os.close(fd)
             self.loop_iterations += 1
         if control is not None:
             control.close()

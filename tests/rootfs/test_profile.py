@@ -27,7 +27,8 @@ def test_cpu_profile() -> None:
     prof = profile.load("cpu")
     assert prof.init is profile.Init.GUESTINIT
     assert prof.kernel.early == ("virtio_mmio", "virtio_console", "vsock",
-                                 "vmw_vsock_virtio_transport")
+                                 "vmw_vsock_virtio_transport", "button", "evdev")
+    assert prof.kernel.modules == ("button", "evdev")
     words = prof.cmdline()
     assert len(words) == len(set(words)), "presets must not duplicate words"
 

@@ -1,0 +1,263 @@
+"""The erofs + dm-verity root, for kernels whose dm/verity/erofs/virtio-blk are modules.
+
+With ``guestinit.verity.roothash=HEX`` on the cmdline the init in the initramfs
+loads those modules, finds the data disk (erofs magic) and the hash disk
+(veritysetup superblock), creates a read-only dm-verity device over them with
+the device-mapper ioctls, mounts the erofs from it and switches root to it:
+the mounts of the early stage move along, the initramfs root is replaced and
+``/sbin/init`` of the verified tree (guestinit again) is exec'ed. Nothing from
+the disk is trusted before verity checks it: the salt, sizes and algorithm
+come from the hash disk, but a root hash that does not match them fails every
+read, so a wrong superblock is refused like a flipped data byte.
+
+A kernel with those drivers built in needs none of this: ``rootfs`` writes
+``dm-mod.create=`` for it instead.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import time
+
+from guestinit.stages import BootError, Stage
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from guestinit.boot import Boot
+
+MODULES = ("virtio_blk", "dm_verity", "erofs")
+DONE_MARKER = "run/guestinit/verity-root"  # written before the switch; the new init skips
+NEW_ROOT = "sysroot"
+ENV_SPANS = "GUESTINIT_SPANS"  # timeline of the initramfs init, handed to the verified one
+DM_NAME = "vroot"
+MS_MOVE = 8192
+MS_RDONLY = 1
+
+# veritysetup's on-disk superblock (block 0 of the hash device)
+SUPERBLOCK = struct.Struct("<8sII16s32sIIQH6s256s")
+SB_MAGIC = b"verity\0\0"
+EROFS_MAGIC = 0xE0F5E1E2  # little-endian u32 at byte 1024 of an erofs image
+
+# <linux/dm-ioctl.h>
+DM_IOCTL_HEADER = struct.Struct("=3IIIIiIIIQ128s129s7s")  # struct dm_ioctl, 312 bytes
+DM_TARGET_SPEC = struct.Struct("=QQiI16s")  # struct dm_target_spec, 40 bytes
+DM_VERSION = (4, 0, 0)
+DM_READONLY_FLAG = 1 << 0
+DM_DEV_CREATE, DM_DEV_REMOVE, DM_DEV_SUSPEND, DM_TABLE_LOAD = 3, 4, 6, 9
+
+
+class VerityError(Exception):
+    pass
+
+
+class Superblock:
+    __slots__ = ("algorithm", "data_block_size", "data_blocks", "hash_block_size", "hash_type",
+                 "salt")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) < SUPERBLOCK.size:
+            raise VerityError(f"hash device superblock is {len(raw)} bytes, "
+                              f"need {SUPERBLOCK.size}")
+        (magic, version, self.hash_type, _uuid, alg, self.data_block_size,
+         self.hash_block_size, self.data_blocks, salt_size, _pad,
+         salt) = SUPERBLOCK.unpack_from(raw)
+        if magic != SB_MAGIC:
+            raise VerityError(f"no verity superblock (magic {magic!r})")
+        if version != 1:
+            raise VerityError(f"verity superblock version {version}, expected 1")
+        if salt_size > len(salt):
+            raise VerityError(f"verity salt size {salt_size} is over {len(salt)}")
+        for name, size in (("data", self.data_block_size), ("hash", self.hash_block_size)):
+            if size < 512 or size > 1 << 20 or size & (size - 1):
+                raise VerityError(f"verity {name} block size {size} is not a power of two "
+                                  "in 512..1M")
+        self.algorithm = alg.rstrip(b"\0").decode("ascii", "replace")
+        if not self.algorithm.replace("-", "").isalnum():
+            raise VerityError(f"verity algorithm {self.algorithm!r} is not a hash name")
+        self.salt = salt[:salt_size]
+
+
+def table(sb: Superblock, data_dev: str, hash_dev: str, roothash: str) -> tuple[int, str]:
+    """(length in sectors, verity target parameters) for the dm table."""
+    sectors = sb.data_blocks * sb.data_block_size // 512
+    # hash tree starts at hash block 1: block 0 holds the superblock
+    params = (f"{sb.hash_type} {data_dev} {hash_dev} {sb.data_block_size} {sb.hash_block_size} "
+              f"{sb.data_blocks} 1 {sb.algorithm} {roothash} {sb.salt.hex() or '-'}")
+    return sectors, params
+
+
+def check_roothash(text: str) -> str:
+    value = text.strip().lower()
+    if len(value) < 32 or len(value) % 2 or any(c not in "0123456789abcdef" for c in value):
+        raise VerityError(f"guestinit.verity.roothash={text!r} is not a hex digest")
+    return value
+
+
+def dm_ioctl(name: str, flags: int = 0, payload: bytes = b"", targets: int = 0) -> bytearray:
+    """A struct dm_ioctl buffer (header, then ``payload``) for the control device."""
+    size = DM_IOCTL_HEADER.size + len(payload) + 1024  # room for the kernel's answer
+    header = DM_IOCTL_HEADER.pack(*DM_VERSION, size, DM_IOCTL_HEADER.size, targets, 0, flags,
+                                  0, 0, 0, name.encode(), b"", b"")
+    buf = bytearray(size)
+    buf[:len(header)] = header
+    buf[len(header):len(header) + len(payload)] = payload
+    return buf
+
+
+def target_spec(sectors: int, ttype: str, params: str) -> bytes:
+    text = params.encode() + b"\0"
+    text += b"\0" * (-(DM_TARGET_SPEC.size + len(text)) % 8)
+    # next: offset from this spec to the next one (the kernel ignores it for the last)
+    return DM_TARGET_SPEC.pack(0, sectors, 0, DM_TARGET_SPEC.size + len(text),
+                               ttype.encode()) + text
+
+
+def _request(nr: int) -> int:
+    # _IOWR(0xfd, nr, struct dm_ioctl)
+    return (3 << 30) | (DM_IOCTL_HEADER.size << 16) | (0xFD << 8) | nr
+
+
+def _call(control: int, nr: int, buf: bytearray, what: str) -> bytearray:
+    import fcntl
+
+    try:
+        fcntl.ioctl(control, _request(nr), buf, True)
+    except OSError as exc:
+        raise VerityError(f"device-mapper {what}: {exc.strerror or exc}") from None
+    return buf
+
+
+def create(control: int, sectors: int, params: str) -> tuple[int, int]:
+    """Create, load and resume the read-only verity device; its (major, minor)."""
+    _call(control, DM_DEV_CREATE, dm_ioctl(DM_NAME, DM_READONLY_FLAG), "create")
+    spec = target_spec(sectors, "verity", params)
+    try:
+        _call(control, DM_TABLE_LOAD,
+              dm_ioctl(DM_NAME, DM_READONLY_FLAG, spec, targets=1), "load verity table")
+        out = _call(control, DM_DEV_SUSPEND, dm_ioctl(DM_NAME, DM_READONLY_FLAG), "resume")
+    except VerityError:
+        try:
+            _call(control, DM_DEV_REMOVE, dm_ioctl(DM_NAME), "remove")
+        except VerityError:
+            pass
+        raise
+    dev = DM_IOCTL_HEADER.unpack_from(out)[9]
+    return os.major(dev), os.minor(dev)
+
+
+def classify(root: str) -> tuple[str, str]:
+    """(data disk, hash disk) among the virtio disks, by what their first blocks hold."""
+    data = hashes = None
+    seen = []
+    for name in sorted(os.listdir(os.path.join(root, "sys/block"))):
+        if not name.startswith("vd"):
+            continue
+        path = os.path.join(root, "dev", name)
+        head = _read_head(path)
+        seen.append(name)
+        if head.startswith(SB_MAGIC):
+            hashes = path
+        elif len(head) >= 1028 and struct.unpack_from("<I", head, 1024)[0] == EROFS_MAGIC:
+            data = path
+    if data is None or hashes is None:
+        raise VerityError(f"need an erofs disk and a verity hash disk; virtio disks: "
+                          f"{', '.join(seen) or 'none'}")
+    return data, hashes
+
+
+def _read_head(path: str, wait: float = 5.0) -> bytes:
+    # devtmpfs creates the node a moment after the driver registered the disk
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return f.read(4096)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise VerityError(f"{path} did not appear within {wait:.0f}s") from None
+            time.sleep(0.005)
+        except OSError as exc:
+            raise VerityError(f"read {path}: {exc.strerror or exc}") from None
+
+
+def wanted(boot: Boot) -> str | None:
+    """The root hash when this init must set up the verity root, else None."""
+    if boot.root != "/" or os.path.exists(boot.path(DONE_MARKER)):
+        return None
+    for word in boot.cmdline.split():
+        key, sep, value = word.partition("=")
+        if sep and key == "guestinit.verity.roothash":
+            return value.strip('"')
+    return None
+
+
+def switch_to_verity_root(boot: Boot, roothash_text: str) -> None:
+    """Set up the verity root and exec its init; returns only by raising BootError."""
+    from guestinit import kmod
+
+    try:
+        roothash = check_roothash(roothash_text)
+        with boot.timeline.stage("verity"):
+            kmod.load_early(boot, MODULES)
+            data, hashes = classify(boot.root)
+            with open(hashes, "rb", buffering=0) as f:
+                sb = Superblock(f.read(4096))
+            sectors, params = table(sb, data, hashes, roothash)
+            control = os.open(boot.path("dev/mapper/control"), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                major, minor = create(control, sectors, params)
+            finally:
+                os.close(control)
+            node = boot.path("dev/mapper", DM_NAME)
+            if not os.path.exists(node):
+                boot.effects.mknod(node, stat.S_IFBLK | 0o600, major, minor)
+            new_root = boot.path(NEW_ROOT)
+            boot.effects.makedirs(new_root)
+            try:
+                boot.effects.mount(node, new_root, "erofs", MS_RDONLY)
+            except OSError as exc:
+                raise VerityError(f"mount the verity root (erofs on {node}, from {data} "
+                                  f"checked against {hashes}): {exc.strerror or exc}; "
+                                  "a rootfs.erofs that does not match its root hash is "
+                                  "refused here") from None
+        boot.kmsg.log(6, f"verity root: {data} + {hashes}, root hash {roothash[:16]}...; "
+                      "switching root")
+        _switch_root(boot, new_root)
+    except VerityError as exc:
+        raise BootError(Stage.EARLY, f"verity root: {exc}") from None
+    except OSError as exc:
+        raise BootError(Stage.EARLY, f"verity root: {exc}") from None
+
+
+def _switch_root(boot: Boot, new_root: str) -> None:
+    for sub in ("dev", "proc", "sys", "run"):
+        target = os.path.join(new_root, sub)
+        if os.path.ismount(boot.path(sub)) and os.path.isdir(target):
+            boot.effects.mount(boot.path(sub), target, "", MS_MOVE)
+    marker = os.path.join(new_root, DONE_MARKER)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n")
+    # the initramfs part of the boot, for the new init's timeline ("initramfs", "verity")
+    spans = [["initramfs" if n == Stage.EARLY else n, s, e]
+             for n, s, e in boot.timeline.snapshot()]
+    env = {"PATH": "/usr/sbin:/usr/bin", ENV_SPANS: ";".join(f"{n}:{s}:{e}" for n, s, e in spans)}
+    os.chdir(new_root)
+    boot.effects.mount(".", "/", "", MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    boot.kmsg.close()
+    os.execve("/sbin/init", ["/sbin/init"], env)
+
+
+def inherited_spans(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, int, int]]:
+    """The spans a switching initramfs init handed over (malformed entries dropped)."""
+    out = []
+    for item in environ.get(ENV_SPANS, "").split(";"):
+        name, _, rest = item.partition(":")
+        start, _, end = rest.partition(":")
+        if name and start.isdigit() and end.isdigit() and int(start) <= int(end):
+            out.append((name[:64], int(start), int(end)))
+    return out

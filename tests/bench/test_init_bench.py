@@ -1,0 +1,74 @@
+"""``guestinit-bench init`` for real: the init as PID 1 of a PID namespace (needs root)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from bench import init
+
+
+def _init_pids() -> set[int]:
+    """PIDs of any ``python -m guestinit --root`` still running (none may be left behind)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"guestinit" in argv and b"--root" in argv:
+            pids.add(int(entry.name))
+    return pids
+
+
+def test_two_runs_write_samples_medians_ratio_and_stages(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _init_pids()
+    out_json = tmp_path / "x.json"
+    assert init.main(["--runs", "2", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    inits, pythons = data["samples_ms"]["init"], data["samples_ms"]["python"]
+    assert len(inits) == 2 and all(v > 0 for v in inits)
+    assert len(pythons) == 2 and all(v > 0 for v in pythons)
+    assert data["median_ms"]["init"] == statistics.median(inits)
+    assert data["ratio"] == statistics.median(inits) / statistics.median(pythons)
+    assert data["target_met"] == (data["ratio"] <= 3)
+    stages = data["stage_median_ms"]
+    assert "early" in stages and "ready" in stages
+    assert all(len(v) == 2 for v in data["stage_samples_ms"].values())
+    assert data["host_median_ms"]["exec -> early"] > 0
+    for key in ("python_version", "cpu_count", "kernel", "date"):
+        assert data[key]
+    out, err = capsys.readouterr()
+    assert "run 2/2: init " in err and "warm-up 2/2" in err
+    assert "python3 -I -S -c pass" in out and "guestinit exec -> ready" in out
+    assert "ratio (median)" in out and "target <= 3:" in out
+    assert _init_pids() <= before
+
+
+def test_failed_frame_stops_the_bench_with_its_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _init_pids()
+    out_json = tmp_path / "x.json"
+    rc = init.main(["--runs", "2", "--append", "guestinit.log=loud", "--json", str(out_json)])
+    assert rc == 1
+    _, err = capsys.readouterr()
+    assert "warm-up 1/2:" in err and "failed frame (stage config)" in err
+    assert "guestinit.log" in err and "loud" in err
+    assert "init output (last lines):" in err
+    assert not out_json.exists()
+    assert _init_pids() <= before
+
+
+def test_a_leading_double_dash_from_the_top_level_parser_is_dropped(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # ``guestinit-bench init -- --runs 0`` reaches main as ["--", "--runs", "0"]: the
+    # option must still be read (and here rejected), not taken as a stray word.
+    with pytest.raises(SystemExit):
+        init.main(["--", "--runs", "0"])
+    assert "0 is not a positive count" in capsys.readouterr().err
