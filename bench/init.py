@@ -1,0 +1,401 @@
+"""``guestinit-bench init``: exec -> ``ready`` of the init as PID 1 of a namespace, vs Python.
+
+Each run starts the real init (``python -m guestinit``) as PID 1 of fresh PID, mount,
+UTS and network namespaces (``unshare``) on a temporary root, with no accelerators and
+no agent, and times it from just before the spawn to the ``ready`` frame arriving on
+a Unix socket; then SIGTERM, the ``shutdown`` frame and the exit. Next to it, in the
+same loop, the same interpreter's bare start (``python3 -I -S -c pass``): baseline and
+init alternate, after warm-up runs of each, so load on the machine hits both alike.
+The issue's target is a median ratio of 3 or less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from bench import proc
+from guestinit.wire import Frame, FrameError, FrameReader, FrameType
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 2
+READY_TIMEOUT = 20.0  # s from spawn to ready (or failed)
+STOP_TIMEOUT = 10.0  # s from SIGTERM to the shutdown frame, and again to the exit
+TARGET_RATIO = 3.0
+JSON_SCHEMA = 1
+CMDLINE = ("guestinit.lockdown=0 guestinit.agent=none guestinit.mode=cpu "
+           "guestinit.shutdown.grace=1")
+BASELINE_ARGS = ("-I", "-S", "-c", "pass")
+EXEC_TO_EARLY = "exec -> early"  # host spawn to the first stage: unshare, interpreter, imports
+READY_TO_HOST = "ready -> host"  # ready stage end to the frame read on the host
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class RunFailed(Exception):
+    """One run went wrong; the message names the run and says why."""
+
+
+def boottime_ns() -> int:
+    # The namespaces share the host's CLOCK_BOOTTIME (no time namespace), so host
+    # stamps and the guest timeline compare directly.
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+class InitRun:
+    """One init in fresh namespaces; its root, report socket and log live under ``workdir``."""
+
+    def __init__(self, python: str, workdir: Path, append: str = "") -> None:
+        root = workdir / "root"
+        for d in ("proc", "sys", "dev", "run", "tmp", "etc"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "guestinit.conf").write_text("")
+        self.log_path = workdir / "init.log"
+        sock_path = workdir / "report.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(sock_path))
+        self.listener.listen(1)
+        self.conn: socket.socket | None = None
+        self.eof = False
+        self.reader = FrameReader()
+        self.frames: list[Frame] = []
+        self.cmdline = f"guestinit.report=unix:{sock_path} {CMDLINE} {append}".strip()
+        # ``-m`` with the repository as cwd puts it first on sys.path (what PYTHONPATH
+        # would do), so the init imported is this checkout's.
+        self.argv = ["unshare", "--pid", "--fork", "--mount", "--uts", "--net",
+                     "--kill-child", python, "-m", "guestinit", "--root", str(root),
+                     "--cmdline", self.cmdline]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.child = proc.spawn(self.argv, stdout=self._log.fileno(),
+                                stderr=subprocess.STDOUT, cwd=str(REPO))
+
+    def _pump(self, timeout: float) -> None:
+        """Read what arrives within ``timeout`` s (returns as soon as anything does)."""
+        if self.conn is None:
+            self.listener.settimeout(timeout)
+            try:
+                self.conn, _ = self.listener.accept()
+            except TimeoutError:
+                return
+        if self.eof:
+            time.sleep(timeout)
+            return
+        self.conn.settimeout(timeout)
+        try:
+            data = self.conn.recv(65536)
+        except TimeoutError:
+            return
+        items: list[Frame | FrameError] = []
+        if data:
+            items = list(self.reader.feed(data))
+        else:
+            self.eof = True
+            items = list(self.reader.eof())
+        for item in items:
+            if isinstance(item, FrameError):
+                raise RunFailed(f"malformed frame from the init: {item}")
+            self.frames.append(item)
+
+    def wait_for(self, wanted: tuple[FrameType, ...], timeout: float) -> Frame | None:
+        """The first frame of a ``wanted`` type; None on timeout or once the init is gone."""
+        assert self.child is not None
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for frame in self.frames[seen:]:
+                if frame.type in wanted:
+                    return frame
+            seen = len(self.frames)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if self.child.poll() is not None:
+                if self.eof:
+                    return None  # gone, and everything it sent is read
+                if self.conn is None:
+                    self._pump(0.05)  # a connection may still wait in the backlog
+                    if self.conn is None:
+                        return None
+                    continue
+            self._pump(min(left, 0.2))
+
+    def init_pid(self) -> int:
+        """Host pid of the namespace's PID 1: unshare's only child."""
+        assert self.child is not None
+        pid = self.child.pid
+        deadline = time.monotonic() + 2.0
+        while self.child.poll() is None and time.monotonic() < deadline:
+            try:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                kids = []
+            if kids:
+                return int(kids[0])
+            time.sleep(0.01)
+        raise RunFailed("unshare has no child to signal (the init is gone)")
+
+    def stop(self) -> None:
+        """SIGTERM the init, then wait for its ``shutdown`` frame and for unshare's exit."""
+        assert self.child is not None
+        os.kill(self.init_pid(), signal.SIGTERM)
+        if self.wait_for((FrameType.SHUTDOWN,), STOP_TIMEOUT) is None:
+            raise RunFailed(f"no shutdown frame within {STOP_TIMEOUT:g}s of SIGTERM")
+        try:
+            self.child.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"the init did not exit within {STOP_TIMEOUT:g}s "
+                            "of its shutdown frame") from None
+
+    def log_tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")[-4000:]
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Kill and reap whatever is left (the whole process group), close everything."""
+        if self.child is not None:
+            proc.stop(self.child, grace=1.0)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+        self._log.close()
+
+
+class Sample:
+    """One init run: host seconds spawn -> ready, and ms per phase of the way there."""
+
+    def __init__(self, seconds: float, phases: dict[str, float]) -> None:
+        self.seconds = seconds
+        self.phases = phases
+
+
+def phases_ms(ready: Frame, spawned_ns: int, received_ns: int) -> dict[str, float]:
+    """ms per stage (repeated names summed) plus the host-seen time around the stages."""
+    spans = ready.timeline()
+    out: dict[str, float] = {}
+    if spans:
+        out[EXEC_TO_EARLY] = (min(s for _, s, _ in spans) - spawned_ns) / 1e6
+    for name, start, end in spans:
+        out[name] = out.get(name, 0.0) + (end - start) / 1e6
+    if spans:
+        out[READY_TO_HOST] = (received_ns - max(e for _, _, e in spans)) / 1e6
+    return out
+
+
+def time_init(python: str, workdir: Path, append: str) -> Sample:
+    run = InitRun(python, workdir, append)
+    try:
+        spawned_ns = boottime_ns()
+        t0 = time.perf_counter()
+        run.start()
+        frame = run.wait_for((FrameType.READY, FrameType.FAILED), READY_TIMEOUT)
+        seconds = time.perf_counter() - t0
+        received_ns = boottime_ns()
+        try:
+            if frame is None:
+                seen = ", ".join(f.type.value for f in run.frames) or "none"
+                assert run.child is not None
+                if run.child.poll() is not None:
+                    raise RunFailed(f"the init exited (status {run.child.returncode}) before "
+                                    f"ready; frames seen: {seen}")
+                raise RunFailed(f"no ready frame within {READY_TIMEOUT:g}s; frames seen: {seen}")
+            if frame.type is FrameType.FAILED:
+                raise RunFailed(f"the init sent a failed frame (stage {frame.get('stage')}): "
+                                f"{frame.get('reason')}")
+            run.stop()
+        except RunFailed as exc:
+            raise RunFailed(f"{exc}\ninit output (last lines):\n{run.log_tail()}") from None
+        return Sample(seconds, phases_ms(frame, spawned_ns, received_ns))
+    finally:
+        run.close()
+
+
+def time_python(python: str) -> float:
+    t0 = time.perf_counter()
+    child = proc.spawn([python, *BASELINE_ARGS], stderr=subprocess.DEVNULL)
+    try:
+        rc = child.wait(READY_TIMEOUT)
+        seconds = time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        raise RunFailed(f"{python} -I -S -c pass still running after {READY_TIMEOUT:g}s") \
+            from None
+    finally:
+        proc.stop(child, grace=0.0)
+    if rc != 0:
+        raise RunFailed(f"{python} -I -S -c pass: exit status {rc}")
+    return seconds
+
+
+class Results:
+    def __init__(self) -> None:
+        self.init_ms: list[float] = []
+        self.python_ms: list[float] = []
+        self.phases: dict[str, list[float]] = {}  # in first-seen order
+
+    def add(self, python_s: float, sample: Sample) -> None:
+        self.python_ms.append(python_s * 1e3)
+        self.init_ms.append(sample.seconds * 1e3)
+        for name, value in sample.phases.items():
+            self.phases.setdefault(name, []).append(value)
+
+    def ratio(self) -> float:
+        return statistics.median(self.init_ms) / statistics.median(self.python_ms)
+
+    def stage_names(self) -> list[str]:
+        return [n for n in self.phases if n not in (EXEC_TO_EARLY, READY_TO_HOST)]
+
+
+def _row(label: str, values: list[float], width: int) -> str:
+    nums = (statistics.median(values), min(values), max(values))
+    return f"  {label:<{width}}" + "".join(f"  {v:>8.1f}" for v in nums)
+
+
+def table(res: Results) -> str:
+    width = 26
+    head = f"  {'':<{width}}  {'median':>8}  {'min':>8}  {'max':>8}   (ms)"
+    ratio = res.ratio()
+    met = "met" if ratio <= TARGET_RATIO else "not met"
+    out = [head,
+           _row("python3 -I -S -c pass", res.python_ms, width),
+           _row("guestinit exec -> ready", res.init_ms, width),
+           f"  {'ratio (median)':<{width}}  {ratio:>8.2f}   target <= {TARGET_RATIO:g}: {met}",
+           "",
+           f"where the time goes (median of {len(res.init_ms)} ready frames, CLOCK_BOOTTIME):"]
+    names = list(res.phases)
+    pwidth = max(width, *(len(n) + 2 for n in names)) if names else width
+    out.append(f"  {'':<{pwidth}}  {'median':>8}  {'min':>8}  {'max':>8}   (ms)")
+    for name in names:
+        # sub-spans ("discover:pci") run inside their stage: indented, not added up
+        label = f"  {name}" if ":" in name else name
+        out.append(_row(label, res.phases[name], pwidth))
+    out.append(f"  ({EXEC_TO_EARLY}: unshare, interpreter start, site and imports before "
+               "the first stage;")
+    out.append(f"   {READY_TO_HOST}: from the end of the ready stage to the frame read here)")
+    return "\n".join(out)
+
+
+def _python_version(python: str) -> str:
+    done = proc.run([python, "-c", "import sys; print(sys.version)"], timeout=30)
+    return done.stdout.strip().splitlines()[0]
+
+
+def to_json(res: Results, python: str, runs: int, append: str) -> dict[str, object]:
+    return {
+        "schema": JSON_SCHEMA,
+        "benchmark": "guestinit-bench init",
+        "runs": runs,
+        "warmup": WARMUP,
+        "python": python,
+        "python_version": _python_version(python),
+        "cpu_count": os.cpu_count(),
+        "kernel": platform.release(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cmdline": f"{CMDLINE} {append}".strip(),
+        "samples_ms": {"init": res.init_ms, "python": res.python_ms},
+        "median_ms": {"init": statistics.median(res.init_ms),
+                      "python": statistics.median(res.python_ms)},
+        "ratio": res.ratio(),
+        "target_ratio": TARGET_RATIO,
+        "target_met": res.ratio() <= TARGET_RATIO,
+        "stage_samples_ms": {n: res.phases[n] for n in res.stage_names()},
+        "stage_median_ms": {n: statistics.median(res.phases[n]) for n in res.stage_names()},
+        "host_median_ms": {n: statistics.median(res.phases[n])
+                           for n in (EXEC_TO_EARLY, READY_TO_HOST) if n in res.phases},
+    }
+
+
+def bench(python: str, runs: int, append: str, progress: TextIO) -> Results:
+    res = Results()
+    with tempfile.TemporaryDirectory(prefix="guestinit-bench-init-") as tmp:
+        for i in range(WARMUP + runs):
+            warm = i < WARMUP
+            name = f"warm-up {i + 1}/{WARMUP}" if warm else f"run {i - WARMUP + 1}/{runs}"
+            try:
+                python_s = time_python(python)
+                sample = time_init(python, Path(tmp) / f"run{i}", append)
+            except RunFailed as exc:
+                raise RunFailed(f"{name}: {exc}") from None
+            print(f"{name}: init {sample.seconds * 1e3:.0f} ms, python {python_s * 1e3:.0f} ms",
+                  file=progress, flush=True)
+            if not warm:
+                res.add(python_s, sample)
+    return res
+
+
+def _runs(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="guestinit-bench init",
+        description="Median time from exec to the ready frame of guestinit as PID 1 of a "
+        "PID namespace (no accelerators, no agent), next to python3 -I -S -c pass.")
+    p.add_argument("--runs", type=_runs, default=20, metavar="N",
+                   help="measured runs of each, after 2 warm-up runs (default 20)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write every sample, the medians, the ratio and the host facts")
+    p.add_argument("--python", default=sys.executable, metavar="PATH",
+                   help="interpreter for both the init and the baseline (default: this one)")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="extra guestinit.* cmdline words, last so they win "
+                   "(e.g. 'guestinit.log=debug')")
+    return p
+
+
+def _cannot_run(python: str) -> str | None:
+    if os.geteuid() != 0:
+        return ("needs root: the init runs as PID 1 of new PID and mount namespaces "
+                "(unshare --pid --mount); run it as root")
+    if shutil.which("unshare") is None:
+        return "unshare not found (util-linux)"
+    if shutil.which(python) is None:
+        return f"{python}: no such interpreter"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["--"]:
+        # ``guestinit-bench init -- --runs 5``: the top-level parser's REMAINDER keeps the
+        # ``--`` that gets options past it.
+        words = words[1:]
+    args = parser().parse_args(words)
+    why = _cannot_run(args.python)
+    if why is not None:
+        print(f"guestinit-bench init: {why}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"guestinit-bench init: {args.runs} runs (+{WARMUP} warm-up) of each, interleaved; "
+          f"python {args.python}", file=sys.stderr, flush=True)
+    try:
+        res = bench(args.python, args.runs, args.append, sys.stderr)
+    except (RunFailed, proc.RunError) as exc:
+        print(f"guestinit-bench init: FAILED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(table(res))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(to_json(res, args.python, args.runs, args.append), fh, indent=1)
+            fh.write("\n")
+        print(f"wrote {args.json}")
+    return 0
