@@ -134,7 +134,10 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["init"]:  # its own parser (bench/init.py) reads the options
+        return _cmd_init(argparse.Namespace(rest=words[1:]))
+    args = parser().parse_args(words)
     # SIGTERM/SIGHUP (CI cancelling a job, a closed terminal) unwind like Ctrl-C, so the
     # finally blocks stop and reap QEMU instead of leaving it running in its own session.
     saved = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}

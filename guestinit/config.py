@@ -382,9 +382,30 @@ def render_file(values: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def show_default(setting: Setting) -> str:
+    """A default written the way a user would type it on the cmdline."""
+    value = setting.default
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, LogLevel):
+        return value.name.lower()
+    if isinstance(value, tuple):
+        sep = " " if setting.parse is parse_words else ","
+        return sep.join(value) or '""'
+    if setting.parse is parse_mode_octal and isinstance(value, int):
+        return f"{value:04o}"
+    if isinstance(value, float) and value.is_integer():
+        return f"{int(value)}s"
+    if isinstance(value, float):
+        return f"{value}s"
+    return str(value) or '""'
+
+
 def describe() -> str:
-    rows = [f"  {PREFIX}{s.name:<28} default {s.default!s:<16} {s.doc}"
-            + (f" (alias: {', '.join(NVRC_PREFIX + a for a in s.aliases)})" if s.aliases else "")
-            for s in SETTINGS]
-    return "guestinit settings (cmdline guestinit.KEY=VALUE; /etc/guestinit.conf KEY=VALUE):\n" + \
-        "\n".join(rows)
+    rows = []
+    for s in SETTINGS:
+        alias = f" (alias: {', '.join(NVRC_PREFIX + a for a in s.aliases)})" if s.aliases else ""
+        rows.append(f"  {PREFIX}{s.name}={show_default(s)}\n      {s.doc}{alias}")
+    return ("guestinit settings: kernel cmdline guestinit.KEY=VALUE, or KEY=VALUE lines in "
+            "/etc/guestinit.conf\n(the cmdline wins); shown with their defaults:\n"
+            + "\n".join(rows))

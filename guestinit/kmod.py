@@ -53,7 +53,7 @@ def normalize(name: str) -> str:
 class ModuleIndex:
     """name -> path (relative to the release dir), dependencies, soft pre/post dependencies."""
 
-    __slots__ = ("base", "deps", "paths", "post", "pre", "source")
+    __slots__ = ("aliases", "base", "deps", "paths", "post", "pre", "source")
 
     def __init__(self, base: str, source: str = "modules.dep") -> None:
         self.base = base
@@ -62,6 +62,7 @@ class ModuleIndex:
         self.deps: dict[str, list[str]] = {}
         self.pre: dict[str, list[str]] = {}
         self.post: dict[str, list[str]] = {}
+        self.aliases: dict[str, list[str]] = {}  # plain (non-glob) alias -> modules
 
     def path(self, name: str) -> str:
         return os.path.join(self.base, self.paths[name])
@@ -96,6 +97,15 @@ def parse_softdeps(text: str, index: ModuleIndex) -> None:
                 bucket.setdefault(name, []).append(normalize(word))
 
 
+def parse_aliases(text: str, index: ModuleIndex) -> None:
+    """``alias NAME MODULE`` lines; only plain names (softdeps name ``crc32c``, not a
+    module): device globs are udev's business, and nothing here loads by device."""
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias" and not any(c in words[1] for c in "*?["):
+            index.aliases.setdefault(normalize(words[1]), []).append(normalize(words[2]))
+
+
 def _read_text(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -125,6 +135,9 @@ def load_index(release_dir: str, kernel_release: str) -> ModuleIndex:
     index = parse_modules_dep(dep, release_dir, source)
     if soft:
         parse_softdeps(soft, index)
+    aliases = _read_text(os.path.join(release_dir, "modules.alias"))
+    if aliases:
+        parse_aliases(aliases, index)
     return index
 
 
@@ -168,6 +181,14 @@ def plan_load(
         if mark == 1:
             cycle = " -> ".join([*chain[chain.index(name):], name])
             raise ModuleError(f"module {name}: dependency cycle {cycle} in {index.source}")
+        if name not in index.paths and name not in present:
+            # an alias (softdep "crc32c"): the first module carrying it, as the kernel
+            # would have asked modprobe for it (there is no modprobe to ask)
+            target = next((m for m in index.aliases.get(name, ()) if m in index.paths), None)
+            if target is not None:
+                visit(target, f"{why} (alias {name})", soft)
+                state[name] = 2
+                return
         if name not in index.paths:
             if name in present or soft:
                 state[name] = 2

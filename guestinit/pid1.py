@@ -37,7 +37,7 @@ def _noop(signum: int, frame: object) -> None:
 class Init:
     """Owns the boot: ``Init(boot).run(stages)`` never returns when PID 1."""
 
-    __slots__ = ("_stop_reason", "_unwatch", "_wake_r", "boot", "current", "extra_fds",
+    __slots__ = ("_control_server", "_stop_reason", "_unwatch", "_wake_r", "boot", "current", "extra_fds",
                  "loop_iterations", "started")
 
     def __init__(self, boot: Boot) -> None:
@@ -49,6 +49,7 @@ class Init:
         self.started = time.monotonic()
         self.extra_fds: dict[int, Callable[[], object]] = {}  # e.g. the power button
         self._unwatch: list[int] = []  # extra fds whose device went away
+        self._control_server: ControlServer | None = None
 
     # -- signals -----------------------------------------------------------
     def install_signals(self) -> None:
@@ -77,7 +78,9 @@ class Init:
             for stage, fn in stages:
                 self.current = stage
                 if stage == Stage.READY:
+                    # both before the ready frame: whoever reads it may ask at once
                     self._watch_power_button()
+                    self._control_server = self._control()
                 self._run_stage(stage, fn)
         except BootError as exc:
             self.fail(exc.stage, exc.reason)
@@ -129,7 +132,7 @@ class Init:
         handlers: dict[int, Callable[[], object]] = {self._wake_r: self._drain_signals}
         if boot.syslog is not None:
             handlers[boot.syslog.fileno()] = boot.syslog.drain
-        control = self._control()
+        control = self._control_server
         if control is not None:
             handlers[control.fileno()] = control.handle
         handlers.update(self.extra_fds)

@@ -143,7 +143,7 @@ def create(control: int, sectors: int, params: str) -> tuple[int, int]:
         except VerityError:
             pass
         raise
-    dev = DM_IOCTL_HEADER.unpack_from(out)[9]
+    dev = DM_IOCTL_HEADER.unpack_from(out)[10]
     return os.major(dev), os.minor(dev)
 
 
@@ -227,6 +227,8 @@ def switch_to_verity_root(boot: Boot, roothash_text: str) -> None:
         _switch_root(boot, new_root)
     except VerityError as exc:
         raise BootError(Stage.EARLY, f"verity root: {exc}") from None
+    except BootError as exc:  # the module loader's, named as this stage's
+        raise BootError(Stage.EARLY, f"verity root: {exc.reason}") from None
     except OSError as exc:
         raise BootError(Stage.EARLY, f"verity root: {exc}") from None
 

@@ -17,9 +17,14 @@ import time
 
 
 def syslog(text: str, path: str = "/dev/log", pri: int = 14) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(path)
-        sock.send(f"<{pri}>agent-standin[{os.getpid()}]: {text}".encode())
+    """Log like an agent; with no syslog server there, say so on stderr and go on."""
+    line = f"<{pri}>agent-standin[{os.getpid()}]: {text}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.send(line.encode())
+    except OSError as exc:
+        print(f"{line} (syslog {path}: {exc.strerror or exc})", file=sys.stderr, flush=True)
 
 
 def leave_orphans(count: int, linger: float) -> None:

@@ -99,5 +99,16 @@ def test_render_file_round_trips_and_validates() -> None:
 def test_describe_lists_every_setting() -> None:
     text = config.describe()
     for setting in config.SETTINGS:
-        assert f"guestinit.{setting.name} " in text
+        assert f"guestinit.{setting.name}=" in text
     assert "nvrc.smi.lgc" in text
+
+
+def test_shown_defaults_read_back_as_the_defaults() -> None:
+    """--help-config shows each default as a user would type it; typing it gives it back."""
+    for setting in config.SETTINGS:
+        shown = config.show_default(setting)
+        if shown == '""':
+            assert setting.default in ("", ())
+            continue
+        cfg = config.build("", f"guestinit.{setting.name}={shown}")
+        assert cfg[setting.name] == setting.default, (setting.name, shown)

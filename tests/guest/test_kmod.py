@@ -46,6 +46,22 @@ def test_softdeps_pre_before_post_after_missing_ones_skipped() -> None:
     assert names(kmod.plan_load(["x"], index)) == ["pre1", "x", "post1"]
 
 
+def test_softdep_on_an_alias_loads_the_first_module_carrying_it() -> None:
+    """erofs needs libcrc32c, whose ``softdep pre: crc32c`` names an alias; the kernel's
+    own request_module("crypto-crc32c") would find no modprobe in the guest."""
+    index = kmod.parse_modules_dep("k/erofs.ko: k/libcrc32c.ko\nk/libcrc32c.ko:\n"
+                                   "k/crc32c_generic.ko:\nk/crc32c-intel.ko:\n")
+    kmod.parse_softdeps("softdep libcrc32c pre: crc32c\n", index)
+    kmod.parse_aliases("alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n"
+                       "alias crc32c crc32c_intel\nalias pci:v*d* crc32c_intel\n", index)
+    steps = kmod.plan_load(["erofs"], index)
+    assert names(steps) == ["crc32c_generic", "libcrc32c", "erofs"]
+    assert steps[0].why == "soft dependency of libcrc32c (alias crc32c)"
+    assert "pci:v*d*" not in index.aliases
+    index.aliases["crc32c"] = ["ghost"]  # an alias nothing in the image carries: skipped
+    assert names(kmod.plan_load(["erofs"], index)) == ["libcrc32c", "erofs"]
+
+
 def test_cycle_is_an_error_naming_the_chain() -> None:
     index = kmod.parse_modules_dep("k/a.ko: k/b.ko\nk/b.ko: k/c.ko\nk/c.ko: k/a.ko\n", "", "dep")
     with pytest.raises(kmod.ModuleError, match=r"dependency cycle a -> b -> c -> a in dep"):

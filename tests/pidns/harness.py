@@ -24,9 +24,13 @@ REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "guestinit" / "testing" / "agent_standin.py"
 
 
+ROOT_TOKEN = "@ROOT@"  # replaced by the test root in the cmdline (NsInit)
+
+
 def agent_arg(*args: str) -> str:
-    """``guestinit.agent=...`` running the stand-in with the test's Python."""
-    words = [sys.executable, "-I", str(STANDIN), *args]
+    """``guestinit.agent=...`` running the stand-in with the test's Python, logging to
+    the syslog server of the test root."""
+    words = [sys.executable, "-I", str(STANDIN), "--log", f"{ROOT_TOKEN}/dev/log", *args]
     return 'guestinit.agent="' + " ".join(words) + '"'
 
 
@@ -49,7 +53,8 @@ class NsInit:
         self.frames: list[wire.Frame] = []
         self.errors: list[wire.FrameError] = []
         full = f"guestinit.report=unix:{self.sock_path} guestinit.shutdown.grace=2 " + \
-            ("" if lockdown else "guestinit.lockdown=0 ") + cmdline
+            ("" if lockdown else "guestinit.lockdown=0 ") + cmdline.replace(ROOT_TOKEN,
+                                                                            str(self.root))
         self.cmd = ["unshare", "--pid", "--fork", "--mount", "--uts", "--net", "--kill-child",
                     sys.executable, "-m", "guestinit", "--root", str(self.root),
                     "--cmdline", full]
@@ -122,8 +127,35 @@ class NsInit:
     def signal(self, sig: int) -> None:
         os.kill(self.init_pid(), sig)
 
+    def inside(self, rel: str) -> Path:
+        """``ROOT/rel`` as the init sees it: its /run, /dev, /tmp are mounts in its own
+        mount namespace, reached from here through /proc/PID/root."""
+        return Path(f"/proc/{self.init_pid()}/root") / str(self.root).lstrip("/") / rel
+
+    def wait_syslog(self, text: str, timeout: float = 10.0) -> str:
+        """The first line of the init's syslog store holding ``text`` (e.g. the agent's
+        "up" line: ready goes out as soon as the agent is spawned, not initialised)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                lines = self.inside("run/guestinit/syslog").read_text(errors="replace")
+            except OSError:
+                lines = ""
+            for line in lines.splitlines():
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no syslog line with {text!r} within {timeout}s; "
+                             f"log:\n{self.log()}")
+
     def status(self, timeout: float = 2.0) -> dict[str, object]:
-        return query(str(self.root / "run" / "guestinit" / "control"), timeout)
+        # connect through an O_PATH fd of the directory: the /proc/PID/root path can be
+        # longer than a sockaddr_un holds
+        fd = os.open(self.inside("run/guestinit"), os.O_PATH | os.O_DIRECTORY)
+        try:
+            return query(f"/proc/self/fd/{fd}/control", timeout)
+        finally:
+            os.close(fd)
 
     def children_of_init(self) -> list[tuple[int, str]]:
         """(pid, state) of the init's direct children, from the host's /proc."""
