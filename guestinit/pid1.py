@@ -37,8 +37,8 @@ def _noop(signum: int, frame: object) -> None:
 class Init:
     """Owns the boot: ``Init(boot).run(stages)`` never returns when PID 1."""
 
-    __slots__ = ("_control_server", "_stop_reason", "_unwatch", "_wake_r", "boot", "current", "extra_fds",
-                 "loop_iterations", "started")
+    __slots__ = ("_control_server", "_stop_reason", "_unwatch", "_wake_r", "boot", "current",
+                 "extra_fds", "loop_iterations", "started")
 
     def __init__(self, boot: Boot) -> None:
         self.boot = boot
