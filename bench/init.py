@@ -74,11 +74,11 @@ class InitRun:
         self.reader = FrameReader()
         self.frames: list[Frame] = []
         self.cmdline = f"guestinit.report=unix:{sock_path} {CMDLINE} {append}".strip()
-        # ``-m`` with the repository as cwd puts it first on sys.path (what PYTHONPATH
-        # would do), so the init imported is this checkout's.
+        # Started the way the image's /sbin/init starts it: ``python3 -I -S`` and an
+        # explicit sys.path (this checkout, then the directories holding the wheels).
         self.argv = ["unshare", "--pid", "--fork", "--mount", "--uts", "--net",
-                     "--kill-child", python, "-m", "guestinit", "--root", str(root),
-                     "--cmdline", self.cmdline]
+                     "--kill-child", python, "-I", "-S", "-c", launcher(python),
+                     "--root", str(root), "--cmdline", self.cmdline]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
         self.child: subprocess.Popen[bytes] | None = None
 
@@ -197,6 +197,27 @@ def phases_ms(ready: Frame, spawned_ns: int, received_ns: int) -> dict[str, floa
     if spans:
         out[READY_TO_HOST] = (received_ns - max(e for _, _, e in spans)) / 1e6
     return out
+
+
+_LAUNCHERS: dict[str, str] = {}
+WHEELS = ("msgpack", "psutil", "pyudev", "cffi")
+
+
+def launcher(python: str) -> str:
+    """``-c`` code for ``python -I -S`` that runs the init like the image's /sbin/init."""
+    if python not in _LAUNCHERS:
+        code = ("import importlib.util as u, os\n"
+                f"for m in {WHEELS!r}:\n"
+                "    print(os.path.dirname(os.path.dirname(u.find_spec(m).origin)))")
+        try:
+            done = proc.run([python, "-c", code], timeout=60)
+        except proc.RunError as exc:
+            raise RunFailed(f"{python} cannot import the init's wheels {', '.join(WHEELS)}: "
+                            f"{exc} (run ./build.sh setup)") from None
+        paths = [str(REPO), *dict.fromkeys(done.stdout.split())]
+        _LAUNCHERS[python] = (f"import sys; sys.path[:0] = {paths!r}; "
+                              "from guestinit.__main__ import main; main()")
+    return _LAUNCHERS[python]
 
 
 def time_init(python: str, workdir: Path, append: str) -> Sample:

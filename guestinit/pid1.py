@@ -11,7 +11,6 @@ import os
 import select
 import signal
 import time
-import traceback
 
 from guestinit import mounts, wire
 from guestinit.boot import Boot
@@ -294,8 +293,12 @@ def _rescue_transport(boot: Boot) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+    # the innermost frame, without importing traceback (7 ms on the boot path)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = (f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+             if tb is not None else "")
     return f"{type(exc).__name__}: {exc}{where}"
 
 

@@ -147,13 +147,25 @@ def create(control: int, sectors: int, params: str) -> tuple[int, int]:
     return os.major(dev), os.minor(dev)
 
 
-def classify(root: str) -> tuple[str, str]:
+def virtio_disks(root: str, want: int = 2, wait: float = 5.0) -> list[str]:
+    """The vd* disks, waiting (bounded) until ``want`` of them have shown up."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            names = sorted(n for n in os.listdir(os.path.join(root, "sys/block"))
+                           if n.startswith("vd"))
+        except OSError:
+            names = []
+        if len(names) >= want or time.monotonic() > deadline:
+            return names
+        time.sleep(0.005)
+
+
+def classify(root: str, wait: float = 5.0) -> tuple[str, str]:
     """(data disk, hash disk) among the virtio disks, by what their first blocks hold."""
     data = hashes = None
     seen = []
-    for name in sorted(os.listdir(os.path.join(root, "sys/block"))):
-        if not name.startswith("vd"):
-            continue
+    for name in virtio_disks(root, wait=wait):
         path = os.path.join(root, "dev", name)
         head = _read_head(path)
         seen.append(name)
@@ -200,7 +212,12 @@ def switch_to_verity_root(boot: Boot, roothash_text: str) -> None:
     try:
         roothash = check_roothash(roothash_text)
         with boot.timeline.stage("verity"):
-            kmod.load_early(boot, MODULES)
+            # the transport (virtio_mmio) first: the image's early modules, as configured
+            from guestinit import config
+            from guestinit.early import CONF, read_text
+
+            lenient = config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
+            kmod.load_early(boot, [*lenient.words("modules"), *MODULES])
             data, hashes = classify(boot.root)
             with open(hashes, "rb", buffering=0) as f:
                 sb = Superblock(f.read(4096))

@@ -10,7 +10,8 @@ from guestinit import _libc_build
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"dataclasses", "typing", "logging", "tomllib", "subprocess", "asyncio", "pycparser",
-             "cffi", "pyudev", "elftools", "json"}
+             "cffi", "pyudev", "elftools", "json",
+             "traceback", "tokenize"}  # traceback: only the crash path, and it does without
 BOOT_PATH = ("guestinit.__main__", "guestinit.early", "guestinit.pid1", "guestinit.agent",
              "guestinit.syslog")
 

@@ -102,11 +102,11 @@ def test_classify_finds_data_and_hash_disks(tmp_path: Path,
     erofs = bytearray(4096)
     struct.pack_into("<I", erofs, 1024, verity.EROFS_MAGIC)
     (tmp_path / "dev/vdb").write_bytes(bytes(erofs))
-    assert verity.classify(str(tmp_path)) == (str(tmp_path / "dev/vdb"),
+    assert verity.classify(str(tmp_path), wait=0) == (str(tmp_path / "dev/vdb"),
                                               str(tmp_path / "dev/vda"))
     (tmp_path / "dev/vdb").write_bytes(bytes(4096))
     with pytest.raises(verity.VerityError, match="virtio disks: vda, vdb"):
-        verity.classify(str(tmp_path))
+        verity.classify(str(tmp_path), wait=0)
 
 
 def test_spans_handed_over_through_exec() -> None:
