@@ -16,6 +16,12 @@ AGENT = "agent"
 
 def run_agent(boot: Boot) -> None:
     cfg = boot.config()
+    try:  # the deferred mounts (cgroup2): the agent needs them
+        for name, result in boot.wait_background():
+            if name == "mounts" and isinstance(result, list):
+                boot.facts.setdefault("mounts", []).extend(result)  # type: ignore[attr-defined]
+    except (OSError, TimeoutError) as exc:
+        raise BootError(Stage.AGENT, f"deferred mounts: {exc}") from None
     argv = cfg.words("agent")
     if argv == ("none",):
         boot.facts["agent"] = None

@@ -12,6 +12,8 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from guestinit.config import Config
     from guestinit.effects import Effects
     from guestinit.kmsg import Kmsg
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
 
 class Boot:
     __slots__ = (
-        "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts", "kmsg", "procs",
-        "reporter", "root", "supervisor", "syslog", "timeline",
+        "_background", "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts",
+        "kmsg", "procs", "reporter", "root", "supervisor", "syslog", "timeline",
     )
 
     def __init__(
@@ -54,6 +56,42 @@ class Boot:
         self.syslog: SyslogServer | None = None  # set by the log stage
         self.facts: dict[str, object] = {}
         self.audit: list[str] = []  # device assignment / teardown events
+        self._background: list[tuple[str, object, list[object]]] = []
+
+    def background(self, name: str, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on a side thread (``_thread``: ``threading`` costs an import); its
+        result or exception is collected by ``wait_background``. Only for blocking
+        syscalls (mounts) whose result the boot needs later, not for Python work."""
+        import _thread
+
+        lock = _thread.allocate_lock()
+        lock.acquire()
+        outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                outcome.append(fn())
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                lock.release()
+
+        _thread.start_new_thread(run, ())
+        self._background.append((name, lock, outcome))
+
+    def wait_background(self, timeout: float = 30.0) -> list[tuple[str, object]]:
+        """Wait for the side work; (name, result) pairs. An exception it raised is raised
+        here; one that does not finish in ``timeout`` is a TimeoutError naming it."""
+        done = []
+        while self._background:
+            name, lock, outcome = self._background[0]
+            if not lock.acquire(True, timeout):  # type: ignore[attr-defined]
+                raise TimeoutError(f"{name} did not finish within {timeout:g}s")
+            self._background.pop(0)
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            done.append((name, outcome[0]))
+        return done
 
     def path(self, *parts: str) -> str:
         """``boot.path("proc", "cmdline")`` -> ``<root>/proc/cmdline``."""

@@ -27,7 +27,8 @@ def run_early(boot: Boot) -> None:
     try:
         boot.effects.set_child_subreaper()
         plan = mounts.plan_mounts(boot.root, read_text("/proc/self/mountinfo"))
-        boot.facts["mounts"] = mounts.apply_mounts(plan, boot.effects)
+        boot.facts["mounts"] = mounts.apply_mounts([m for m in plan if not m.deferred],
+                                                   boot.effects)
     except OSError as exc:
         raise BootError(Stage.EARLY, str(exc)) from None
     if boot.cmdline_from_proc and not boot.cmdline:
@@ -38,6 +39,9 @@ def run_early(boot: Boot) -> None:
         roothash = verity.wanted(boot)
         if roothash is not None:
             verity.switch_to_verity_root(boot, roothash)  # execs the verified root's init
+    later = [m for m in plan if m.deferred]
+    if later:
+        boot.background("mounts", lambda: mounts.apply_mounts(later, boot.effects))
     if boot.root == "/":
         _console_stdio(boot.path("dev/console"))
         try:

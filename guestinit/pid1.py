@@ -216,6 +216,10 @@ class Init:
             if boot.syslog is not None:
                 boot.syslog.drain()
                 boot.syslog.close()
+            try:
+                boot.wait_background(timeout=5.0)  # nothing mounts behind the unmounts
+            except (OSError, TimeoutError) as exc:
+                audit.append(f"background work: {exc}")
             boot.effects.sync()
             audit.append("sync")
             info = _read("/proc/self/mountinfo")
