@@ -66,12 +66,19 @@ def main() -> None:
     parser.add_argument("--exit-after", type=float, default=None)
     parser.add_argument("--exit-code", type=int, default=0)
     parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--check-modules", default="", metavar="A,B",
+                        help="log which of these modules /sys/module shows (VM tier)")
+    parser.add_argument("--sys", default="/sys", help="sysfs to look in")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     syslog(f"{args.message} pid={os.getpid()}", args.log)
+    if args.check_modules:
+        found = [f"{m}={'yes' if os.path.isdir(os.path.join(args.sys, 'module', m)) else 'no'}"
+                 for m in args.check_modules.split(",")]
+        syslog("in /sys/module: " + " ".join(found), args.log)
     if args.orphans:
         leave_orphans(args.orphans, args.linger)
         syslog(f"left {args.orphans} orphans", args.log)

@@ -19,13 +19,16 @@ SYSLOG_PROBE = "vm-tier-syslog-probe"
 # What the stand-in's syslog line adds after the message; the kernel echoes its cmdline
 # (which holds the message) on the console too, so the message alone proves nothing.
 SYSLOG_LINE = f"{SYSLOG_PROBE} pid="
+# The stand-in, an independent reader, reports what /sys/module shows after our loader ran.
+CHECKED = ("virtio_mmio", "virtio_console", "vsock", "vmw_vsock_virtio_transport", "evdev")
+MODULES_LINE = "in /sys/module: "
 
 
 def test_happy_path_ready_over_virtio_port_then_powerdown(cpu_image: str, tmp_path: Path) -> None:
     # loglevel=7 puts syslog lines (forwarded to kmsg at their own priority) on the console,
     # which is how the host sees that the syslog server got the agent stand-in's line.
-    res = boot_vm(cpu_image, tmp_path, append=f"{agent('--message', SYSLOG_PROBE)} loglevel=7",
-                  hold_until=SYSLOG_LINE)
+    probe = agent("--message", SYSLOG_PROBE, "--check-modules", ",".join(CHECKED))
+    res = boot_vm(cpu_image, tmp_path, append=f"{probe} loglevel=7", hold_until=MODULES_LINE)
     assert res.ok, explain(res)
     ready = res.first(FrameType.READY)
     assert ready is not None
@@ -40,7 +43,10 @@ def test_happy_path_ready_over_virtio_port_then_powerdown(cpu_image: str, tmp_pa
     shutdown = res.first(FrameType.SHUTDOWN)
     assert shutdown is not None and res.qemu_rc == 0 and not res.forced
     with open(res.console_log, encoding="utf-8", errors="replace") as fh:
-        assert SYSLOG_LINE in fh.read()
+        console = fh.read()
+    assert SYSLOG_LINE in console
+    line = next(x for x in console.splitlines() if MODULES_LINE in x)
+    assert all(f"{m}=yes" in line for m in CHECKED), line
     t = res.timings
     assert t["guest_init_exec_ns"] is not None and t["guest_ready_ns"] is not None
     assert 0 < t["guest_init_exec_ns"] < t["guest_ready_ns"]
