@@ -76,7 +76,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return int(init_main(args.rest) or 0)
 
 
-def _positive(text: str) -> int:
+def positive_count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive count")
@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", action="store_true", help="also list every frame received")
     b.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH",
                    help="the QEMU binary (default qemu-system-x86_64 on PATH)")
-    b.add_argument("--runs", type=_positive, default=1, metavar="N",
+    b.add_argument("--runs", type=positive_count, default=1, metavar="N",
                    help="boot N times and print the median timings (default 1)")
     b.add_argument("--hold-until", metavar="TEXT",
                    help="after ready, wait (up to --timeout) for TEXT on the serial console "

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bench import proc
+from bench.cli import positive_count
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,19 +361,12 @@ def bench(python: str, runs: int, append: str, progress: TextIO) -> Results:
     return res
 
 
-def _runs(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="guestinit-bench init",
         description="Median time from exec to the ready frame of guestinit as PID 1 of a "
         "PID namespace (no accelerators, no agent), next to python3 -I -S -c pass.")
-    p.add_argument("--runs", type=_runs, default=20, metavar="N",
+    p.add_argument("--runs", type=positive_count, default=20, metavar="N",
                    help="measured runs of each, after 2 warm-up runs (default 20)")
     p.add_argument("--json", metavar="FILE",
                    help="write every sample, the medians, the ratio and the host facts")

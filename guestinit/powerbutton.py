@@ -22,22 +22,10 @@ NAME = "Power Button"
 
 def find(root: str) -> str | None:
     """The /dev/input/eventN node of the power button under ``root``, if any."""
-    base = os.path.join(root, "sys/class/input")
-    try:
-        entries = sorted(os.listdir(base))
-    except OSError:
-        return None
-    for entry in entries:
-        if not entry.startswith("event"):
-            continue
-        try:
-            with open(os.path.join(base, entry, "device/name")) as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name == NAME:
-            return os.path.join(root, "dev/input", entry)
-    return None
+    from guestinit.sysfs import find_named
+
+    entry = find_named(root, "input", NAME, "device/name", prefix="event")
+    return None if entry is None else os.path.join(root, "dev/input", entry)
 
 
 def open_button(root: str) -> int | None:

@@ -33,19 +33,10 @@ class TransportError(OSError):
 
 def find_virtio_port(root: str, name: str) -> str | None:
     """``/dev/vportNpM`` whose sysfs ``name`` is ``name``, or None if not (yet) there."""
-    base = os.path.join(root, "sys/class/virtio-ports")
-    try:
-        entries = sorted(os.listdir(base))
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(os.path.join(base, entry, "name")) as f:
-                if f.read().strip() == name:
-                    return os.path.join(root, "dev", entry)
-        except OSError:
-            continue
-    return None
+    from guestinit.sysfs import find_named
+
+    entry = find_named(root, "virtio-ports", name)
+    return None if entry is None else os.path.join(root, "dev", entry)
 
 
 def open_transport(uri: str, root: str) -> tuple[int, bool]:
