@@ -309,6 +309,43 @@ def test_real_modules_load_through_effects_in_order(debian_root: tuple[pathlib.P
                                    "virtio_console")
     boot.facts.update(mode="cpu", inventory=[])
     kmod.run_modules(boot, kernel_release=release)
-    loaded = finits(boot.effects)
-    assert [n for n, _ in loaded][-1] == "virtio_console.ko"
+    loaded = [n.removesuffix(".ko").replace("-", "_") for n, _ in finits(boot.effects)]
     assert len(loaded) == 6 and boot.facts["modules"][0] in ("virtio_ring", "vsock")  # type: ignore[index]
+    # whatever order the threads of one wave finished in, each module came after its needs
+    index = kmod.load_index(str(root / "lib/modules" / release), release)
+    for name in loaded:
+        for dep in index.deps[name]:
+            assert loaded.index(dep) < loaded.index(name), (dep, name, loaded)
+    spans = {n for n, _, _ in boot.timeline.snapshot()}
+    assert {f"module:{n}" for n in loaded} <= spans
+
+
+def test_waves_group_modules_that_need_nothing_from_each_other() -> None:
+    index = kmod.parse_modules_dep(
+        "k/vsock.ko:\nk/virtio_ring.ko:\nk/virtio.ko: k/virtio_ring.ko\n"
+        "k/console.ko: k/virtio.ko k/virtio_ring.ko\n"
+        "k/common.ko: k/vsock.ko k/virtio.ko k/virtio_ring.ko\n"
+        "k/transport.ko: k/common.ko k/vsock.ko\nk/button.ko:\nk/evdev.ko:\n"
+        "k/post.ko:\n")
+    kmod.parse_softdeps("softdep button post: post\n", index)
+    plan = kmod.plan_load(["transport", "console", "button", "evdev"], index)
+    waves = [[s.name for s in wave] for wave in kmod.waves(plan)]
+    assert waves == [["vsock", "virtio_ring", "button", "evdev"], ["virtio", "post"],
+                     ["common", "console"], ["transport"]]
+
+
+class RefuseB(DryEffects):
+    def finit_module(self, path: str, params: str = "") -> None:
+        super().finit_module(path, params)
+        if path.endswith("/b.ko"):
+            raise OSError(errno.ENOENT, "No such file or directory")
+
+
+def test_a_failure_in_a_concurrent_wave_names_the_module(tmp_path: pathlib.Path) -> None:
+    module_tree(tmp_path, "kernel/a.ko:\nkernel/b.ko:\nkernel/c.ko: kernel/a.ko kernel/b.ko\n")
+    boot = make_boot(tmp_path)
+    boot.effects = RefuseB()
+    with pytest.raises(BootError, match=r"finit_module b: ENOENT .*kernel/b\.ko"):
+        kmod.load_modules(boot, ["c"], kernel_release=REL)
+    loaded = [pathlib.Path(str(c[1])).name for c in boot.effects.calls]
+    assert sorted(loaded) == ["a.ko", "b.ko"]  # a and b went together; c never tried
