@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class Boot:
     __slots__ = (
         "_background", "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts",
-        "kmsg", "procs", "reporter", "root", "supervisor", "syslog", "timeline",
+        "kmsg", "procs", "reporter", "root", "stop_requested", "supervisor", "syslog",
+        "timeline",
     )
 
     def __init__(
@@ -57,6 +58,9 @@ class Boot:
         self.facts: dict[str, object] = {}
         self.audit: list[str] = []  # device assignment / teardown events
         self._background: list[tuple[str, object, list[object]]] = []
+        # set by the init: the shutdown reason if one was asked for, else None; a stage
+        # that waits long (daemons) polls it and raises StopRequested
+        self.stop_requested: Callable[[], str | None] = lambda: None
 
     def background(self, name: str, fn: Callable[[], object]) -> None:
         """Run ``fn`` on a side thread (``_thread``: ``threading`` costs an import); its

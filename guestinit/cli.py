@@ -41,4 +41,4 @@ def main(argv: Sequence[str]) -> None:
     try:
         print(json.dumps(query(path, args.timeout), indent=2))
     except OSError as exc:
-        sys.exit(f"guestinit status: cannot reach {path}: {exc} (is the init running?)")
+        sys.exit(f"guestinit status: {exc}")

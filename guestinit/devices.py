@@ -216,9 +216,10 @@ def run_devices(boot: Boot) -> None:
     boot.kmsg.log(6, f"devices: {len(nodes)} nodes ({len(created)} created)")
 
 
-def audit_teardown(boot: Boot) -> None:
-    """At shutdown: one audit event per GPU assigned at boot (the lead's shutdown calls this)."""
+def audit_teardown(boot: Boot) -> list[str]:
+    """At shutdown: one audit line per GPU assigned at boot (the shutdown's teardown puts
+    them in its audit, which goes to kmsg and into the ``shutdown`` frame)."""
     gpus = boot.facts.get("gpus", [])
-    assert isinstance(gpus, list)
-    for g in gpus:
-        boot.audit_event(f"release gpu{g['index']} {g['bdf']} {g['uuid'] or '(no uuid)'}")
+    if not isinstance(gpus, list):
+        return []
+    return [f"release gpu{g['index']} {g['bdf']} {g.get('uuid') or '(no uuid)'}" for g in gpus]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 
 from guestinit.config import Mode
-from guestinit.stages import BootError, Stage
+from guestinit.stages import BootError, Stage, StopRequested
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -165,16 +165,16 @@ def _exe(boot: Boot, argv: Sequence[str]) -> list[str]:
     return [boot.path(argv[0].lstrip("/")), *argv[1:]]
 
 
-def _smi(boot: Boot, args: Sequence[str], what: str) -> None:
+def _smi(boot: Boot, args: Sequence[str], what: str, stage: Stage = Stage.DAEMONS) -> None:
     argv = [boot.path(boot.config().str("nvidia.bin").lstrip("/"), "nvidia-smi"), *args]
     start = boot.timeline.now()
     try:
         code, out = boot.procs.run(argv, timeout=SMI_TIMEOUT)
     except (OSError, TimeoutError) as exc:
-        raise BootError(Stage.DAEMONS, f"nvidia-smi {what}: {exc.strerror or exc}") from None
+        raise BootError(stage, f"nvidia-smi {what}: {exc.strerror or exc}") from None
     if code != 0:
         tail = out.strip().splitlines()[-1:] or ["no output"]
-        raise BootError(Stage.DAEMONS, f"nvidia-smi {what} ({' '.join(args)}) exited {code}: "
+        raise BootError(stage, f"nvidia-smi {what} ({' '.join(args)}) exited {code}: "
                         f"{tail[0][:200]}")
     boot.timeline.add(f"smi:{what}", start, boot.timeline.now())
 
@@ -183,7 +183,7 @@ def set_ready_state(boot: Boot) -> None:
     """``nvidia-smi conf-compute -srs`` when ``smi.srs`` is set (after the CDI spec)."""
     value = boot.config().str("smi.srs")
     if value:
-        _smi(boot, ["conf-compute", "-srs", value], "srs")
+        _smi(boot, ["conf-compute", "-srs", value], "srs", Stage.CDI)
 
 
 class _Watch:
@@ -200,6 +200,9 @@ class _Watch:
         self.socket_ready = False
 
     def __call__(self) -> str | None:
+        stop = self.boot.stop_requested()
+        if stop is not None:  # the host wants the VM down: do not sit out the timeout
+            raise StopRequested(stop)
         self.boot.supervisor.tick()  # a crashed daemon gets its restart while we wait
         service = self.boot.supervisor.service(self.name)
         if self.socket and os.path.exists(self.socket):

@@ -2,7 +2,7 @@
 
 PID 1 must never exit (the kernel panics), so every way out ends in
 ``power_off``: ``reboot(POWER_OFF)`` in a VM; in a PID namespace the same call
-ends the namespace (its init dies of SIGHUP), which the tests observe.
+ends the namespace (its init dies of SIGINT), which the tests observe.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from guestinit import mounts, wire
 from guestinit.boot import Boot
 from guestinit.effects import RB_POWER_OFF
-from guestinit.stages import BootError, Stage
+from guestinit.stages import BootError, Stage, StopRequested
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,11 +67,16 @@ class Init:
             if signum in SHUTDOWN_SIGNALS and self._stop_reason is None:
                 self._stop_reason = f"signal {signal.Signals(signum).name}"
 
+    def _poll_stop(self) -> str | None:
+        self._drain_signals()
+        return self._stop_reason
+
     # -- boot --------------------------------------------------------------
     def run(self, stages: Sequence[tuple[Stage, Callable[[Boot], None]]]) -> None:
         boot = self.boot
         boot.supervisor.on_degraded = self._degraded
         boot.supervisor.on_stop = self._service_stopped
+        boot.stop_requested = self._poll_stop
         try:
             self.install_signals()
             for stage, fn in stages:
@@ -81,6 +86,8 @@ class Init:
                     self._watch_power_button()
                     self._control_server = self._control()
                 self._run_stage(stage, fn)
+        except StopRequested as exc:
+            self.shutdown(f"{exc.reason}, during stage {self.current}")
         except BootError as exc:
             self.fail(exc.stage, exc.reason)
         except BaseException as exc:  # a bug in guestinit takes the same path
@@ -212,7 +219,10 @@ class Init:
             if "agent" in sup.services:
                 audit += sup.stop(["agent"], grace)
             audit += sup.stop([n for n in sup.services if n != "agent"], grace)
-            audit += [f"device {e}" for e in boot.facts.get("teardown", [])]  # type: ignore[attr-defined]
+            if boot.facts.get("gpus"):
+                from guestinit.devices import audit_teardown
+
+                audit += audit_teardown(boot)
             if boot.syslog is not None:
                 boot.syslog.drain()
                 boot.syslog.close()

@@ -22,6 +22,15 @@ class Stage(enum.StrEnum):
     SHUTDOWN = "shutdown"
 
 
+class StopRequested(Exception):
+    """A shutdown was asked for (signal, power button) while a stage was waiting: the
+    boot ends with an orderly shutdown, not a ``failed`` frame."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class BootError(Exception):
     """A fatal error in one stage: ``BootError(Stage.MODULES, "finit_module x: ENOENT")``."""
 

@@ -41,7 +41,7 @@ class FrameError(ValueError):
 
 
 # Per type: field -> expected python type(s). ``timeline`` is checked deeper.
-# Unknown fields are kept but not interpreted.
+# Unknown fields are dropped by ``validate`` (a newer guest may send more).
 _STR = (str,)
 _INT = (int,)
 _LIST = (list,)
@@ -65,6 +65,8 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "pid": _INT,
     "cmdline": _STR,
     "error": _STR,
+    "gpus": _INT,  # progress while daemons wait: GPUs attached so far ...
+    "of": _INT,  # ... of how many
 }
 
 

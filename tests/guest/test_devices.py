@@ -100,8 +100,7 @@ def test_run_devices_creates_real_nodes_idempotently(tmp_path: pathlib.Path) -> 
     assert sorted(os.listdir(tmp_path / "dev")) == before
     assert stat.S_IMODE(os.stat(tmp_path / "dev/nvidiactl").st_mode) == 0o660
     assert "devices: 4 nodes (0 created)" in kmsg_text(tmp_path)
-    devices.audit_teardown(boot)
-    assert boot.audit[-1].startswith("release gpu0 0000:18:00.0")
+    assert devices.audit_teardown(boot)[0].startswith("release gpu0 0000:18:00.0")
 
 
 def test_recorded_effects_for_mig_caps(tmp_path: pathlib.Path) -> None:

@@ -101,6 +101,16 @@ def test_missing_required_field_and_unknown_fields_ignored() -> None:
     assert isinstance(ok, Frame) and "future_field" not in ok.fields
 
 
+def test_gpu_progress_counts_reach_the_host() -> None:
+    frame = Frame(FrameType.PROGRESS, "b" * 32, 5, {"stage": "daemons", "event": "gpus",
+                                                   "detail": "3 of 8 GPUs", "gpus": 3, "of": 8})
+    (got,) = FrameReader().feed(wire.encode(frame))
+    assert isinstance(got, Frame) and (got.get("gpus"), got.get("of")) == (3, 8)
+    (bad,) = FrameReader().feed(wire.encode(Frame(FrameType.PROGRESS, "b" * 32, 5, {
+        "stage": "daemons", "event": "gpus", "gpus": "three"})))
+    assert isinstance(bad, FrameError) and "progress.gpus is a str" in str(bad)
+
+
 def test_oversized_length_closes_the_stream_without_buffering() -> None:
     reader = FrameReader()
     out = reader.feed(struct.pack(">I", wire.MAX_FRAME + 1) + b"x" * 100)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import time
 from pathlib import Path
 
 from guestinit.testing import nvidia_bundle
@@ -96,4 +98,24 @@ def test_persistenced_without_its_marker_fails_naming_the_daemon(
     assert len(progress) == 8  # it attached every GPU, then never said it was ready
     stages = [name for name, _, _ in failed.timeline()]
     assert "agent" not in stages and "ready" not in stages
+    assert init.errors == []
+
+
+def test_sigterm_while_waiting_for_a_daemon_shuts_down_at_once(
+    ns_init: type[NsInit], tmp_path: Path
+) -> None:
+    init = ns_init(tmp_path, agent_arg() + " guestinit.daemon.timeout=300" + AGENT,
+                   root_setup=hgx_root({"persistenced": "hang"}))
+    init.wait_frame(FrameType.PROGRESS, timeout=60)
+    deadline = time.monotonic() + 60
+    while not any(f.get("event") == "gpu" for f in init.frames) and time.monotonic() < deadline:
+        init.wait_frame(FrameType.PROGRESS, timeout=60)
+    t0 = time.monotonic()
+    init.signal(signal.SIGTERM)
+    shutdown = init.wait_frame(FrameType.SHUTDOWN, timeout=30)
+    assert time.monotonic() - t0 < 10  # not the 300 s daemon timeout
+    assert shutdown.get("reason") == "signal SIGTERM, during stage daemons"
+    audit = [str(a) for a in shutdown.get("audit")]  # type: ignore[union-attr]
+    assert any(a.startswith("nvidia-persistenced: pid") for a in audit), audit
+    assert not [f for f in init.frames if f.type == FrameType.FAILED]
     assert init.errors == []

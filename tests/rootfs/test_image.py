@@ -17,7 +17,7 @@ from rootfs import cpio, pack
 from rootfs.cli import main
 from rootfs.sign import VerifyError, verify
 
-EARLY = "virtio_mmio,virtio_console,vsock,vmw_vsock_virtio_transport"
+EARLY = "virtio_mmio,virtio_console,vsock,vmw_vsock_virtio_transport,button,evdev"
 OUTPUTS = {"vmlinuz", "initramfs.cpio.zst", "rootfs.erofs", "rootfs.verity", "roothash.txt",
            "cmdline.txt", "cmdline-erofs.txt", "manifest.json", "sbom.spdx.json",
            "kernel-release.txt"}
