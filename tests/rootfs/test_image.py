@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from rootfs import cpio, pack
 from rootfs.cli import main
 from rootfs.sign import VerifyError, verify
+from tests.fixtures.tcg import tsc_word
 
 EARLY = "virtio_mmio,virtio_console,vsock,vmw_vsock_virtio_transport,button,evdev"
 OUTPUTS = {"vmlinuz", "initramfs.cpio.zst", "rootfs.erofs", "rootfs.verity", "roothash.txt",
@@ -202,7 +203,7 @@ def test_python_runs_inside_the_tree(cpu_images: tuple[Path, Path], tmp_path: Pa
 @pytest.mark.vm
 def test_kernel_runs_python_init(cpu_images: tuple[Path, Path]) -> None:
     out = cpu_images[0]
-    cmdline = (out / "cmdline.txt").read_text().strip() + " loglevel=7"
+    cmdline = (out / "cmdline.txt").read_text().strip() + " loglevel=7" + tsc_word()
     argv = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "512", "-nographic",
             "-no-reboot", "-nodefaults", "-serial", "stdio", "-kernel", str(out / "vmlinuz"),
             "-initrd", str(out / "initramfs.cpio.zst"), "-append", cmdline]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import qemu
 from guestinit import wire
 from rootfs import cpio, pack, profile
 from rootfs.build import build_image
 from rootfs.steps import Progress
+from tests.fixtures.tcg import tsc_word
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,6 @@ def test_baseline_systemd(built: dict[str, Path]) -> None:
 
 
 @pytest.mark.vm
-def tsc_word() -> str:
-    """What bench adds under TCG: without it a loaded host can hang the guest's timer
-    calibration (microvm has no HPET or ACPI PM timer), see bench/qemu.py."""
-    khz = qemu.host_tsc_khz()
-    return f" tsc_early_khz={khz}" if khz else ""
-
-
 def test_baseline_busybox_boots_to_ready(built: dict[str, Path], tmp_path: Path) -> None:
     out = built["baseline-busybox"]
     port = tmp_path / "report.bin"
