@@ -170,6 +170,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("restart.max", parse_uint, 5, "restarts before a daemon is given up (degraded)"),
     Setting("restart.backoff", parse_seconds, 0.2, "first restart delay; doubles each time"),
     Setting("restart.backoff_max", parse_seconds, 10.0, "longest restart delay"),
+    Setting("restart.reset", parse_seconds, 60.0,
+            "a daemon that ran this long starts its restart count afresh when it fails"),
     Setting("shutdown.grace", parse_seconds, 5.0,
             "seconds a daemon gets after SIGTERM before SIGKILL"),
     Setting("syslog", parse_bool, True, "run the syslog server on /dev/log"),

@@ -102,6 +102,7 @@ def run_config(boot: Boot) -> None:
     boot.supervisor.max_restarts = cfg.int("restart.max")
     boot.supervisor.backoff = cfg.float("restart.backoff")
     boot.supervisor.backoff_max = cfg.float("restart.backoff_max")
+    boot.supervisor.stable_after = cfg.float("restart.reset")
     try:
         boot.effects.sethostname(cfg.str("hostname"))
     except OSError as exc:

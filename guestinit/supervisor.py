@@ -71,7 +71,7 @@ class Service:
 
 class Supervisor:
     __slots__ = ("_clock", "_procs", "backoff", "backoff_max", "max_restarts", "on_degraded",
-                 "on_stop", "services", "shutting_down")
+                 "on_stop", "services", "shutting_down", "stable_after")
 
     def __init__(
         self,
@@ -80,6 +80,7 @@ class Supervisor:
         max_restarts: int = 5,
         backoff: float = 0.2,
         backoff_max: float = 10.0,
+        stable_after: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._procs = procs
@@ -87,6 +88,9 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.backoff = backoff
         self.backoff_max = backoff_max
+        # a run this long counts as healthy: the next failure starts the count afresh
+        # (max_restarts limits a crash loop, not crashes over the life of the VM)
+        self.stable_after = stable_after
         self.services: dict[str, Service] = {}
         self.shutting_down = False
         # hooks set by the init: a service given up, a service stopped for good
@@ -120,6 +124,9 @@ class Supervisor:
         service.last_status = code
         if self.shutting_down or service.stopping:
             return
+        if service.started_at is not None and \
+                self._clock() - service.started_at >= self.stable_after:
+            service.restarts = 0
         action = decide(service.restart, code, service.restarts, self.max_restarts)
         if action == RESTART:
             service.next_start = self._clock() + backoff_delay(

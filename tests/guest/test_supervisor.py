@@ -93,6 +93,27 @@ def test_supervisor_restarts_with_backoff_then_gives_up() -> None:
     assert sup.tick() is None and len(procs.spawned) == 3
 
 
+def test_a_long_healthy_run_starts_the_restart_count_afresh() -> None:
+    clock = FakeClock()
+    procs = FakeProcs()
+    sup = Supervisor(procs, max_restarts=1, backoff=1.0, stable_after=60.0, clock=clock)
+    degraded: list[str] = []
+    sup.on_degraded = lambda s, why: degraded.append(why)
+    svc = sup.add("d", ["/bin/d"], restart=Restart.ON_FAILURE)
+    procs.end(1000, 1)  # quick crash: restart 1 of 1
+    clock.now += 1.0
+    sup.tick()
+    assert svc.restarts == 1
+    clock.now += 600.0  # then ten healthy minutes
+    procs.end(1001, 1)
+    assert svc.restarts == 0 and svc.next_start is not None and not degraded
+    clock.now += 1.0
+    sup.tick()
+    assert svc.restarts == 1
+    procs.end(1002, 1)  # a quick crash again: its one restart is used up
+    assert svc.given_up and degraded == ["exited 1 after 1 restarts; given up"]
+
+
 def test_clean_exit_under_on_failure_is_a_stop_not_degraded() -> None:
     procs = FakeProcs()
     sup = Supervisor(procs, clock=FakeClock())
