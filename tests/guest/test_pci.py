@@ -175,3 +175,12 @@ def test_pyudev_path_under_umockdev_matches_the_tree_reader(
     via_tree = [d.to_map() for d in pci.scan(str(tree(tmp_path, name)))]
     assert via_udev == via_tree
     assert len(via_udev) >= 2
+
+
+def test_real_root_lists_this_machines_pci_devices_through_pyudev() -> None:
+    """On "/" the list comes from pyudev (libudev); it must match sysfs itself. (When
+    /sys/bus/pci/devices is empty, as in a microvm without PCI, pyudev is not imported.)"""
+    base = "/sys/bus/pci/devices"
+    want = sorted(os.path.realpath(os.path.join(base, n)) for n in os.listdir(base)) \
+        if os.path.isdir(base) else []
+    assert sorted(pci.pci_paths("/")) == want
