@@ -16,17 +16,17 @@ AGENT = "agent"
 
 def run_agent(boot: Boot) -> None:
     cfg = boot.config()
+    argv = cfg.words("agent")
+    if argv == ("none",):  # nothing waits on the deferred mounts (teardown collects them)
+        boot.facts["agent"] = None
+        boot.kmsg.log(5, "no agent (guestinit.agent=none): the init stays up until told to stop")
+        return
     try:  # the deferred mounts (cgroup2): the agent needs them
         for name, result in boot.wait_background():
             if name == "mounts" and isinstance(result, list):
                 boot.facts.setdefault("mounts", []).extend(result)  # type: ignore[attr-defined]
     except (OSError, TimeoutError) as exc:
         raise BootError(Stage.AGENT, f"deferred mounts: {exc}") from None
-    argv = cfg.words("agent")
-    if argv == ("none",):
-        boot.facts["agent"] = None
-        boot.kmsg.log(5, "no agent (guestinit.agent=none): the init stays up until told to stop")
-        return
     restart = cfg["agent.restart"]
     assert isinstance(restart, Restart)
     exe = argv[0]
