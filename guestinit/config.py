@@ -9,11 +9,14 @@ values or raise ``ConfigError`` naming the key and the value; they never touch
 from __future__ import annotations
 
 import builtins
-import enum
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
     from collections.abc import Callable, Iterable, Mapping
+    from enum import Enum, IntEnum, StrEnum
+else:
+    from guestinit.choice import IntChoice as IntEnum
+    from guestinit.choice import StrChoice as StrEnum
 
 PREFIX = "guestinit."
 NVRC_PREFIX = "nvrc."
@@ -26,7 +29,7 @@ class ConfigError(ValueError):
         self.value = value
 
 
-class LogLevel(enum.IntEnum):
+class LogLevel(IntEnum):
     """Syslog priorities (lower = more severe); ``off`` logs nothing."""
 
     OFF = -1
@@ -36,7 +39,7 @@ class LogLevel(enum.IntEnum):
     DEBUG = 7
 
 
-class Mode(enum.StrEnum):
+class Mode(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     GPU = "gpu"
@@ -44,7 +47,7 @@ class Mode(enum.StrEnum):
     NVL5 = "nvl5"  # service VM: Mellanox SW_MNG, nvlsm
 
 
-class Restart(enum.StrEnum):
+class Restart(StrEnum):
     NEVER = "never"
     ON_FAILURE = "on-failure"
     ALWAYS = "always"
@@ -115,7 +118,7 @@ def parse_list(value: str) -> tuple[str, ...]:
     return tuple(w for w in value.replace(",", " ").split() if w)
 
 
-def _enum(cls: type[enum.Enum]) -> Callable[[str], object]:
+def _enum(cls: type[Enum]) -> Callable[[str], object]:
     def parse(value: str) -> object:
         try:
             return cls(value.lower())

@@ -8,8 +8,8 @@ and is then answered or dropped: ``handle()`` never blocks longer than
 
 from __future__ import annotations
 
+import _socket as socket  # socket.py would import enum and selectors (boot path)
 import os
-import socket
 import time
 
 TYPE_CHECKING = False
@@ -69,13 +69,16 @@ class ControlServer:
         budgets (a silent client is answered as if it had asked for ``status``)."""
         for _ in range(self.max_clients):
             try:
-                conn, _addr = self._sock.accept()
+                fd, _addr = self._sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return  # closed, or out of fds: try again on the next readiness
-            with conn:
+            conn = socket.socket(fileno=fd)
+            try:
                 self._serve(conn)
+            finally:
+                conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + self.client_budget
@@ -131,7 +134,9 @@ def query(path: str, timeout: float = 2.0) -> dict[str, object]:
     import json
 
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        import socket as stdsocket  # the client side (host, CLI): not the boot path
+
+        with stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
             sock.sendall(b"status\n")

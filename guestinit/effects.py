@@ -91,16 +91,19 @@ class Effects:
         self._check(self._lib.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl child subreaper")  # type: ignore[attr-defined]
 
     def link_up(self, ifname: str) -> None:
-        import socket
+        import _socket  # socket.py would import enum (boot path)
         import struct
 
         ffi = self._ffi
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+        try:
             ifr = ffi.new("char[40]", ifname.encode()[:15])  # type: ignore[attr-defined]
             self._check(self._lib.ioctl(sock.fileno(), SIOCGIFFLAGS, ifr), f"get flags of {ifname}")  # type: ignore[attr-defined]
             (flags,) = struct.unpack_from("H", ffi.buffer(ifr), 16)  # type: ignore[attr-defined]
             ffi.buffer(ifr)[16:18] = struct.pack("H", flags | IFF_UP)  # type: ignore[attr-defined]
             self._check(self._lib.ioctl(sock.fileno(), SIOCSIFFLAGS, ifr), f"bring {ifname} up")  # type: ignore[attr-defined]
+        finally:
+            sock.close()
 
     def sync(self) -> None:
         self._lib.sync()  # type: ignore[attr-defined]

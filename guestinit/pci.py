@@ -14,7 +14,6 @@ Mellanox SW_MNG bridges (NVL5, "SW_MNG" in the VPD) and generic
 
 from __future__ import annotations
 
-import enum
 import os
 
 from guestinit.config import Mode
@@ -23,8 +22,11 @@ from guestinit.stages import BootError, Stage
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
+    from enum import StrEnum
 
     from guestinit.boot import Boot
+else:  # the type checker sees a real enum; the boot path does without enum
+    from guestinit.choice import StrChoice as StrEnum
 
 # <linux/ioport.h> flags in the third column of a device's sysfs ``resource`` file
 IORESOURCE_IO = 0x00000100
@@ -37,7 +39,7 @@ NVIDIA = 0x10DE
 MELLANOX = 0x15B3
 
 
-class Kind(enum.StrEnum):
+class Kind(StrEnum):
     GPU = "gpu"
     NVSWITCH = "nvswitch"
     SW_MNG = "sw_mng"

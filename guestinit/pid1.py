@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import time
 
 from guestinit import mounts, wire
@@ -19,14 +18,21 @@ from guestinit.stages import BootError, Stage, StopRequested
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Callable, Sequence
 
     from guestinit.control import ControlServer
     from guestinit.supervisor import Service
+else:  # signal.py imports enum (boot path); the C module has everything used here
+    import _signal as signal
 
 StageFn = "Callable[[Boot], None]"
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGPWR, signal.SIGINT)
 WATCHED = (*SHUTDOWN_SIGNALS, signal.SIGCHLD, signal.SIGHUP)
+SIGNAL_NAMES: dict[int, str] = {
+    signal.SIGTERM: "SIGTERM", signal.SIGPWR: "SIGPWR", signal.SIGINT: "SIGINT",
+    signal.SIGCHLD: "SIGCHLD", signal.SIGHUP: "SIGHUP",
+}
 
 
 def _noop(signum: int, frame: object) -> None:
@@ -65,7 +71,7 @@ class Init:
             return
         for signum in data:
             if signum in SHUTDOWN_SIGNALS and self._stop_reason is None:
-                self._stop_reason = f"signal {signal.Signals(signum).name}"
+                self._stop_reason = f"signal {SIGNAL_NAMES.get(signum, signum)}"
 
     def _poll_stop(self) -> str | None:
         self._drain_signals()

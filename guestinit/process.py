@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import select
-import signal
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Callable, Mapping, Sequence
+else:  # signal.py imports enum (boot path); the C module has everything used here
+    import _signal as signal
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RUN_OUTPUT_MAX = 1 << 20

@@ -8,10 +8,10 @@ loses frames (counted, logged), not the guest.
 
 from __future__ import annotations
 
+import _socket as socket  # socket.py would import enum and selectors (boot path)
 import errno
 import os
 import select
-import socket
 import time
 
 from guestinit import wire

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
+    from enum import StrEnum
+else:
+    from guestinit.choice import StrChoice as StrEnum
 
-class Stage(enum.StrEnum):
+
+class Stage(StrEnum):
     EARLY = "early"
     LOG = "log"
     CONFIG = "config"

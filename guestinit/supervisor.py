@@ -7,16 +7,18 @@ that exceeds its restart limit is given up and reported ``degraded``.
 
 from __future__ import annotations
 
-import signal
 import time
 
 from guestinit.config import Restart
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from collections.abc import Callable, Sequence
 
     from guestinit.process import ProcessTable
+else:  # signal.py imports enum (boot path); the C module has everything used here
+    import _signal as signal
 
 RESTART = "restart"
 STOPPED = "stopped"  # ended as its policy allows

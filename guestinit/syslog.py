@@ -22,17 +22,19 @@ slip through the ring between two looks.
 
 from __future__ import annotations
 
-import collections
+import _socket as socket  # socket.py would import enum and selectors (boot path)
 import os
 import select
-import socket
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections import deque
     from collections.abc import Callable
 
     from guestinit.kmsg import Kmsg
+else:  # the C type itself: collections/__init__ costs ~2 ms of the boot path
+    from _collections import deque
 
 MAX_DATAGRAM = 8192
 RING_MAX = 256
@@ -171,8 +173,8 @@ class SyslogServer:
         self._bucket = self._burst
         self._last_refill = clock()
         self._pending_note = 0
-        self._ring: collections.deque[tuple[int, str]] = collections.deque(maxlen=RING_MAX)
-        self._matched: collections.deque[tuple[int, str]] = collections.deque(
+        self._ring: deque[tuple[int, str]] = deque(maxlen=RING_MAX)
+        self._matched: deque[tuple[int, str]] = deque(
             maxlen=MATCHED_MAX)
         self._seq = 0
         self._watch: str | None = None

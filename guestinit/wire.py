@@ -11,14 +11,16 @@ Kept free of dataclasses/typing so the guest pays little to import it.
 
 from __future__ import annotations
 
-import enum
 import struct
 
 import msgpack
 
 TYPE_CHECKING = False  # typing costs import time on the guest's boot path
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the type checker sees a real enum; the boot path does without enum
     from collections.abc import Iterator
+    from enum import StrEnum
+else:
+    from guestinit.choice import StrChoice as StrEnum
 
 SCHEMA_VERSION = 1
 MAX_FRAME = 64 * 1024
@@ -27,7 +29,7 @@ CONSOLE_MARKER = "GUESTINIT-FRAME "
 MAX_STR = 4096
 
 
-class FrameType(enum.StrEnum):
+class FrameType(StrEnum):
     HELLO = "hello"
     PROGRESS = "progress"
     READY = "ready"

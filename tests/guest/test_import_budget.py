@@ -11,7 +11,8 @@ from guestinit import _libc_build
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"dataclasses", "typing", "logging", "tomllib", "subprocess", "asyncio", "pycparser",
              "cffi", "pyudev", "elftools", "json",
-             "traceback", "tokenize"}  # traceback: only the crash path, and it does without
+             "traceback", "tokenize",  # traceback: only the crash path, and it does without
+             "enum", "functools", "socket", "signal", "selectors"}  # see guestinit/choice.py
 BOOT_PATH = ("guestinit.__main__", "guestinit.early", "guestinit.pid1", "guestinit.agent",
              "guestinit.syslog")
 
