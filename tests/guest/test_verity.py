@@ -113,3 +113,20 @@ def test_spans_handed_over_through_exec() -> None:
     env = {verity.ENV_SPANS: "initramfs:10:50;verity:20:40;bad:9:1;x:y:z;;"}
     assert verity.inherited_spans(env) == [("initramfs", 10, 50), ("verity", 20, 40)]
     assert verity.inherited_spans({}) == []
+
+
+def test_free_initramfs_deletes_files_and_links_but_not_the_new_root(tmp_path: Path) -> None:
+    top = tmp_path / "initramfs"
+    (top / "usr/lib/python3.11").mkdir(parents=True)
+    (top / "usr/lib/python3.11/os.pyc").write_bytes(b"x" * 1000)
+    (top / "init").write_bytes(b"y" * 24)
+    (top / "lib").symlink_to("usr/lib")
+    (top / "sysroot/usr/sbin").mkdir(parents=True)
+    (top / "sysroot/usr/sbin/init").write_bytes(b"keep")
+    (top / "dev").mkdir()
+    freed = verity.free_initramfs(str(top), str(top / "sysroot"))
+    assert freed == 1024
+    assert not (top / "init").exists() and not (top / "lib").is_symlink()
+    assert not (top / "usr/lib/python3.11/os.pyc").exists()
+    assert (top / "usr/lib/python3.11").is_dir() and (top / "dev").is_dir()
+    assert (top / "sysroot/usr/sbin/init").read_bytes() == b"keep"
