@@ -24,6 +24,42 @@ if TYPE_CHECKING:
     from guestinit.syslog import SyslogServer
 
 
+class SideWork:
+    """``fn`` on a side thread (``_thread``: ``threading`` costs an import); ``join``
+    gives its result or raises its exception. Only for blocking syscalls (mounts,
+    finit_module) that release the GIL, not for Python work."""
+
+    __slots__ = ("_lock", "_outcome", "name")
+
+    def __init__(self, name: str, fn: Callable[[], object]) -> None:
+        import _thread
+
+        self.name = name
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._outcome: list[object] = []
+
+        def run() -> None:
+            try:
+                self._outcome.append(fn())
+            except BaseException as exc:  # carried to join(): nothing is lost in the thread
+                self._outcome.append(exc)
+            finally:
+                self._lock.release()
+
+        _thread.start_new_thread(run, ())
+
+    def join(self, timeout: float = -1) -> object:
+        """The result; the thread's exception raised here; TimeoutError naming the work
+        when it does not finish within ``timeout`` seconds (-1: wait as long as it takes)."""
+        if not self._lock.acquire(True, timeout):
+            raise TimeoutError(f"{self.name} did not finish within {timeout:g}s")
+        self._lock.release()  # joinable again: a second join returns the same outcome
+        if isinstance(self._outcome[0], BaseException):
+            raise self._outcome[0]
+        return self._outcome[0]
+
+
 class Boot:
     __slots__ = (
         "_background", "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts",
@@ -57,44 +93,22 @@ class Boot:
         self.syslog: SyslogServer | None = None  # set by the log stage
         self.facts: dict[str, object] = {}
         self.audit: list[str] = []  # device assignment / teardown events
-        self._background: list[tuple[str, object, list[object]]] = []
+        self._background: list[SideWork] = []
         # set by the init: the shutdown reason if one was asked for, else None; a stage
         # that waits long (daemons) polls it and raises StopRequested
         self.stop_requested: Callable[[], str | None] = lambda: None
 
     def background(self, name: str, fn: Callable[[], object]) -> None:
-        """Run ``fn`` on a side thread (``_thread``: ``threading`` costs an import); its
-        result or exception is collected by ``wait_background``. Only for blocking
-        syscalls (mounts) whose result the boot needs later, not for Python work."""
-        import _thread
-
-        lock = _thread.allocate_lock()
-        lock.acquire()
-        outcome: list[object] = []
-
-        def run() -> None:
-            try:
-                outcome.append(fn())
-            except BaseException as exc:
-                outcome.append(exc)
-            finally:
-                lock.release()
-
-        _thread.start_new_thread(run, ())
-        self._background.append((name, lock, outcome))
+        """Start ``fn`` as side work whose result the boot needs later (``wait_background``)."""
+        self._background.append(SideWork(name, fn))
 
     def wait_background(self, timeout: float = 30.0) -> list[tuple[str, object]]:
         """Wait for the side work; (name, result) pairs. An exception it raised is raised
         here; one that does not finish in ``timeout`` is a TimeoutError naming it."""
         done = []
         while self._background:
-            name, lock, outcome = self._background[0]
-            if not lock.acquire(True, timeout):  # type: ignore[attr-defined]
-                raise TimeoutError(f"{name} did not finish within {timeout:g}s")
-            self._background.pop(0)
-            if isinstance(outcome[0], BaseException):
-                raise outcome[0]
-            done.append((name, outcome[0]))
+            result = self._background[0].join(timeout)
+            done.append((self._background.pop(0).name, result))
         return done
 
     def path(self, *parts: str) -> str:

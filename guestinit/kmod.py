@@ -22,7 +22,7 @@ from guestinit.stages import BootError, Stage
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from guestinit.boot import Boot
 
@@ -339,66 +339,58 @@ def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str) -> li
     """Carry a plan out through ``boot.effects``, wave by wave, the modules of a wave
     concurrently (finit_module runs with the GIL released); each load is timed as
     ``module:<name>``. The names come back in plan order."""
+    from guestinit.boot import SideWork
+
     done: dict[str, str] = {}
     for wave in waves([s for s in steps if not s.already]):
-        errors: list[BootError] = []
         if len(wave) == 1:
-            _load_one(boot, wave[0], kernel_release, done, errors)
-        else:
-            import _thread
-
-            locks = []
-            for step in wave:
-                lock = _thread.allocate_lock()
-                lock.acquire()
-                _thread.start_new_thread(_load_in_thread, (boot, step, kernel_release, done,
-                                                           errors, lock))
-                locks.append(lock)
-            for lock in locks:
-                lock.acquire()
-        if errors:
-            raise errors[0]
+            done[wave[0].name] = _load_one(boot, wave[0], kernel_release)
+            continue
+        work = [SideWork(f"load {s.name}", _loader(boot, s, kernel_release)) for s in wave]
+        # every load of the wave ends before the first failure is raised
+        outcomes: list[object] = []
+        for step, side in zip(wave, work, strict=True):
+            try:
+                outcomes.append(side.join())
+            except BootError as exc:
+                outcomes.append(exc)
+            except Exception as exc:  # a bug in a load thread fails the boot, named
+                outcomes.append(BootError(Stage.MODULES, f"load {step.name}: {exc!r}"))
+        for step, outcome in zip(wave, outcomes, strict=True):
+            if isinstance(outcome, BootError):
+                raise outcome
+            done[step.name] = str(outcome)
     return [done.get(s.name, s.name) if not s.already else f"{s.name} (already loaded)"
             for s in steps]
 
 
-def _load_in_thread(boot: Boot, step: LoadStep, kernel_release: str, done: dict[str, str],
-                    errors: list[BootError], lock: object) -> None:
-    try:
-        _load_one(boot, step, kernel_release, done, errors)
-    except BaseException as exc:  # a bug must not leave the wave waiting forever
-        errors.append(BootError(Stage.MODULES, f"load {step.name}: {exc!r}"))
-    finally:
-        lock.release()  # type: ignore[attr-defined]
+def _loader(boot: Boot, step: LoadStep, kernel_release: str) -> Callable[[], str]:
+    return lambda: _load_one(boot, step, kernel_release)
 
 
-def _load_one(boot: Boot, step: LoadStep, kernel_release: str, done: dict[str, str],
-              errors: list[BootError]) -> None:
+def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
+    """Check and load one module; its name for the report (marked if already there)."""
     try:
         check_vermagic(step.name, step.path, kernel_release)
     except OSError as exc:
-        errors.append(BootError(Stage.MODULES, f"read module {step.name} ({step.path}): "
-                                f"{exc.strerror or exc}"))
-        return
+        raise BootError(Stage.MODULES, f"read module {step.name} ({step.path}): "
+                        f"{exc.strerror or exc}") from None
     except ModuleError as exc:
-        errors.append(BootError(Stage.MODULES, str(exc)))
-        return
+        raise BootError(Stage.MODULES, str(exc)) from None
     start = boot.timeline.now()
     try:
         boot.effects.finit_module(step.path, step.params)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
-            done[step.name] = f"{step.name} (already loaded)"
-            return
+            return f"{step.name} (already loaded)"
         hint = _HINTS.get(exc.errno or 0, "see dmesg")
-        errors.append(BootError(Stage.MODULES, f"finit_module {step.name}: {_errno_name(exc)}: "
-                                f"{hint} ({step.path}"
-                                + (f", params {step.params!r})" if step.params else ")")))
-        return
+        raise BootError(Stage.MODULES, f"finit_module {step.name}: {_errno_name(exc)}: "
+                        f"{hint} ({step.path}"
+                        + (f", params {step.params!r})" if step.params else ")")) from None
     boot.timeline.add(f"module:{step.name}", start, boot.timeline.now())
-    done[step.name] = step.name
     boot.kmsg.log(7, f"modules: loaded {step.name} ({step.why})"
                   + (f" {step.params}" if step.params else ""))
+    return step.name
 
 
 def set_firmware_path(boot: Boot, path: str) -> None:
