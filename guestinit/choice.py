@@ -64,15 +64,12 @@ class _Choice:
             raise ValueError(f"{value!r} is not a valid {cls.__name__}") from None
 
     @property
-    def value(self) -> object:
-        raise NotImplementedError
-
-    @property
     def name(self) -> str:
-        return self._names[self.value]
+        return self._names[self]  # a member hashes and compares as its value
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}.{self.name}: {self.value!r}>"
+        # super(): the str or int repr that follows _Choice in the member's MRO
+        return f"<{type(self).__name__}.{self.name}: {super().__repr__()}>"
 
 
 class StrChoice(_Choice, str, metaclass=_ChoiceType):

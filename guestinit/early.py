@@ -11,6 +11,7 @@ from guestinit.stages import BootError, Stage
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from guestinit.boot import Boot
+    from guestinit.config import Config
 
 CONF = "etc/guestinit.conf"
 
@@ -23,6 +24,12 @@ def read_text(path: str, default: str = "") -> str:
         return default
 
 
+def lenient_config(boot: Boot) -> Config:
+    """The baked file overlaid by the cmdline, bad entries skipped: for what must work
+    before (or despite) the config stage, which reports bad values under its own name."""
+    return config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
+
+
 def run_early(boot: Boot) -> None:
     try:
         boot.effects.set_child_subreaper()
@@ -33,12 +40,13 @@ def run_early(boot: Boot) -> None:
         raise BootError(Stage.EARLY, str(exc)) from None
     if boot.cmdline_from_proc and not boot.cmdline:
         boot.cmdline = read_text(boot.path("proc/cmdline")).strip()
-    if "guestinit.verity.roothash=" in boot.cmdline:
+    if "guestinit.verity.roothash=" in boot.cmdline:  # verity.py is imported only then
         from guestinit import verity
 
-        roothash = verity.wanted(boot)
+        lenient = lenient_config(boot)
+        roothash = verity.wanted(boot, lenient)
         if roothash is not None:
-            verity.switch_to_verity_root(boot, roothash)  # execs the verified root's init
+            verity.switch_to_verity_root(boot, roothash, lenient)  # execs the verified init
     later = [m for m in plan if m.deferred]
     if later:
         boot.background("mounts", lambda: mounts.apply_mounts(later, boot.effects))
@@ -68,9 +76,8 @@ def _console_stdio(console: str) -> None:
 
 def run_log(boot: Boot) -> None:
     """kmsg logging is up from the start; here the syslog server comes up."""
-    # The config stage reports bad values (under its own name); here a lenient
-    # read is enough to pick the log level and the syslog limits.
-    lenient = config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
+    # a lenient read is enough to pick the log level and the syslog limits
+    lenient = lenient_config(boot)
     boot.kmsg.set_level(lenient["log"])  # type: ignore[arg-type]
     from guestinit.syslog import SyslogServer
 

@@ -294,10 +294,9 @@ def _rescue_transport(boot: Boot) -> None:
     """
     if boot.reporter.connected:
         return
-    from guestinit import config
-    from guestinit.early import CONF, read_text
+    from guestinit.early import lenient_config
 
-    lenient = config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
+    lenient = lenient_config(boot)
     if boot.reporter.uri is None:
         boot.reporter.configure(lenient.str("report"))
     if boot.reporter.open():

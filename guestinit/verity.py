@@ -26,6 +26,7 @@ from guestinit.stages import BootError, Stage
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from guestinit.boot import Boot
+    from guestinit.config import Config
 
 MODULES = ("virtio_blk", "dm_verity", "erofs")
 DONE_MARKER = "run/guestinit/verity-root"  # written before the switch; the new init skips
@@ -194,18 +195,14 @@ def _read_head(path: str, wait: float = 5.0) -> bytes:
             raise VerityError(f"read {path}: {exc.strerror or exc}") from None
 
 
-def wanted(boot: Boot) -> str | None:
+def wanted(boot: Boot, cfg: Config) -> str | None:
     """The root hash when this init must set up the verity root, else None."""
     if boot.root != "/" or os.path.exists(boot.path(DONE_MARKER)):
         return None
-    for word in boot.cmdline.split():
-        key, sep, value = word.partition("=")
-        if sep and key == "guestinit.verity.roothash":
-            return value.strip('"')
-    return None
+    return cfg.str("verity.roothash") or None
 
 
-def switch_to_verity_root(boot: Boot, roothash_text: str) -> None:
+def switch_to_verity_root(boot: Boot, roothash_text: str, cfg: Config) -> None:
     """Set up the verity root and exec its init; returns only by raising BootError."""
     from guestinit import kmod
 
@@ -213,11 +210,7 @@ def switch_to_verity_root(boot: Boot, roothash_text: str) -> None:
         roothash = check_roothash(roothash_text)
         with boot.timeline.stage("verity"):
             # the transport (virtio_mmio) first: the image's early modules, as configured
-            from guestinit import config
-            from guestinit.early import CONF, read_text
-
-            lenient = config.build(read_text(boot.path(CONF)), boot.cmdline, strict=False)
-            kmod.load_early(boot, [*lenient.words("modules"), *MODULES])
+            kmod.load_early(boot, [*cfg.words("modules"), *MODULES])
             data, hashes = classify(boot.root)
             with open(hashes, "rb", buffering=0) as f:
                 sb = Superblock(f.read(4096))

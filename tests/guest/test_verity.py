@@ -130,3 +130,15 @@ def test_free_initramfs_deletes_files_and_links_but_not_the_new_root(tmp_path: P
     assert not (top / "usr/lib/python3.11/os.pyc").exists()
     assert (top / "usr/lib/python3.11").is_dir() and (top / "dev").is_dir()
     assert (top / "sysroot/usr/sbin/init").read_bytes() == b"keep"
+
+
+def test_wanted_reads_the_root_hash_from_the_config_only_on_the_real_root() -> None:
+    from guestinit import config
+    from guestinit.boot import Boot
+
+    cfg = config.build("", 'guestinit.verity.roothash="ab12" nvrc.log=debug')
+    on_root = Boot("/", None, None, None, None, None, None, "")  # type: ignore[arg-type]
+    test_root = Boot("/tmp/x", None, None, None, None, None, None, "")  # type: ignore[arg-type]
+    assert verity.wanted(on_root, cfg) == "ab12"
+    assert verity.wanted(test_root, cfg) is None
+    assert verity.wanted(on_root, config.build("", "")) is None
