@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,8 @@ from typing import TextIO
 
 from bench import proc
 from bench.cli import positive_count
-from guestinit.wire import Frame, FrameError, FrameReader, FrameType
+from bench.listen import FramePump
+from guestinit.wire import Frame, FrameType
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2
@@ -67,13 +67,7 @@ class InitRun:
         (root / "etc" / "guestinit.conf").write_text("")
         self.log_path = workdir / "init.log"
         sock_path = workdir / "report.sock"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(sock_path))
-        self.listener.listen(1)
-        self.conn: socket.socket | None = None
-        self.eof = False
-        self.reader = FrameReader()
-        self.frames: list[Frame] = []
+        self.channel = FramePump(str(sock_path))
         self.cmdline = f"guestinit.report=unix:{sock_path} {CMDLINE} {append}".strip()
         # Started the way the image's /sbin/init starts it: ``python3 -I -S`` and an
         # explicit sys.path (this checkout, then the directories holding the wheels).
@@ -88,51 +82,31 @@ class InitRun:
                                 stderr=subprocess.STDOUT, cwd=str(REPO))
 
     def _pump(self, timeout: float) -> None:
-        """Read what arrives within ``timeout`` s (returns as soon as anything does)."""
-        if self.conn is None:
-            self.listener.settimeout(timeout)
-            try:
-                self.conn, _ = self.listener.accept()
-            except TimeoutError:
-                return
-        if self.eof:
-            time.sleep(timeout)
-            return
-        self.conn.settimeout(timeout)
-        try:
-            data = self.conn.recv(65536)
-        except TimeoutError:
-            return
-        items: list[Frame | FrameError] = []
-        if data:
-            items = list(self.reader.feed(data))
-        else:
-            self.eof = True
-            items = list(self.reader.eof())
-        for item in items:
-            if isinstance(item, FrameError):
-                raise RunFailed(f"malformed frame from the init: {item}")
-            self.frames.append(item)
+        """Read what arrives within ``timeout`` s; malformed input ends the run."""
+        self.channel.pump(timeout)
+        if self.channel.errors:
+            raise RunFailed(f"malformed frame from the init: {self.channel.errors[0]}")
 
     def wait_for(self, wanted: tuple[FrameType, ...], timeout: float) -> Frame | None:
         """The first frame of a ``wanted`` type; None on timeout or once the init is gone."""
         assert self.child is not None
         deadline = time.monotonic() + timeout
         seen = 0
+        channel = self.channel
         while True:
-            for frame in self.frames[seen:]:
+            for frame in channel.frames[seen:]:
                 if frame.type in wanted:
                     return frame
-            seen = len(self.frames)
+            seen = len(channel.frames)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             if self.child.poll() is not None:
-                if self.eof:
+                if channel.eof:
                     return None  # gone, and everything it sent is read
-                if self.conn is None:
+                if channel.conn is None:
                     self._pump(0.05)  # a connection may still wait in the backlog
-                    if self.conn is None:
+                    if channel.conn is None:
                         return None
                     continue
             self._pump(min(left, 0.2))
@@ -173,9 +147,7 @@ class InitRun:
         """Kill and reap whatever is left (the whole process group), close everything."""
         if self.child is not None:
             proc.stop(self.child, grace=1.0)
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
+        self.channel.close()
         self._log.close()
 
 
@@ -232,7 +204,7 @@ def time_init(python: str, workdir: Path, append: str) -> Sample:
         received_ns = boottime_ns()
         try:
             if frame is None:
-                seen = ", ".join(f.type.value for f in run.frames) or "none"
+                seen = ", ".join(f.type.value for f in run.channel.frames) or "none"
                 assert run.child is not None
                 if run.child.poll() is not None:
                     raise RunFailed(f"the init exited (status {run.child.returncode}) before "

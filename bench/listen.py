@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
@@ -61,6 +62,56 @@ def read_stream(sock: socket.socket, emit: Callable[[Frame | FrameError], None])
             emit(item)
     for err in reader.eof():
         emit(err)
+
+
+class FramePump:
+    """The host end of one guest's ``unix:PATH`` report channel, read a slice at a time:
+    ``pump(timeout)`` accepts the guest's connection and decodes what arrives into
+    ``frames`` and ``errors`` (malformed input, a stream cut inside a frame)."""
+
+    def __init__(self, path: str, backlog: int = 1) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(backlog)
+        self.conn: socket.socket | None = None
+        self.eof = False
+        self.reader = FrameReader()
+        self.frames: list[Frame] = []
+        self.errors: list[FrameError] = []
+
+    def pump(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the connection or data; whether data arrived."""
+        if self.conn is None:
+            self.listener.settimeout(timeout)
+            try:
+                self.conn, _ = self.listener.accept()
+            except TimeoutError:
+                return False
+        if self.eof:
+            time.sleep(timeout)
+            return False
+        self.conn.settimeout(timeout)
+        try:
+            data = self.conn.recv(65536)
+        except TimeoutError:
+            return False
+        items: list[Frame | FrameError] = []
+        if data:
+            items = self.reader.feed(data)
+        else:
+            self.eof = True
+            items += self.reader.eof()
+        for item in items:
+            if isinstance(item, FrameError):
+                self.errors.append(item)
+            else:
+                self.frames.append(item)
+        return bool(data)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
 
 
 def _bound(uri: str) -> socket.socket:

@@ -87,7 +87,8 @@ def plan_mounts(root: str, mountinfo: str = "", private_dev: bool | None = None)
 
 def apply_mounts(plan: list[Mount], effects: Effects) -> list[str]:
     """Carry out the plan; returns the targets mounted. Optional ones may fail quietly
-    only when the kernel lacks the filesystem (ENODEV) or the mount point (ENOENT)."""
+    only when the kernel lacks the filesystem (ENODEV) or the mount point (ENOENT), or
+    refuses it (EPERM: configfs where its module is not loaded, a container)."""
     done = []
     for m in plan:
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.listen import Printer, UriError, listen
+from bench.listen import FramePump, Printer, UriError, listen
 from guestinit.wire import CONSOLE_MARKER, Frame, FrameType, encode
 
 READY = encode(Frame(FrameType.READY, "b1", 5_000_000, {"timeline": [["early", 1, 2]]}))
@@ -106,3 +106,25 @@ def test_cli_listen_exit_status_counts_errors(tmp_path: Path,
     assert main(["listen", f"console:{log}"]) == 1
     assert main(["listen", "bogus:x"]) == 2
     assert "bogus:x" in capsys.readouterr().err
+
+
+def test_frame_pump_keeps_frames_and_errors_in_arrival_order(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sock")
+    pump = FramePump(path)
+    try:
+        assert not pump.pump(0.05)  # nobody connected yet
+        guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        guest.connect(path)
+        ready = Frame(FrameType.READY, "b" * 32, 7, {"timeline": [["early", 1, 2]]})
+        data = encode(ready)
+        guest.sendall(data + data[:5])  # a second frame cut short
+        while len(pump.frames) < 1:
+            assert pump.pump(2.0)
+        guest.close()
+        while not pump.eof:
+            pump.pump(2.0)
+        assert [f.type for f in pump.frames] == [FrameType.READY]
+        assert len(pump.errors) == 1 and "stream ended inside a frame" in str(pump.errors[0])
+        assert not pump.pump(0.01)  # after EOF: nothing more, no busy loop
+    finally:
+        pump.close()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.listen import FramePump
 from guestinit import wire
 from guestinit.control import query
 
@@ -45,13 +45,9 @@ class NsInit:
         if callable(root_setup):
             root_setup(self.root)
         self.sock_path = tmp_path / "report.sock"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(self.sock_path))
-        self.listener.listen(4)
-        self.conn: socket.socket | None = None
-        self.reader = wire.FrameReader()
-        self.frames: list[wire.Frame] = []
-        self.errors: list[wire.FrameError] = []
+        self.channel = FramePump(str(self.sock_path), backlog=4)
+        self.frames = self.channel.frames  # what arrived so far (the pump appends)
+        self.errors = self.channel.errors
         full = f"guestinit.report=unix:{self.sock_path} guestinit.shutdown.grace=2 " + \
             ("" if lockdown else "guestinit.lockdown=0 ") + cmdline.replace(ROOT_TOKEN,
                                                                             str(self.root))
@@ -66,28 +62,6 @@ class NsInit:
                                      cwd=str(REPO), env=env, start_new_session=True)
 
     # -- frames ------------------------------------------------------------
-    def _pump(self, timeout: float) -> bool:
-        if self.conn is None:
-            self.listener.settimeout(timeout)
-            try:
-                self.conn, _ = self.listener.accept()
-            except TimeoutError:
-                return False
-            self.conn.settimeout(timeout)
-        try:
-            data = self.conn.recv(65536)
-        except TimeoutError:
-            return False
-        if not data:
-            self.errors += self.reader.eof()
-            return False
-        for item in self.reader.feed(data):
-            if isinstance(item, wire.FrameError):
-                self.errors.append(item)
-            else:
-                self.frames.append(item)
-        return True
-
     def wait_frame(self, ftype: wire.FrameType, timeout: float = 20.0) -> wire.Frame:
         deadline = time.monotonic() + timeout
         seen = 0
@@ -99,8 +73,9 @@ class NsInit:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if (not self._pump(min(left, 0.5)) and self.proc.poll() is not None
-                    and self.conn is not None and not self._pump(0.1)):
+            channel = self.channel
+            if (not channel.pump(min(left, 0.5)) and self.proc.poll() is not None
+                    and channel.conn is not None and not channel.pump(0.1)):
                 break  # init gone and the stream drained
         raise AssertionError(
             f"no {ftype.value} frame within {timeout}s; got {[f.type.value for f in self.frames]}"
@@ -187,7 +162,5 @@ class NsInit:
             except ProcessLookupError:
                 pass
             self.proc.wait(10)
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
+        self.channel.close()
         self._log.close()
