@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from bench import proc
 from bench.image import Image
@@ -39,6 +39,7 @@ class BootOptions:
     exit_grace: float = 20.0  # `failed`/`shutdown` frame -> QEMU exit, before a kill
     hold_until: str | None = None  # after ready, wait for this console text, then powerdown
     qemu: str = QEMU
+    entropy: str = "rdrand"  # bench.qemu.ENTROPY: the guest's early entropy source
 
 
 @dataclass
@@ -148,7 +149,8 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
         kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),
         qmp_socket=os.path.join(res.workdir, "qmp.sock"), accel=res.accel,
-        memory_mib=opts.memory_mib, disks=image.disks, qemu=opts.qemu,
+        memory_mib=opts.memory_mib, disks=image.disks, qemu=opts.qemu, entropy=opts.entropy,
+        console_socket=os.path.join(res.workdir, "console.sock"),
     )
     res.argv = qemu_argv(spec)
     return res, spec
@@ -166,6 +168,7 @@ def run(
     """Run the boot ``prepare`` planned; QEMU is stopped and reaped before this returns."""
     report_l = _listen(spec.report_socket)
     qmp_l = _listen(spec.qmp_socket)
+    console_l = _listen(spec.console_socket) if spec.console_socket else None
     stderr_path = os.path.join(res.workdir, "qemu.stderr")
     child: subprocess.Popen[bytes] | None = None
     try:
@@ -174,15 +177,22 @@ def run(
             child = proc.spawn(res.argv, stderr=err.fileno())
         try:
             qmp_conn = _accept(qmp_l, child, "the QMP monitor")
+            console = (_accept(console_l, child, "the serial console")
+                       if console_l is not None else None)
             report = _accept(report_l, child, f"the {spec.report_socket} report port")
             qmp = Qmp(qmp_conn)
             qmp.handshake()
         except (RuntimeError, QmpError) as exc:
             res.reason = str(exc)
         else:
-            _collect(res, opts, child, report, qmp, spawned, _Progress(progress))
+            watch = _Watch(res, opts, qmp, spawned)
+            with open(res.console_log, "wb") as log:
+                watch.console = _Console(console, log) if console is not None else None
+                watch.loop(child, report, _Progress(progress))
             report.close()
             qmp_conn.close()
+            if console is not None:
+                console.close()
     finally:
         if child is not None:
             if child.poll() is None and not res.forced:
@@ -190,19 +200,32 @@ def run(
             res.qemu_rc = proc.stop(child)
         report_l.close()
         qmp_l.close()
-        for path in (spec.report_socket, spec.qmp_socket):
-            if os.path.exists(path):
+        if console_l is not None:
+            console_l.close()
+        for path in (spec.report_socket, spec.qmp_socket, spec.console_socket):
+            if path and os.path.exists(path):
                 os.unlink(path)
         res.qemu_stderr = _read_text(stderr_path)
     _judge(res)
     return res
 
 
-def _collect(
-    res: BootResult, opts: BootOptions, child: subprocess.Popen[bytes], report: socket.socket,
-    qmp: Qmp, spawned: float, progress: _Progress,
-) -> None:
-    _Watch(res, opts, qmp, spawned).loop(child, report, progress)
+class _Console:
+    """The serial console, read from its socket into the log file as it arrives.
+
+    Reading it live (instead of QEMU writing a file) gives the host time of the
+    guest's first output and lets ``hold_until`` look at what has come so far.
+    """
+
+    def __init__(self, sock: socket.socket, log: BinaryIO) -> None:
+        self.sock, self.log = sock, log
+        self.seen = b""  # the tail kept for hold_until matches across reads
+        sock.setblocking(False)
+
+    def take(self, data: bytes) -> None:
+        self.log.write(data)
+        self.log.flush()
+        self.seen = (self.seen + data)[-8192:]
 
 
 class _Watch:
@@ -219,6 +242,8 @@ class _Watch:
         self.state = self.READY
         self.deadline = spawned + opts.timeout
         self.quit_sent = False
+        self.console: _Console | None = None
+        self.hold_seen = False
 
     def _at(self, now: float) -> float:
         return now - self.spawned
@@ -261,11 +286,19 @@ class _Watch:
                 self.deadline = now + self.opts.exit_grace
 
     def _console_has(self, text: str) -> bool:
-        try:
-            with open(self.res.console_log, "rb") as fh:
-                return text.encode() in fh.read()
-        except OSError:
+        if self.console is None:
             return False
+        self.hold_seen = self.hold_seen or text.encode() in self.console.seen
+        return self.hold_seen
+
+    def take_console(self, data: bytes) -> None:
+        if self.console is None:
+            return
+        if data and "host_first_output_s" not in self.res.timings:
+            self.res.timings["host_first_output_s"] = self._at(time.monotonic())
+        self.console.take(data)
+        if self.state == self.HOLD:
+            self._console_has(self.opts.hold_until or "")
 
     def _overdue(self, now: float) -> bool:
         """Act on a passed deadline; True when the loop should stop."""
@@ -295,6 +328,8 @@ class _Watch:
         sel = selectors.DefaultSelector()
         report.setblocking(False)
         sel.register(report, selectors.EVENT_READ)
+        if self.console is not None:
+            sel.register(self.console.sock, selectors.EVENT_READ)
         try:
             while child.poll() is None:
                 now = time.monotonic()
@@ -302,11 +337,14 @@ class _Watch:
                     if self._overdue(now):
                         break
                     continue
-                for _key, _ev in sel.select(timeout=min(0.2, max(0.0, self.deadline - now))):
-                    data = _recv(report)
-                    self.take(data)
+                for key, _ev in sel.select(timeout=min(0.2, max(0.0, self.deadline - now))):
+                    data = _recv(key.fileobj)  # type: ignore[arg-type]
+                    if key.fileobj is report:
+                        self.take(data)
+                    else:
+                        self.take_console(data)
                     if not data:
-                        sel.unregister(report)
+                        sel.unregister(key.fileobj)
                 if self.reader.closed and self.state == self.READY:
                     # After a bad length prefix nothing more can be decoded: no ready follows.
                     self.res.reason = (f"the report stream broke ({self.res.errors[-1]}); "
@@ -325,6 +363,9 @@ class _Watch:
                 while data := _recv(report):
                     self.take(data)
                 self.take(b"")
+                if self.console is not None:
+                    while data := _recv(self.console.sock):
+                        self.take_console(data)
         finally:
             progress.done()
             sel.close()

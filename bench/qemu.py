@@ -36,6 +36,8 @@ class VmSpec:
     cpus: int = 1
     disks: list[str] = field(default_factory=list)  # read-only virtio-blk, in order
     qemu: str = QEMU
+    entropy: str = "rdrand"  # one of ENTROPY: what seeds the guest's CRNG early
+    console_socket: str | None = None  # serial console to a socket the harness reads
 
 
 def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys") -> int | None:
@@ -93,15 +95,33 @@ def kernel_cmdline(
     return " ".join(words)
 
 
+# Entropy sources a real microVM has, by name. KVM guests get the host CPU, RDRAND
+# included; under TCG only ``-cpu max`` has RDRAND (QEMU's default qemu64 has none, and
+# then the guest CRNG is ready only seconds into the boot). virtio-rng is a device; on
+# Debian's kernel its driver is a module, so it helps only once the modules are loaded.
+ENTROPY = ("rdrand", "virtio-rng", "rdrand+virtio-rng", "none")
+
+
+def cpu_model(accel: str, entropy: str) -> str:
+    """The ``-cpu`` model a boot uses: host under KVM, max (RDRAND) or qemu64 under TCG."""
+    if entropy not in ENTROPY:
+        raise ValueError(f"entropy {entropy!r}: use one of {', '.join(ENTROPY)}")
+    if accel == "kvm":
+        return "host"
+    return "max" if "rdrand" in entropy else "qemu64"
+
+
 def qemu_argv(spec: VmSpec) -> list[str]:
-    accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg"]
+    accel = ["-accel", spec.accel, "-cpu", cpu_model(spec.accel, spec.entropy)]
+    serial = (f"socket,id=console,path={spec.console_socket}" if spec.console_socket
+              else f"file,id=console,path={spec.console_log}")
     argv = [
         spec.qemu, "-M", "microvm,x-option-roms=off", *accel,
         "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", spec.kernel, "-append", spec.cmdline,
         *(["-initrd", spec.initramfs] if spec.initramfs else []),
-        "-chardev", f"file,id=console,path={spec.console_log}",
+        "-chardev", serial,
         "-serial", "chardev:console",
         "-chardev", f"socket,id=report,path={spec.report_socket}",
         "-device", "virtio-serial-device",
@@ -109,6 +129,9 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
     ]
+    if "virtio-rng" in spec.entropy:
+        argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
+                 "-device", "virtio-rng-device,rng=rng0"]
     for i, disk in enumerate(spec.disks):
         argv += [
             "-drive", f"id=disk{i},file={disk},format=raw,if=none,readonly=on",

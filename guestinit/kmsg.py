@@ -117,3 +117,55 @@ class Kmsg:
                 os.close(fd)
             except OSError:
                 return
+
+
+# Kernel lines the boot report carries (the console may not show them: ``quiet``).
+KERNEL_MARKS = (
+    ("run_init_ns", ("Run /init as init process", "Run /sbin/init as init process")),
+    ("crng_ready_ns", ("random: crng init done",)),
+)
+MAX_RECORDS = 20000
+
+
+def parse_record(record: bytes) -> tuple[int, str] | None:
+    """``b"6,339,1552563,-;text\\n KEY=v"`` -> (timestamp ns, text); None if malformed."""
+    head, sep, rest = record.partition(b";")
+    fields = head.split(b",")
+    if not sep or len(fields) < 3 or not fields[2].isdigit():
+        return None
+    text = rest.split(b"\n", 1)[0].decode("utf-8", "replace")
+    return int(fields[2]) * 1000, text
+
+
+def kernel_marks(path: str = "/dev/kmsg") -> dict[str, int]:
+    """When the kernel ran init and when its CRNG was ready, from the kernel ring (ns,
+    CLOCK_BOOTTIME); only the marks found. Reads what is there, never waits."""
+    found: dict[str, int] = {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return found
+    try:
+        for _ in range(MAX_RECORDS):
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten while we read: go on
+                continue
+            except OSError:
+                break
+            parsed = parse_record(record) if record else None
+            if record == b"":
+                break
+            if parsed is None:
+                continue
+            ns, text = parsed
+            for key, texts in KERNEL_MARKS:
+                if key not in found and text.startswith(texts):
+                    found[key] = ns
+            if len(found) == len(KERNEL_MARKS):
+                break
+    finally:
+        os.close(fd)
+    return found

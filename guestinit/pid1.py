@@ -209,9 +209,12 @@ class Init:
         boot = self.boot
         self.current = Stage.SHUTDOWN
         boot.kmsg.log(5, f"shutdown: {reason}")
+        from guestinit.kmsg import kernel_marks  # off the boot path: read at shutdown
+
+        marks = kernel_marks(os.path.join(boot.root, "dev/kmsg"))  # before /dev goes
         audit = self.teardown()
         boot.reporter.send(wire.FrameType.SHUTDOWN, reason=reason, audit=audit,
-                           timeline=boot.timeline.snapshot())
+                           timeline=boot.timeline.snapshot(), kernel=marks)
         self.power_off()
 
     def teardown(self) -> list[str]:

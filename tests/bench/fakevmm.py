@@ -20,7 +20,7 @@ BOOT = "fakevmm"
 TIMELINE: list[object] = [["early", 100, 200], ["ready", 200, 300]]
 
 
-def _sockets(argv: list[str]) -> tuple[str, str, str]:
+def _sockets(argv: list[str]) -> tuple[dict[str, str], str]:
     paths: dict[str, str] = {}
     append = ""
     for i, word in enumerate(argv):
@@ -29,11 +29,17 @@ def _sockets(argv: list[str]) -> tuple[str, str, str]:
             paths[opts["id"]] = opts["path"]
         if word == "-append":
             append = argv[i + 1]
-    return paths["report"], paths["qmp"], append
+    return paths, append
 
 
 def main() -> int:
-    report_path, qmp_path, append = _sockets(sys.argv)
+    paths, append = _sockets(sys.argv)
+    report_path, qmp_path = paths["report"], paths["qmp"]
+    console = None
+    if "console" in paths:  # the harness reads the serial console from a socket
+        console = socket.socket(socket.AF_UNIX)
+        console.connect(paths["console"])
+        console.sendall(b"[    0.100000] Run /init as init process\n")
     mode = next((w.split("=", 1)[1] for w in append.split() if w.startswith("fake.mode=")), "ok")
     qmp = socket.socket(socket.AF_UNIX)
     qmp.connect(qmp_path)

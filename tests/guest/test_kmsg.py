@@ -102,3 +102,23 @@ def test_fifo_gets_whole_records(tmp_path: Path) -> None:
         k.close()
     finally:
         os.close(reader)
+
+
+def test_kernel_record_parsed() -> None:
+    from guestinit.kmsg import parse_record
+
+    assert parse_record(b"6,339,1552563,-;Run /init as init process\n SUBSYSTEM=x") == (
+        1552563000, "Run /init as init process")
+    assert parse_record(b"garbage") is None
+    assert parse_record(b"6,1,abc,-;x") is None
+
+
+def test_kernel_marks_read_from_a_records_file(tmp_path: Path) -> None:
+    from guestinit.kmsg import kernel_marks
+
+    # /dev/kmsg returns one record per read; a file holding one record reads the same.
+    ring = tmp_path / "kmsg"
+    ring.write_bytes(b"5,10,62000,-;random: crng init done\n")
+    assert kernel_marks(str(ring)) == {"crng_ready_ns": 62000000}
+    assert kernel_marks(str(tmp_path / "absent")) == {}
+
