@@ -6,14 +6,15 @@ MAX_FRAME bytes. Every frame carries ``v``, ``type``, ``boot_id`` and ``t``
 bounds every read, validates every field it knows, ignores fields it does not,
 and turns malformed input into ``FrameError`` values instead of raising.
 
-Kept free of dataclasses/typing so the guest pays little to import it.
+Kept free of dataclasses/typing so the guest pays little to import it; the guest
+encodes with ``guestinit.pack`` and only the host's decoder imports msgpack.
 """
 
 from __future__ import annotations
 
 import struct
 
-import msgpack
+from guestinit.pack import packb
 
 TYPE_CHECKING = False  # typing costs import time on the guest's boot path
 if TYPE_CHECKING:  # the type checker sees a real enum; the boot path does without enum
@@ -112,7 +113,7 @@ class Frame:
 
 
 def encode(frame: Frame) -> bytes:
-    body: bytes = msgpack.packb(frame.to_map(), use_bin_type=True)
+    body = packb(frame.to_map())
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame {frame.type.value} is {len(body)} bytes, over {MAX_FRAME}")
     return HEADER.pack(len(body)) + body
@@ -178,6 +179,8 @@ def validate(obj: object) -> Frame:
 def decode_body(body: bytes) -> Frame:
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame body is {len(body)} bytes, over {MAX_FRAME}")
+    import msgpack  # the host side only: the guest never decodes
+
     try:
         obj = msgpack.unpackb(
             body, raw=False, strict_map_key=True, use_list=True
