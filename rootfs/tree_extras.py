@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import zipfile
 from dataclasses import dataclass
@@ -15,21 +14,38 @@ from rootfs.steps import BuildError, run
 
 GENERATED = Origin("guestinit-build", "0.1.0")
 BUSYBOX_APPLETS = ("sh", "ls", "cat", "mount", "umount", "insmod", "lsmod", "dmesg", "ps",
-                   "echo", "printf", "sleep", "poweroff", "reboot", "mkdir", "ln", "vi", "grep")
+                   "echo", "printf", "sleep", "poweroff", "reboot", "mkdir", "ln", "vi", "grep",
+                   "dd", "sync", "kill")
 # Started alone with systemd.unit= on the cmdline (profile baseline-systemd): no targets,
 # no generators' output needed, so systemd does only its own PID-1 set-up plus this.
+# Type=exec: the script stays up after ready to wait for the power button.
 SYSTEMD_UNIT = """[Unit]
-Description=baseline boot work: load the modules, send the ready frame
+Description=baseline boot work: load the modules, send the ready frame, wait for powerdown
 DefaultDependencies=no
 
 [Service]
-Type=oneshot
-RemainAfterExit=yes
+Type=exec
 ExecStart=/bin/sh /usr/lib/baseline/ready.sh
 StandardOutput=tty
 StandardError=tty
 TTYPath=/dev/console
 """
+# A t no real boot reaches: msgpack packs it as 0xcf + 8 bytes, a slot of fixed width
+# that the shell fills with the real time.
+T_SLOT = 2**64 - 1
+# The mounts of guestinit's early stage (guestinit/mounts.py) that the boot path needs;
+# systemd as PID 1 mounts all but /tmp itself.
+BUSYBOX_MOUNTS = (
+    "mount -t proc -o nosuid,nodev,noexec proc /proc",
+    "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys",
+    "mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev",
+    "mount -t tmpfs -o nosuid,nodev,mode=0755,size=64m run /run",
+    "mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp",
+)
+SYSTEMD_MOUNTS = ("mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp",)
+# systemd(1): SIGRTMIN+14 powers off at once (no unit stop jobs; systemd-shutdown still
+# kills, unmounts and syncs); glibc's SIGRTMIN is 34.
+SYSTEMD_POWEROFF_SIGNAL = 34 + 14
 
 
 def wheel_roots(whl: Path) -> list[str]:
@@ -52,30 +68,83 @@ def install_busybox(tree: Tree, pool: Pool) -> None:
         tree.add_symlink(f"usr/bin/{applet}", "busybox")
 
 
-def ready_frame_line(init: str) -> tuple[bytes, str]:
-    """A fixed ``ready`` frame for the baseline inits: (binary frame, console line)."""
-    frame = wire.Frame(wire.FrameType.READY, f"baseline-{init}", 0,
-                       {"mode": "cpu", "timeline": []})
+def frame_around_t(ftype: wire.FrameType, init: str,
+                   fields: dict[str, object]) -> tuple[bytes, bytes]:
+    """A baseline frame encoded with guestinit.wire, split around the 8 bytes of ``t``."""
+    frame = wire.Frame(ftype, f"baseline-{init}", T_SLOT, {**fields, "init": init})
     data = wire.encode(frame)
-    return data, wire.CONSOLE_MARKER + base64.b64encode(data).decode()
+    slot = b"\xcf" + T_SLOT.to_bytes(8, "big")
+    if data.count(slot) != 1:
+        raise BuildError(f"baseline {ftype.value} frame: no single t slot in {data!r}")
+    head, tail = data.split(slot)
+    return head + b"\xcf", tail
+
+
+def _octal(data: bytes) -> str:
+    return "".join(f"\\{b:03o}" for b in data)
+
+
+def frame_functions(init: str, uptime: str = "/proc/uptime") -> str:
+    """Shell functions ``send_ready`` and ``send_shutdown``: write a frame to fd 4.
+
+    ``t`` must be CLOCK_BOOTTIME; busybox sh has no clock_gettime, and /proc/uptime is
+    that clock in 10 ms steps (the kernel prints it as %lu.%02lu). ash's $(( )) is
+    64-bit and forks nothing, so the 8 bytes of t are made as octal escapes there.
+    """
+    ready = frame_around_t(wire.FrameType.READY, init, {"mode": "cpu", "timeline": []})
+    down = frame_around_t(wire.FrameType.SHUTDOWN, init,
+                          {"reason": "power button (ACPI powerdown request)", "audit": []})
+    return f"""boottime_octal() {{
+  read -r up _ < "{uptime}"
+  # 1$frac - 100: the two fraction digits without a leading 0 that $(( )) reads as octal
+  ns=$(( ${{up%.*}} * 1000000000 + (1${{up#*.}} - 100) * 10000000 ))
+  T=
+  for shift in 56 48 40 32 24 16 8 0; do
+    b=$(( ns >> shift & 255 ))
+    T="$T\\\\$(( b >> 6 ))$(( b >> 3 & 7 ))$(( b & 7 ))"
+  done
+}}
+send_ready() {{ boottime_octal; printf '{_octal(ready[0])}'"$T"'{_octal(ready[1])}' >&4; }}
+send_shutdown() {{ boottime_octal; printf '{_octal(down[0])}'"$T"'{_octal(down[1])}' >&4; }}
+"""
 
 
 def baseline_script(init: str, release: str, module_paths: list[str]) -> str:
-    """Shell doing the minimal boot work of the init under comparison."""
-    frame, line = ready_frame_line(init)
-    octal = "".join(f"\\{b:03o}" for b in frame)
+    """Shell doing the boot work guestinit does before ready, then waiting for powerdown."""
+    mounts = BUSYBOX_MOUNTS if init == profile.Init.BUSYBOX.value else SYSTEMD_MOUNTS
     loads = "".join(f"insmod /lib/modules/{release}/{p}\n" for p in module_paths)
+    poweroff = ("poweroff -f" if init == profile.Init.BUSYBOX.value
+                else f"kill -{SYSTEMD_POWEROFF_SIGNAL} 1")
+    mount_lines = "".join(f"{m}\n" for m in mounts)
     return f"""#!/bin/sh
-# baseline {init}: mount, load the modules, send the ready frame (generated by guestinit-build)
-# (already mounted under systemd: the errors are expected there)
-mount -t proc proc /proc 2>/dev/null
-mount -t sysfs sysfs /sys 2>/dev/null
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-{loads}for port in /sys/class/virtio-ports/*; do
-  [ "$(cat "$port/name" 2>/dev/null)" = guestinit.report ] && \\
-    printf '{octal}' > "/dev/${{port##*/}}"
+# baseline {init}: mount, load the early modules, open the report port and the power
+# button, send ready; on a button press send shutdown and power off (generated by
+# guestinit-build). Only regular builtins may fail here: a failed redirection on exec
+# ends the shell, and a dead PID 1 panics the kernel.
+{mount_lines}{loads}{frame_functions(init)}for port in /sys/class/virtio-ports/*; do
+  name=
+  read -r name 2>/dev/null < "$port/name"
+  [ "$name" = guestinit.report ] && [ -c "/dev/${{port##*/}}" ] && exec 4> "/dev/${{port##*/}}"
 done
-echo '{line}' > /dev/console
+button=
+for ev in /sys/class/input/event*; do
+  name=
+  read -r name 2>/dev/null < "$ev/device/name"
+  [ "$name" = "Power Button" ] && [ -c "/dev/input/${{ev##*/}}" ] && button=/dev/input/${{ev##*/}}
+done
+# evdev drops events no one reads: the node is open before ready goes out
+[ -n "$button" ] && exec 3< "$button"
+send_ready
+if [ -n "$button" ]; then
+  # one struct input_event (24 bytes): the Power Button device sends only its key
+  dd bs=24 count=1 <&3 >/dev/null 2>&1
+  send_shutdown
+  sync
+  {poweroff}
+else
+  echo "baseline {init}: no Power Button input device: powerdown requests go unseen" \
+    > /dev/console
+fi
 """
 
 
@@ -87,11 +156,14 @@ def install_init(tree: Tree, prof: profile.Profile, pool: Pool, release: str,
     install_busybox(tree, pool)
     script = baseline_script(prof.init.value, release, module_paths)
     if prof.init is profile.Init.BUSYBOX:
+        # PID 1 must not exit, also when poweroff -f returns
         tree.add_bytes("init", (script + "exec sleep 2147483647\n").encode(), GENERATED, 0o755)
         tree.add_symlink("usr/sbin/init", "/init")
         return []
     tree.add_bytes("usr/lib/baseline/ready.sh", script.encode(), GENERATED, 0o755)
     tree.take(pool, "/lib/systemd/systemd", "init = systemd")
+    # what PID 1 execs to power off (SIGRTMIN+14); without it systemd freezes instead
+    tree.take(pool, "/lib/systemd/systemd-shutdown", "init = systemd")
     tree.add_symlink("init", "/usr/lib/systemd/systemd")
     tree.add_symlink("usr/sbin/init", "/usr/lib/systemd/systemd")
     tree.add_bytes("usr/lib/systemd/system/baseline-ready.service", SYSTEMD_UNIT.encode(),

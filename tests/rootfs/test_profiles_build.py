@@ -38,14 +38,20 @@ def test_debug_has_a_shell(built: dict[str, Path]) -> None:
     assert ents["etc/passwd"].data.startswith(b"root:x:0:0:root:/root:/bin/sh\n")
 
 
-def ready_frame(script: str) -> wire.Frame:
-    line = next(w for w in script.split("'") if w.startswith(wire.CONSOLE_MARKER))
-    frames = list(wire.iter_console(line + "\n"))
+def ready_frame(script: str, tmp_path: Path) -> wire.Frame:
+    """Run the image script's own frame functions with the host's busybox sh."""
+    lines = script.splitlines(keepends=True)
+    start = lines.index("boottime_octal() {\n")
+    end = next(i for i, line in enumerate(lines) if line.startswith("send_shutdown() {"))
+    out = tmp_path / "report.bin"
+    subprocess.run(["busybox", "sh", "-c", "".join(lines[start:end + 1])
+                    + f'exec 4> "{out}"\nsend_ready\n'], check=True, timeout=10)
+    frames = wire.FrameReader().feed(out.read_bytes())
     assert len(frames) == 1 and isinstance(frames[0], wire.Frame), frames
     return frames[0]
 
 
-def test_baseline_busybox(built: dict[str, Path]) -> None:
+def test_baseline_busybox(built: dict[str, Path], tmp_path: Path) -> None:
     out = built["baseline-busybox"]
     ents = entries(out)
     script = ents["init"].data.decode()
@@ -58,21 +64,23 @@ def test_baseline_busybox(built: dict[str, Path]) -> None:
     assert all(p.startswith(f"/lib/modules/{release}/") for p in loads)
     assert all(f"usr{p}" in ents for p in loads)
     assert "erofs" not in names  # only the early set: the same work guestinit does first
-    frame = ready_frame(script)
+    assert {"button", "evdev"} <= set(names)  # the power button ends the boot
+    frame = ready_frame(script, tmp_path)
     assert frame.type is wire.FrameType.READY and frame.boot_id == "baseline-busybox"
     assert "usr/bin/python3.11" not in ents
     assert (out / "initramfs.cpio.zst").stat().st_size < 4 * 2**20
 
 
-def test_baseline_systemd(built: dict[str, Path]) -> None:
+def test_baseline_systemd(built: dict[str, Path], tmp_path: Path) -> None:
     out = built["baseline-systemd"]
     ents = entries(out)
     assert ents["init"].data == b"/usr/lib/systemd/systemd"
     assert "usr/lib/systemd/systemd" in ents
+    assert "usr/lib/systemd/systemd-shutdown" in ents  # how SIGRTMIN+14 powers off
     unit = ents["usr/lib/systemd/system/baseline-ready.service"].data.decode()
     assert "ExecStart=/bin/sh /usr/lib/baseline/ready.sh" in unit
     assert "systemd.unit=baseline-ready.service" in (out / "cmdline.txt").read_text()
-    assert ready_frame(ents["usr/lib/baseline/ready.sh"].data.decode()).boot_id == \
+    assert ready_frame(ents["usr/lib/baseline/ready.sh"].data.decode(), tmp_path).boot_id == \
         "baseline-systemd"
     assert any(p.endswith("libsystemd-shared-252.so") for p in ents)
 
