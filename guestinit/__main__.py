@@ -32,19 +32,31 @@ def run_modules(boot: Boot) -> None:
     kmod.run_modules(boot)
 
 
+def _nvidia_mode(boot: Boot) -> bool:
+    """cpu mode has no NVIDIA work: its stages then skip importing their modules."""
+    return str(boot.facts.get("mode", "cpu")) != "cpu"
+
+
 def run_devices(boot: Boot) -> None:
+    if not _nvidia_mode(boot):
+        return
     from guestinit import devices
 
     devices.run_devices(boot)
 
 
 def run_daemons(boot: Boot) -> None:
+    if not _nvidia_mode(boot):
+        boot.facts.setdefault("daemons", [])
+        return
     from guestinit import nvidia
 
     nvidia.run_daemons(boot)
 
 
 def run_cdi(boot: Boot) -> None:
+    if not boot.facts.get("gpus"):  # a spec describes GPUs (gpu mode, found by devices)
+        return
     from guestinit import cdi
 
     cdi.run_cdi(boot)

@@ -46,10 +46,24 @@ def _lib() -> tuple[object, object]:
 class Effects:
     """Real effects through libc (cffi, ABI mode: no compiler at run time)."""
 
-    __slots__ = ("_ffi", "_lib")
+    __slots__ = ("_loaded",)
 
     def __init__(self) -> None:
-        self._ffi, self._lib = _lib()
+        # loaded at the first call, inside the early stage: a missing _cffi_backend then
+        # fails that stage with a failed frame instead of killing PID 1 before it starts
+        self._loaded: tuple[object, object] | None = None
+
+    @property
+    def _ffi(self) -> object:
+        if self._loaded is None:
+            self._loaded = _lib()
+        return self._loaded[0]
+
+    @property
+    def _lib(self) -> object:
+        if self._loaded is None:
+            self._loaded = _lib()
+        return self._loaded[1]
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:

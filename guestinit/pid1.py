@@ -268,8 +268,8 @@ class Init:
         try:
             boot.effects.sync()
             boot.effects.reboot(RB_POWER_OFF)
-        except OSError as exc:
-            boot.kmsg.log(2, f"power off failed: {exc}")
+        except Exception as exc:  # OSError; ImportError when libc's binding is what failed
+            boot.kmsg.log(2, f"power off failed: {_describe(exc)}")
         if boot.root != "/" or os.getpid() != 1:
             os._exit(3)  # outside a VM (tests, --root): nothing to panic
         while True:  # PID 1 must not exit; wait for the VMM to pull the plug
