@@ -8,9 +8,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from bench import cli_reports
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+ENTROPY_CHOICES = ("rdrand", "virtio-rng", "rdrand+virtio-rng", "none")  # bench.qemu.ENTROPY
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
@@ -26,6 +29,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         append=args.append, timeout=args.timeout, erofs=args.erofs,
         shutdown=not args.no_shutdown, memory_mib=args.memory, accel=args.accel,
         workdir=args.workdir, hold_until=args.hold_until, qemu=args.qemu,
+        entropy=args.entropy,
     )
     root = "erofs + dm-verity disk" if args.erofs else "initramfs"
     print(f"booting {img.directory} ({root}) in QEMU microvm, {opts.memory_mib} MiB", flush=True)
@@ -66,6 +70,62 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         print(f"guestinit-bench listen: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_FAILED if printer.errors else 0
+
+
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from bench import suite
+    from bench.qemu import choose_accel
+
+    names = [n for n in args.variants.split(",") if n] if args.variants else list(
+        suite.DEFAULT_VARIANTS)
+    try:
+        variants = suite.select(names, args.append, args.also_entropy_none)
+        images = suite.load_images(variants, args.images)
+    except suite.SuiteError as exc:
+        print(f"guestinit-bench suite: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    first = next(iter(images.values()))
+    accel, why = choose_accel(args.accel, first.kernel, args.qemu)
+    settings = suite.Settings(
+        runs=args.runs, warmup=args.warmup, timeout=args.timeout, memory_mib=args.memory,
+        accel=accel, accel_why=why, entropy=args.entropy, images=args.images, qemu=args.qemu,
+        keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]])
+    machine = suite.machine_for(images, settings)
+    out_dir = args.out or suite.default_out_dir(str(machine["name"]))
+    total = (args.runs + args.warmup) * len(variants)
+    print(f"suite: {len(variants)} variants ({', '.join(v.name for v in variants)}), "
+          f"{args.warmup} warm-up + {args.runs} measured runs each, interleaved; "
+          f"{total} boots", file=sys.stderr)
+    print(f"VMM: QEMU microvm, {accel} ({why}), -cpu {machine['cpu']}, entropy "
+          f"{args.entropy}, {args.memory} MiB, 1 vCPU; results in {out_dir}", file=sys.stderr)
+    doc_variants: dict[str, dict[str, object]] = {}
+    progress = suite.Progress(sys.stderr, total)
+    interrupted = False
+    try:
+        suite.run_suite(variants, images, settings, out_dir, progress, doc_variants)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.stop()
+    doc = suite.assemble(doc_variants, machine, settings, interrupted=interrupted)
+    _write_results(doc, out_dir)
+    if interrupted:
+        print("interrupted: partial results written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    rc, why_lines = suite.verdict(doc)
+    for text in why_lines:
+        print(f"guestinit-bench suite: {text}", file=sys.stderr)
+    return rc
+
+
+def _write_results(doc: dict[str, object], out_dir: str) -> None:
+    from bench import suite, suite_report
+
+    path = suite.write_doc(doc, out_dir)
+    suite_report.write_all(doc, out_dir)
+    print(suite_report.markdown(doc))
+    print(f"wrote {path} and its reports (suite.md, timeline.svg/.png, distribution.svg, "
+          "suite.prom)", file=sys.stderr)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -110,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the QEMU binary (default qemu-system-x86_64 on PATH)")
     b.add_argument("--runs", type=positive_count, default=1, metavar="N",
                    help="boot N times and print the median timings (default 1)")
+    b.add_argument("--entropy", choices=ENTROPY_CHOICES, default="rdrand",
+                   help="the guest's early entropy source (default rdrand; see suite)")
     b.add_argument("--hold-until", metavar="TEXT",
                    help="after ready, wait (up to --timeout) for TEXT on the serial console "
                    "before asking for the powerdown")
@@ -122,10 +184,43 @@ def parser() -> argparse.ArgumentParser:
                     help="keep accepting connections (default: exit after the first closes)")
     li.set_defaults(func=_cmd_listen)
 
+    su = sub.add_parser("suite", help="boot variants side by side (interleaved) and write "
+                        "a result directory: suite.json, suite.md, plots, OpenMetrics")
+    su.add_argument("--variants", metavar="A,B,...",
+                    help="comma-separated built-in variants (default "
+                    "guestinit,guestinit-erofs,busybox,systemd; also guestinit-agent)")
+    su.add_argument("--append", action="append", default=[], metavar="NAME=ARGS",
+                    help="a cmdline variant: guestinit plus ARGS (BASE+NAME=ARGS starts "
+                    "from variant BASE); repeatable, e.g. --append quiet7=loglevel=7")
+    su.add_argument("--runs", type=positive_count, default=5, metavar="N",
+                    help="measured runs per variant (default 5)")
+    su.add_argument("--warmup", type=int, default=1, metavar="N",
+                    help="rounds run first and thrown away (default 1)")
+    su.add_argument("--out", metavar="DIR",
+                    help="result directory (default bench/results/<date>-<accel>-<cores>c)")
+    su.add_argument("--images", default="out", metavar="DIR",
+                    help="where the image directories are (default out: out/cpu, "
+                    "out/baseline-busybox, out/baseline-systemd)")
+    su.add_argument("--entropy", choices=ENTROPY_CHOICES, default="rdrand",
+                    help="the guest's early entropy source (default rdrand: -cpu max under "
+                    "TCG, the host CPU under KVM; none: QEMU's qemu64 CPU, no RNG device)")
+    su.add_argument("--also-entropy-none", action="store_true",
+                    help="add a twin of every variant booted with --entropy none "
+                    "(named NAME@no-rng)")
+    su.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="seconds from QEMU start to the ready frame, per boot (default 120)")
+    su.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")
+    su.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    su.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH")
+    su.add_argument("--keep-logs", action="store_true",
+                    help="keep every run's console log in DIR/logs (default: failed runs')")
+    su.set_defaults(func=_cmd_suite)
+
     ini = sub.add_parser("init", help="the init benchmark (guestinit vs others, no VM)",
                          add_help=False)
     ini.add_argument("rest", nargs=argparse.REMAINDER)
     ini.set_defaults(func=_cmd_init)
+    cli_reports.add_commands(sub)
     return top
 
 

@@ -139,6 +139,8 @@ if [ -n "$button" ]; then
   # one struct input_event (24 bytes): the Power Button device sends only its key
   dd bs=24 count=1 <&3 >/dev/null 2>&1
   send_shutdown
+  # the kernel's own marks for the bench (quiet keeps them off the console at boot)
+  dmesg 2>/dev/null | grep -e 'Run /init as init' -e 'crng init done' > /dev/console 2>&1
   sync
   {poweroff}
 else

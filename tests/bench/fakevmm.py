@@ -33,6 +33,9 @@ def _sockets(argv: list[str]) -> tuple[dict[str, str], str]:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--version"]:
+        print("QEMU emulator version 0.0 (fakevmm)")
+        return 0
     paths, append = _sockets(sys.argv)
     report_path, qmp_path = paths["report"], paths["qmp"]
     console = None

@@ -1,0 +1,482 @@
+"""``guestinit-bench suite``: boot variants side by side, interleaved, into one result directory.
+
+Every variant boots on the same QEMU command line (machine, memory, accelerator,
+CPU model, entropy source): only the image and the kernel cmdline words differ.
+Runs go round-robin (A B C A B C ...) so that drift in the machine's load hits every
+variant alike; the first ``warmup`` rounds are thrown away (page cache, CPU clocks).
+A failed run is kept, counted and reported with its reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from bench import image, proc
+from bench.boot import BootOptions, BootResult, prepare, run
+from bench.qemu import QEMU, cpu_model
+from guestinit.wire import FrameType
+
+SCHEMA = 1
+KIND = "guestinit-bench-suite"
+DEFAULT_VARIANTS = ("guestinit", "guestinit-erofs", "busybox", "systemd")
+DEMO_AGENT = ('guestinit.agent="/usr/bin/python3.11 -IS '
+              '/usr/lib/guestinit/guestinit/testing/agent_standin.py"')
+NO_ENTROPY = "@no-rng"  # suffix of the twin variants --also-entropy-none adds
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One thing to boot: an image directory, its root, its init, extra cmdline words."""
+
+    name: str
+    profile: str  # the image directory under --images (out/<profile>)
+    init: str  # guestinit, busybox or systemd
+    erofs: bool = False
+    append: str = ""
+    entropy: str | None = None  # None: the suite's --entropy
+
+
+# The baselines do the same work as guestinit does with agent=none (mount, load the
+# same modules, ready frame, power button, shutdown frame): no agent on either side.
+BUILTIN: dict[str, Variant] = {
+    v.name: v for v in (
+        Variant("guestinit", "cpu", "guestinit", append="guestinit.agent=none"),
+        Variant("guestinit-erofs", "cpu", "guestinit", erofs=True,
+                append="guestinit.agent=none"),
+        Variant("guestinit-agent", "cpu", "guestinit", append=DEMO_AGENT),
+        Variant("busybox", "baseline-busybox", "busybox"),
+        Variant("systemd", "baseline-systemd", "systemd"),
+    )
+}
+
+
+class SuiteError(ValueError):
+    """Bad input to the suite (unknown variant, missing image): one line, exit 2."""
+
+
+def parse_append(spec: str, known: dict[str, Variant]) -> Variant:
+    """``NAME=ARGS`` (a guestinit variant plus ARGS) or ``BASE+NAME=ARGS`` (BASE plus ARGS)."""
+    name, sep, args = spec.partition("=")
+    if not sep or not name or not args.strip():
+        raise SuiteError(f"--append {spec!r}: use NAME=ARGS, e.g. quiet7='loglevel=7', or "
+                         "BASE+NAME=ARGS to start from another variant")
+    base_name, plus, _ = name.partition("+")
+    base = known.get(base_name if plus else "guestinit")
+    if base is None:
+        raise SuiteError(f"--append {spec!r}: unknown base variant {base_name!r} "
+                         f"(known: {', '.join(known)})")
+    return Variant(name, base.profile, base.init, base.erofs,
+                   f"{base.append} {args}".strip(), base.entropy)
+
+
+def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool) -> list[Variant]:
+    out: list[Variant] = []
+    for name in names:
+        if name not in BUILTIN:
+            raise SuiteError(f"unknown variant {name!r} (known: {', '.join(BUILTIN)}; "
+                             "add cmdline variants with --append NAME=ARGS)")
+        out.append(BUILTIN[name])
+    out.extend(parse_append(spec, BUILTIN) for spec in appends)
+    if no_entropy_twins:
+        out.extend(Variant(v.name + NO_ENTROPY, v.profile, v.init, v.erofs, v.append, "none")
+                   for v in list(out))
+    seen: set[str] = set()
+    for v in out:
+        if v.name in seen:
+            raise SuiteError(f"variant {v.name!r} given twice")
+        seen.add(v.name)
+    if not out:
+        raise SuiteError("no variants to run")
+    return out
+
+
+# -- one run: numbers from the frames and the console ------------------------------
+
+_PRINTK = re.compile(rb"^\[\s*(\d+\.\d+)\] (.*)$", re.M)
+_INITCALL = re.compile(r"^initcall (\S+?)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?(?: \[\S+\])? "
+                       r"returned (-?\d+) after (\d+) usecs")
+CONSOLE_MARKS = (("guest_run_init_s", ("Run /init as init process",
+                                       "Run /sbin/init as init process")),
+                 ("guest_crng_ready_s", ("random: crng init done",)))
+TOP_INITCALLS = 10
+
+
+def parse_console(data: bytes) -> tuple[dict[str, float], list[dict[str, object]]]:
+    """Kernel marks (guest seconds) and the slowest initcalls, from printk-timestamped lines."""
+    marks: dict[str, float] = {}
+    calls: list[tuple[int, str]] = []
+    for m in _PRINTK.finditer(data):
+        at, text = float(m.group(1)), m.group(2).decode("utf-8", "replace").rstrip("\r")
+        for key, texts in CONSOLE_MARKS:
+            if key not in marks and text.startswith(texts):
+                marks[key] = at
+        call = _INITCALL.match(text)
+        if call:
+            calls.append((int(call.group(3)), call.group(1)))
+    calls.sort(key=lambda c: (-c[0], c[1]))
+    return marks, [{"name": n, "usecs": u} for u, n in calls[:TOP_INITCALLS]]
+
+
+def _s(value: float | int | None, scale: float = 1.0) -> float | None:
+    return None if value is None else round(float(value) * scale, 6)
+
+
+def measure(res: BootResult, console: bytes) -> dict[str, object]:
+    """The per-run record of suite.json (see docs/bench.md) from one boot."""
+    t = res.timings
+    ready = res.first(FrameType.READY)
+    shutdown = res.first(FrameType.SHUTDOWN)
+    marks, initcalls = parse_console(console)
+    kernel = shutdown.fields.get("kernel") if shutdown is not None else None
+    if isinstance(kernel, dict):  # the guest read them from its ring: quiet cannot hide them
+        for key, src in (("guest_run_init_s", "run_init_ns"),
+                         ("guest_crng_ready_s", "crng_ready_ns")):
+            if isinstance(kernel.get(src), int):
+                marks[key] = kernel[src] / 1e9
+    run_init = marks.get("guest_run_init_s")
+    guest_ready = _s(t.get("guest_ready_ns"), 1e-9)
+    first_frame = _s(t.get("guest_first_frame_ns"), 1e-9)
+    host_ready = _s(t.get("host_ready_s"))
+    offset = (host_ready - guest_ready) if host_ready is not None and guest_ready else None
+    rec: dict[str, object] = {
+        "ok": res.ok, "reason": res.reason,
+        "host_first_output_s": _s(t.get("host_first_output_s")),
+        "host_ready_s": host_ready,
+        "host_shutdown_s": _s(t.get("host_shutdown_s")),
+        "host_exit_s": _s(t.get("host_exit_s")),
+        "guest_run_init_s": _s(run_init),
+        "guest_crng_ready_s": _s(marks.get("guest_crng_ready_s")),
+        "guest_first_frame_s": first_frame,
+        "guest_ready_s": guest_ready,
+        "userspace_s": _s(guest_ready - run_init) if guest_ready and run_init else None,
+        "kernel_offset_s": _s(offset),
+    }
+    stages = [{"name": n, "start_s": a / 1e9, "end_s": b / 1e9}
+              for n, a, b in (ready.timeline() if ready is not None else [])
+              if ":" not in n]  # module:/discover: sub-spans stay in the frames
+    rec["stages"] = stages
+    rec["spans"] = _spans(rec, stages, _s(t.get("host_powerdown_s")))
+    rec["initcalls"] = initcalls
+    return rec
+
+
+def _spans(rec: dict[str, object], stages: list[dict[str, object]],
+           powerdown: float | None) -> list[dict[str, object]]:
+    """One host-clock timeline: VMM start, kernel, init start-up, each stage, shutdown."""
+    off, run_init = rec["kernel_offset_s"], rec["guest_run_init_s"]
+    first, ready = rec["guest_first_frame_s"], rec["guest_ready_s"]
+    if not isinstance(off, float) or not isinstance(ready, float):
+        return []
+    out: list[tuple[str, float, float]] = [("vmm+firmware", 0.0, off)]
+    start_user = run_init if isinstance(run_init, float) else None
+    if start_user is not None:
+        out.append(("kernel", off, off + start_user))
+    if stages:
+        first_stage = float(stages[0]["start_s"])  # type: ignore[arg-type]
+        if start_user is not None:
+            out.append(("init start-up", off + start_user, off + first_stage))
+        out += [(str(s["name"]), off + float(s["start_s"]),  # type: ignore[arg-type]
+                 off + float(s["end_s"])) for s in stages]  # type: ignore[arg-type]
+    elif start_user is not None:
+        out.append(("init work", off + start_user, off + ready))
+    elif isinstance(first, float):
+        out.append(("init work", off + first, off + ready))
+    shut = rec["host_shutdown_s"]
+    if powerdown is not None and isinstance(shut, float):
+        out.append(("shutdown", powerdown, shut))
+    return [{"name": n, "start_s": round(a, 6), "end_s": round(b, 6)} for n, a, b in out
+            if b >= a]
+
+
+# -- the machine and the whole suite ----------------------------------------------
+
+def _first_line(path: str, key: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip() if ":" in line else line
+    except OSError:
+        pass
+    return "unknown"
+
+
+def describe_machine(accel: str, entropy: str, qemu: str, guest_kernel: str,
+                     memory_mib: int) -> dict[str, object]:
+    mem_kib = _first_line("/proc/meminfo", "MemTotal").split()[0]
+    os_name = "unknown"
+    try:
+        os_name = platform.freedesktop_os_release().get("PRETTY_NAME", "unknown")
+    except OSError:
+        pass
+    try:
+        qemu_version = proc.run([qemu, "--version"], timeout=30).stdout.splitlines()[0]
+    except (OSError, IndexError, proc.RunError):
+        qemu_version = "unknown"
+    cores = os.cpu_count() or 1
+    return {
+        "name": f"{accel}-{cores}c", "cpu_model": _first_line("/proc/cpuinfo", "model name"),
+        "cores": cores, "memory_bytes": int(mem_kib) * 1024 if mem_kib.isdigit() else 0,
+        "host_kernel": platform.release(), "os": os_name, "qemu_version": qemu_version,
+        "machine_type": "microvm", "accel": accel, "cpu": cpu_model(accel, entropy),
+        "entropy": entropy, "guest_kernel": guest_kernel, "guest_memory_mib": memory_mib,
+        "guest_cpus": 1,
+    }
+
+
+@dataclass
+class Settings:
+    runs: int = 5
+    warmup: int = 1
+    timeout: float = 120.0
+    memory_mib: int = 1024
+    accel: str = "tcg"  # resolved by the caller (bench.qemu.choose_accel)
+    accel_why: str = "requested"
+    entropy: str = "rdrand"
+    images: str = "out"
+    qemu: str = QEMU
+    keep_logs: bool = False  # copy every run's console log, not only failed runs'
+    base_cmdline: str = ""  # the first variant's image cmdline (before harness words)
+    command: list[str] = field(default_factory=list)
+
+
+def _guest_kernel(directory: str) -> str:
+    try:
+        with open(os.path.join(directory, "kernel-release.txt"), encoding="utf-8") as fh:
+            return fh.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def load_images(variants: list[Variant], images_dir: str) -> dict[str, image.Image]:
+    """Every variant's image, before anything boots; SuiteError names a missing one."""
+    out = {}
+    for v in variants:
+        directory = os.path.join(images_dir, v.profile)
+        try:
+            out[v.name] = image.load(directory, erofs=v.erofs)
+        except image.ImageError as exc:
+            raise SuiteError(f"variant {v.name}: {exc} (or ./build.sh image {v.profile})"
+                             ) from None
+    return out
+
+
+Reporter = Callable[[int, int, str, int, dict[str, object]], None]
+
+
+def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str, object]:
+    first = next(iter(images.values()))
+    machine = describe_machine(settings.accel, settings.entropy, settings.qemu,
+                               _guest_kernel(first.directory), settings.memory_mib)
+    machine["accel_why"] = settings.accel_why
+    settings.base_cmdline = first.cmdline
+    return machine
+
+
+def run_suite(variants: list[Variant], images: dict[str, image.Image], settings: Settings,
+              out_dir: str, report: Reporter,
+              doc_variants: dict[str, dict[str, object]]) -> None:
+    """Boot every variant ``warmup + runs`` times, interleaved, into ``doc_variants``
+    (filled as runs end, so an interrupted suite still has what it measured).
+
+    ``report(done, total, variant, round, record)`` is called after every boot.
+    """
+    accel = settings.accel
+    logs = os.path.join(out_dir, "logs")
+    for v in variants:
+        doc_variants[v.name] = {
+            "image": images[v.name].directory, "root": "erofs" if v.erofs else "initramfs",
+            "init": v.init, "append": v.append, "entropy": v.entropy or settings.entropy,
+            "cmdline": "", "runs": [], "warmup_failures": [],
+        }
+    rounds = settings.warmup + settings.runs
+    total, done = rounds * len(variants), 0
+    with tempfile.TemporaryDirectory(prefix="guestinit-suite-") as tmp:
+        for rnd in range(rounds):
+            warm = rnd < settings.warmup
+            for v in variants:
+                entry = doc_variants[v.name]
+                workdir = os.path.join(tmp, f"{v.name.replace('/', '_')}-{rnd}")
+                opts = BootOptions(append=v.append, timeout=settings.timeout,
+                                   erofs=v.erofs, memory_mib=settings.memory_mib,
+                                   accel=accel, workdir=workdir, qemu=settings.qemu,
+                                   entropy=v.entropy or settings.entropy)
+                res, spec = prepare(images[v.name], opts)
+                entry["cmdline"] = res.cmdline
+                run(res, spec, opts, progress=None)
+                with open(res.console_log, "rb") as fh:
+                    console = fh.read()
+                rec = measure(res, console)
+                done += 1
+                if warm:
+                    if not res.ok:
+                        entry["warmup_failures"].append(  # type: ignore[attr-defined]
+                            {"round": rnd + 1, "reason": res.reason})
+                else:
+                    rec = {"run": rnd - settings.warmup + 1, **rec}
+                    entry["runs"].append(rec)  # type: ignore[attr-defined]
+                    if not res.ok or settings.keep_logs:
+                        os.makedirs(logs, exist_ok=True)
+                        shutil.copyfile(res.console_log, os.path.join(
+                            logs, f"{v.name.replace('/', '_')}-run{rec['run']}.console.log"))
+                report(done, total, v.name, rnd + 1, rec if not warm else
+                       {"warmup": True, **rec})
+
+
+METRICS = ("host_first_output_s", "host_ready_s", "host_shutdown_s", "host_exit_s",
+           "guest_run_init_s", "guest_crng_ready_s", "guest_first_frame_s", "guest_ready_s",
+           "userspace_s", "kernel_offset_s")
+
+
+def assemble(doc_variants: dict[str, dict[str, object]], machine: dict[str, object],
+             settings: Settings, interrupted: bool = False) -> dict[str, object]:
+    """Statistics over the OK runs of each variant, the ratios, the whole document."""
+    from bench.stats import summarize
+
+    for entry in doc_variants.values():
+        runs = entry["runs"]
+        assert isinstance(runs, list)
+        ok = [r for r in runs if r["ok"]]
+        failed = len(runs) - len(ok)
+        entry["n_ok"], entry["n_failed"] = len(ok), failed
+        entry["failures"] = [{"run": r["run"], "reason": r["reason"]} for r in runs
+                             if not r["ok"]]
+        entry["metrics"] = {m: summarize([r[m] for r in ok], failed) for m in METRICS}
+        entry["ready_s"] = entry["metrics"]["host_ready_s"]  # type: ignore[index]
+        names: list[str] = []
+        for r in ok:
+            names += [s["name"] for s in r["stages"] if s["name"] not in names]
+        entry["stages"] = {
+            n: summarize([s["end_s"] - s["start_s"] for r in ok for s in r["stages"]
+                          if s["name"] == n], failed) for n in names}
+    return {
+        "schema": SCHEMA, "kind": KIND,
+        "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": settings.command, "machine": machine,
+        "settings": {"runs": settings.runs, "warmup": settings.warmup,
+                     "order": "interleaved", "timeout_s": settings.timeout,
+                     "memory_mib": settings.memory_mib, "entropy": settings.entropy,
+                     "interrupted": interrupted, "base_cmdline": settings.base_cmdline},
+        "variants": doc_variants,
+        "ratios": ratios(doc_variants),
+    }
+
+
+def _median(doc_variants: dict[str, dict[str, object]], name: str, metric: str) -> float | None:
+    entry = doc_variants.get(name)
+    if entry is None:
+        return None
+    stats = entry["metrics"][metric]  # type: ignore[index]
+    value = stats["median"]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def ratios(doc_variants: dict[str, dict[str, object]]) -> dict[str, object]:
+    """P2 (ready vs busybox, ≤ 1.15) and P3 (systemd's userspace vs ours, ≥ 3), per entropy."""
+    out: dict[str, object] = {}
+    for suffix in ("", NO_ENTROPY):
+        tag = "_no_rng" if suffix else ""
+        pairs = (
+            (f"p2_ready_vs_busybox{tag}", "guestinit" + suffix, "busybox" + suffix,
+             "host_ready_s", 1.15),
+            (f"p3_systemd_vs_guestinit_userspace{tag}", "systemd" + suffix,
+             "guestinit" + suffix, "userspace_s", 3.0),
+        )
+        for key, num, den, metric, target in pairs:
+            if num not in doc_variants or den not in doc_variants:
+                continue
+            a, b = _median(doc_variants, num, metric), _median(doc_variants, den, metric)
+            out[key] = {"variant": num, "baseline": den, "metric": metric,
+                        "value": round(a / b, 4) if a is not None and b else None,
+                        "target": target}
+    return out
+
+
+def default_out_dir(machine_name: str, today: datetime.date | None = None) -> str:
+    day = (today or datetime.date.today()).isoformat()
+    return os.path.join("bench", "results", f"{day}-{machine_name}")
+
+
+def line(done: int, total: int, name: str, rnd: int, rec: dict[str, object]) -> str:
+    what = "warm-up" if rec.get("warmup") else f"run {rec.get('run')}"
+    if rec["ok"]:
+        ready, user = rec["host_ready_s"], rec["userspace_s"]
+        tail = f"OK  ready {ready:.2f} s" if isinstance(ready, float) else "OK"
+        if isinstance(user, float):
+            tail += f", Run /init -> ready {user * 1000:.0f} ms"
+    else:
+        tail = f"FAILED: {rec['reason']}"
+    return f"[{done:>3}/{total}] {name:<18} {what:<8} {tail}"
+
+
+class Progress:
+    """A rich progress bar on a terminal; one plain line per boot otherwise (CI logs)."""
+
+    def __init__(self, stream: TextIO, total: int) -> None:
+        self.stream = stream
+        self.bar = None
+        if stream.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=Console(file=stream))
+            self.task = self.bar.add_task("booting", total=total)
+            self.bar.start()
+
+    def __call__(self, done: int, total: int, name: str, rnd: int,
+                 rec: dict[str, object]) -> None:
+        text = line(done, total, name, rnd, rec)
+        if self.bar is not None:
+            self.bar.console.print(text)
+            self.bar.update(self.task, completed=done, description=f"booting {name}")
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def write_doc(doc: dict[str, object], out_dir: str) -> str:
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "suite.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def verdict(doc: dict[str, object]) -> tuple[int, list[str]]:
+    """Exit status and the lines that say why: 2 a variant never booted, 1 some runs failed."""
+    variants = doc["variants"]
+    assert isinstance(variants, dict)
+    never, some = [], []
+    for name, entry in variants.items():
+        n_ok, n_failed = entry["n_ok"], entry["n_failed"]
+        failures = entry["failures"]
+        why = f": {failures[0]['reason']}" if failures else ""
+        if n_ok == 0:
+            never.append(f"variant {name}: 0 of {n_failed} runs OK{why}")
+        elif n_failed:
+            some.append(f"variant {name}: {n_failed} of {n_ok + n_failed} runs failed{why}")
+    return (2 if never else 1 if some else 0), never + some
