@@ -6,7 +6,8 @@ no agent, and times it from just before the spawn to the ``ready`` frame arrivin
 a Unix socket; then SIGTERM, the ``shutdown`` frame and the exit. Next to it, in the
 same loop, the same interpreter's bare start (``python3 -I -S -c pass``): baseline and
 init alternate, after warm-up runs of each, so load on the machine hits both alike.
-The issue's target is a median ratio of 3 or less.
+The issue's target is a median ratio of 3 or less; ``--gate RATIO`` makes a ratio above
+RATIO exit with status 1 (for CI).
 """
 
 from __future__ import annotations
@@ -347,7 +348,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra guestinit.* cmdline words, last so they win "
                    "(e.g. 'guestinit.log=debug')")
+    p.add_argument("--gate", type=positive_ratio, metavar="RATIO",
+                   help="exit status 1 when the median ratio exceeds RATIO (default: no gate)")
     return p
+
+
+def positive_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive ratio")
+    return value
+
+
+def gate_line(ratio: float, gate: float | None) -> tuple[bool, str | None]:
+    """(passed, what to print) for the median ``ratio`` against ``--gate``; no gate passes."""
+    if gate is None:
+        return True, None
+    if ratio > gate:
+        return False, f"gate: median ratio {ratio:.3f} exceeds the gate {gate:g}: FAILED"
+    return True, f"gate: median ratio {ratio:.3f} within the gate {gate:g}: passed"
 
 
 def _cannot_run(python: str) -> str | None:
@@ -385,4 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(to_json(res, args.python, args.runs, args.append), fh, indent=1)
             fh.write("\n")
         print(f"wrote {args.json}")
-    return 0
+    passed, line = gate_line(res.ratio(), args.gate)
+    if line is not None:
+        print(line)
+    return 0 if passed else EXIT_FAILED

@@ -72,3 +72,34 @@ def test_a_leading_double_dash_from_the_top_level_parser_is_dropped(
     with pytest.raises(SystemExit):
         init.main(["--", "--runs", "0"])
     assert "0 is not a positive count" in capsys.readouterr().err
+
+
+def test_the_gate_fails_only_a_ratio_above_it() -> None:
+    assert init.gate_line(2.4, None) == (True, None)
+    passed, line = init.gate_line(2.4, 3.0)
+    assert passed and line == "gate: median ratio 2.400 within the gate 3: passed"
+    assert init.gate_line(3.0, 3.0)[0]  # "exceeds": equal passes
+    passed, line = init.gate_line(3.2, 3.0)
+    assert not passed and line == "gate: median ratio 3.200 exceeds the gate 3: FAILED"
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "inf", "nan", "three"])
+def test_the_gate_must_be_a_positive_ratio(text: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        init.main(["--gate", text])
+    assert f"{text} is not a positive ratio" in capsys.readouterr().err
+
+
+def test_a_real_run_above_the_gate_exits_1_after_the_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # No ratio is below 0.001 (the init cannot start faster than a bare interpreter
+    # a thousandfold), so the outcome does not depend on the machine's speed.
+    before = _init_pids()
+    out_json = tmp_path / "x.json"
+    assert init.main(["--runs", "1", "--gate", "0.001", "--json", str(out_json)]) == 1
+    out, _ = capsys.readouterr()
+    assert "ratio (median)" in out
+    ratio = json.loads(out_json.read_text())["ratio"]
+    assert f"gate: median ratio {ratio:.3f} exceeds the gate 0.001: FAILED" in out
+    assert _init_pids() <= before
