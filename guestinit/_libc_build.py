@@ -21,6 +21,8 @@ int prctl(int option, unsigned long arg2, unsigned long arg3,
           unsigned long arg4, unsigned long arg5);
 int ioctl(int fd, unsigned long request, void *argp);
 void sync(void);
+int inotify_init1(int flags);
+int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
 """
 
 

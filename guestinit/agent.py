@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 
 from guestinit.config import Restart
-from guestinit.stages import BootError, Stage
+from guestinit.readiness import Condition, Ready
+from guestinit.stages import BootError, Stage, StopRequested
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from guestinit.boot import Boot
+    from guestinit.supervisor import Service
 
 AGENT = "agent"
 
@@ -41,8 +43,59 @@ def run_agent(boot: Boot) -> None:
         )
     except OSError as exc:
         raise BootError(Stage.AGENT, f"start agent {exe}: {exc.strerror or exc}") from None
-    boot.facts["agent"] = {"argv": list(argv), "pid": service.pid}
+    assert service.pid is not None
+    cond = cfg["agent.ready"]
+    assert isinstance(cond, Condition)
+    facts: dict[str, object] = {"argv": list(argv), "pid": service.pid, "ready": str(cond)}
+    boot.facts["agent"] = facts
     boot.kmsg.log(6, f"agent {exe} started as pid {service.pid}")
+    if cond.kind == Ready.NONE:
+        facts["ready_by"] = "spawned"
+        return
+    facts.update(wait_agent(boot, service, cond, cfg.float("agent.ready_timeout")))
+
+
+def wait_agent(boot: Boot, service: Service, cond: Condition, timeout: float) -> dict[str, object]:
+    """Wait for ``cond`` (``readiness.wait_ready``); the ready frame's facts about it, an
+    ``agent:ready`` span, or BootError naming the condition, the timeout or the status."""
+    from guestinit.readiness import ExitedBeforeReady, NotReady, wait_ready
+
+    assert service.pid is not None
+    pid, exe = service.pid, service.argv[0]
+
+    def exited() -> int | None:
+        boot.procs.reap()
+        if service.pid == pid:
+            return None
+        return service.last_status if service.last_status is not None else -1
+
+    def on_wake() -> None:
+        reason = boot.stop_requested()  # drains the wakeup fd (SIGCHLD lands there too)
+        if reason:
+            raise StopRequested(reason)
+
+    start = boot.timeline.now()
+    try:
+        how = wait_ready(cond, pid, timeout, exited=exited, root=boot.root, syslog=boot.syslog,
+                         wake_fd=boot.wake_fd, on_wake=on_wake)
+    except ExitedBeforeReady as exc:
+        raise BootError(Stage.AGENT, f"agent {exe} exited with status {exc.status} before it "
+                        f"was ready (agent.ready={cond})") from None
+    except NotReady as exc:
+        raise BootError(Stage.AGENT, f"agent {exe} not ready: {exc} "
+                        f"(agent.ready={cond}, agent.ready_timeout)") from None
+    except (OSError, ValueError) as exc:
+        raise BootError(Stage.AGENT, f"wait for agent.ready={cond}: {exc}") from None
+    end = boot.timeline.now()
+    boot.timeline.add("agent:ready", start, end)
+    wait_ms = round((end - start) / 1e6, 3)
+    boot.kmsg.log(6, f"agent ready ({cond}) after {wait_ms} ms")
+    out: dict[str, object] = {"ready_by": str(cond.kind), "wait_ms": wait_ms}
+    if cond.kind == Ready.UNIX:
+        out["listening_at"] = f"unix:{cond.target}"
+    else:
+        out["ready_line"] = how[:256]
+    return out
 
 
 CAP_SYS_RESOURCE = 24

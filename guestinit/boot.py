@@ -64,7 +64,7 @@ class Boot:
     __slots__ = (
         "_background", "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts",
         "kmsg", "procs", "reporter", "root", "stop_requested", "supervisor", "syslog",
-        "timeline",
+        "timeline", "wake_fd",
     )
 
     def __init__(
@@ -97,6 +97,9 @@ class Boot:
         # set by the init: the shutdown reason if one was asked for, else None; a stage
         # that waits long (daemons) polls it and raises StopRequested
         self.stop_requested: Callable[[], str | None] = lambda: None
+        # PID 1's signal wakeup fd (-1 until the init installs it): a stage that blocks
+        # in select() adds it, so a signal ends the wait at once; then stop_requested()
+        self.wake_fd = -1
 
     def background(self, name: str, fn: Callable[[], object]) -> None:
         """Start ``fn`` as side work whose result the boot needs later (``wait_background``)."""

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import builtins
 
+from guestinit.readiness import NONE as READY_NONE
+from guestinit.readiness import parse_ready
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
     from collections.abc import Callable, Iterable, Mapping
@@ -165,6 +168,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hostname", str, "localhost", "hostname set in the early stage"),
     Setting("agent", parse_words, ("/usr/bin/kata-agent",),
             "agent command line (space separated); none: start no agent"),
+    Setting("agent.ready", parse_ready, READY_NONE,
+            "when the agent is ready: none (when spawned), syslog:TEXT (a line with TEXT on "
+            "syslog), unix:PATH (a socket at PATH accepts connections)"),
+    Setting("agent.ready_timeout", parse_seconds, 30.0,
+            "seconds the agent may take to meet agent.ready; then the boot fails"),
     Setting("agent.restart", _enum(Restart), Restart.NEVER, "agent restart policy"),
     Setting("agent.shutdown_on_exit", parse_bool, True,
             "power off when the agent stops for good"),

@@ -60,6 +60,7 @@ class Init:
     def install_signals(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_r = r
+        self.boot.wake_fd = r
         for sig in WATCHED:
             signal.signal(sig, _noop)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -279,13 +280,16 @@ class Init:
 def ready_fields(boot: Boot) -> dict[str, object]:
     facts = boot.facts
     modules = facts.get("modules", [])
-    return {
+    out: dict[str, object] = {
         "timeline": boot.timeline.snapshot(),
         "inventory": {"devices": facts.get("inventory", [])},
         "mode": str(facts.get("mode", "cpu")),
         "modules": list(modules) if isinstance(modules, list | tuple) else [],
         "daemons": [s.status() for s in boot.supervisor.services.values()],
     }
+    if isinstance(facts.get("agent"), dict):  # argv, pid, ready, ready_by, listening_at, ...
+        out["agent"] = facts["agent"]
+    return out
 
 
 def _rescue_transport(boot: Boot) -> None:

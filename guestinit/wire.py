@@ -70,6 +70,7 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "error": _STR,
     "gpus": _INT,  # progress while daemons wait: GPUs attached so far ...
     "of": _INT,  # ... of how many
+    "agent": _MAP,  # ready: argv, pid, ready (the condition), ready_by, wait_ms, listening_at
     "kernel": _MAP,  # shutdown: kernel marks (run_init_ns, crng_ready_ns) from the ring
     "init": _STR,  # which init sent it (the bench's baseline inits say so)
 }

@@ -1,8 +1,11 @@
 """A kata-agent stand-in for tests (pid-namespace and VM tiers).
 
 Behaves like an agent on the interfaces the init sees: it is started by PID 1,
-logs to syslog, runs until told to stop (SIGTERM) and exits with a status. Options
-make it misbehave on purpose: leave orphans, crash, ignore SIGTERM, flood syslog.
+logs to syslog, says when it is ready (``READY_MARKER`` on syslog, after listening
+on ``--listen PATH`` if given: ``guestinit.agent.ready=syslog:agent-standin-ready`` or
+``=unix:PATH``), runs until told to stop (SIGTERM) and exits with a status. Options
+make it misbehave on purpose: leave orphans, crash, ignore SIGTERM, flood syslog,
+become ready late or never.
 Runs with ``python3 -IS`` in the image (stdlib only).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import sys
@@ -38,6 +42,29 @@ def leave_orphans(count: int, linger: float) -> None:
                 os._exit(0)
         os._exit(0)
     os.waitpid(middle, 0)
+
+
+READY_MARKER = "agent-standin-ready"
+
+
+def listen(path: str) -> socket.socket:
+    """A Unix stream listener at ``path``, as an agent's API socket."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    return sock
+
+
+def serve(listener: socket.socket | None) -> None:
+    """Run until a signal ends us: accept and close connections (the init's probe)."""
+    while True:
+        if listener is None:
+            time.sleep(3600)
+            continue
+        if select.select([listener], [], [], 3600)[0]:
+            conn, _ = listener.accept()
+            conn.close()
 
 
 def flood(path: str, count: int) -> int:
@@ -69,6 +96,12 @@ def main() -> None:
     parser.add_argument("--check-modules", default="", metavar="A,B",
                         help="log which of these modules /sys/module shows (VM tier)")
     parser.add_argument("--sys", default="/sys", help="sysfs to look in")
+    parser.add_argument("--listen", default="", metavar="PATH",
+                        help="listen on this Unix socket before saying ready")
+    parser.add_argument("--ready-after", type=float, default=0.0, metavar="S",
+                        help="become ready this many seconds after the start")
+    parser.add_argument("--never-ready", action="store_true",
+                        help="neither listen nor log the ready line")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -85,12 +118,17 @@ def main() -> None:
     if args.flood:
         sent = flood(args.log, args.flood)
         syslog(f"flood done: {sent} datagrams", args.log)
+    listener = None
+    if not args.never_ready:
+        time.sleep(args.ready_after)
+        if args.listen:
+            listener = listen(args.listen)
+        syslog(f"{READY_MARKER} listening={args.listen or 'no'}", args.log)
     if args.exit_after is not None:
         time.sleep(args.exit_after)
         syslog(f"exiting with {args.exit_code}", args.log)
         sys.exit(args.exit_code)
-    while True:
-        time.sleep(3600)
+    serve(listener)
 
 
 if __name__ == "__main__":

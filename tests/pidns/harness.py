@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -34,9 +35,36 @@ def agent_arg(*args: str) -> str:
     return 'guestinit.agent="' + " ".join(words) + '"'
 
 
+def image_launch(prelude: str = "", python_args: tuple[str, ...] = ()) -> list[str]:
+    """The interpreter command the image's /sbin/init amounts to (``python3 -I -S``, an
+    explicit sys.path: this checkout, then the venv's site-packages), with ``prelude``
+    run before ``main()``: e.g. a meta-path finder that hides a module from the init."""
+    site = sysconfig.get_paths()["purelib"]
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {site!r}]\n{prelude}\n"
+            "from guestinit.__main__ import main; main()")
+    return [sys.executable, *python_args, "-I", "-S", "-c", code]
+
+
+HIDE_MODULES = """
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name in {names!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+def hide_modules(*names: str) -> str:
+    """A prelude for ``image_launch`` after which importing any of ``names`` fails as if
+    the module were missing from the image (the package itself stays as it is)."""
+    return HIDE_MODULES.format(names=set(names))
+
+
 class NsInit:
     def __init__(self, tmp_path: Path, cmdline: str = "", conf: str = "",
-                 root_setup: object = None, lockdown: bool = False) -> None:
+                 root_setup: object = None, lockdown: bool = False,
+                 launch: list[str] | None = None) -> None:
         self.tmp = tmp_path
         self.root = tmp_path / "root"
         for d in ("proc", "sys", "dev", "run", "tmp", "etc"):
@@ -51,9 +79,9 @@ class NsInit:
         full = f"guestinit.report=unix:{self.sock_path} guestinit.shutdown.grace=2 " + \
             ("" if lockdown else "guestinit.lockdown=0 ") + cmdline.replace(ROOT_TOKEN,
                                                                             str(self.root))
+        python = launch if launch is not None else [sys.executable, "-m", "guestinit"]
         self.cmd = ["unshare", "--pid", "--fork", "--mount", "--uts", "--net", "--kill-child",
-                    sys.executable, "-m", "guestinit", "--root", str(self.root),
-                    "--cmdline", full]
+                    *python, "--root", str(self.root), "--cmdline", full]
         self.log_path = tmp_path / "init.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
         env = dict(os.environ, PYTHONPATH=str(REPO))

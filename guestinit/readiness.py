@@ -1,0 +1,283 @@
+"""When is the agent ready: ``guestinit.agent.ready`` and the wait for it.
+
+Conditions (``parse_ready``, pure):
+
+- ``none``: spawned is ready (nothing is observed; the ``ready`` frame says so);
+- ``syslog:TEXT``: a line containing TEXT reaches the init's syslog server;
+- ``unix:PATH``: a Unix stream socket at PATH (under the boot root) accepts
+  connections.
+
+``wait_ready`` blocks in one ``select`` on every event that can end the wait: the
+agent's pidfd (it exited), PID 1's signal wakeup fd (a shutdown request), and the
+condition's own fd: the syslog socket, or an inotify watch on PATH's deepest
+existing directory (a socket file or a missing directory appearing). It never
+wakes on a timer, with one exception: a socket file that exists but refuses
+connections is bound and not yet listening (the agent is between ``bind`` and
+``listen``, which no event announces), so it is tried again every
+``LISTEN_RETRY`` seconds until it accepts or the timeout ends.
+
+A vsock listener (kata-agent's port 1024) is not a condition: nothing announces it
+either, and finding one means asking the vsock diag interface in a loop.
+"""
+
+from __future__ import annotations
+
+import _socket as socket  # socket.py would import enum and selectors (boot path)
+import errno
+import os
+import select
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from enum import StrEnum
+
+    from guestinit.syslog import SyslogServer
+else:
+    from guestinit.choice import StrChoice as StrEnum
+
+LISTEN_RETRY = 0.005  # s between connects while a socket file refuses (bind -> listen)
+SUN_PATH_MAX = 107
+# <sys/inotify.h>
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+class Ready(StrEnum):
+    NONE = "none"
+    SYSLOG = "syslog"
+    UNIX = "unix"
+
+
+class Condition:
+    """``Condition(Ready.UNIX, "/run/agent.sock")``; ``str()`` gives it as configured."""
+
+    __slots__ = ("kind", "target")
+
+    def __init__(self, kind: Ready, target: str = "") -> None:
+        self.kind = kind
+        self.target = target
+
+    def __str__(self) -> str:
+        return str(self.kind) if self.kind == Ready.NONE else f"{self.kind}:{self.target}"
+
+    def __repr__(self) -> str:
+        return f"Condition({self})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Condition) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def describe(self) -> str:
+        """What was waited for, for a ``failed`` reason."""
+        if self.kind == Ready.SYSLOG:
+            return f"no line containing {self.target!r} on syslog"
+        if self.kind == Ready.UNIX:
+            return f"no listener on unix:{self.target}"
+        return "spawned"
+
+
+NONE = Condition(Ready.NONE)
+
+
+def parse_ready(value: str) -> Condition:
+    kind, sep, target = value.partition(":")
+    low = kind.lower()
+    if low == "none" and not sep:
+        return NONE
+    if low == "syslog" and target:
+        return Condition(Ready.SYSLOG, target)
+    if low == "unix" and target:
+        if not target.startswith("/"):
+            raise ValueError("unix: takes an absolute path")
+        if len(target.encode()) > SUN_PATH_MAX:
+            raise ValueError(f"a unix socket path has at most {SUN_PATH_MAX} bytes")
+        return Condition(Ready.UNIX, os.path.normpath(target))
+    if low == "vsock":
+        raise ValueError("a vsock listener cannot be observed without polling; "
+                         "use unix:PATH or syslog:TEXT")
+    raise ValueError("expected none, syslog:TEXT or unix:PATH")
+
+
+class ExitedBeforeReady(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"exited with status {status}")
+        self.status = status
+
+
+class NotReady(TimeoutError):
+    """The condition did not hold within the timeout."""
+
+
+class Inotify:
+    """An inotify fd (non-blocking); events only wake the wait, which then looks again."""
+
+    __slots__ = ("_ffi", "_lib", "fd", "watched")
+
+    def __init__(self) -> None:
+        from guestinit.effects import _lib
+
+        self._ffi, self._lib = _lib()
+        fd = self._lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)  # type: ignore[attr-defined]
+        if fd < 0:
+            err = self._ffi.errno  # type: ignore[attr-defined]
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+        self.watched: set[str] = set()
+
+    def watch_dir(self, path: str) -> None:
+        """Watch ``path`` for entries created or moved in (once per path)."""
+        if path in self.watched:
+            return
+        mask = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR
+        if self._lib.inotify_add_watch(self.fd, path.encode(), mask) < 0:  # type: ignore[attr-defined]
+            err = self._ffi.errno  # type: ignore[attr-defined]
+            raise OSError(err, f"inotify watch {path}: {os.strerror(err)}")
+        self.watched.add(path)
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def probe_unix(path: str) -> str:
+    """``listening``, ``refused`` (a file that takes no connection yet) or ``absent``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                         | socket.SOCK_NONBLOCK)
+    try:
+        sock.connect(path)
+    except BlockingIOError:  # EAGAIN: a listener whose backlog is full
+        return "listening"
+    except (FileNotFoundError, NotADirectoryError):
+        return "absent"
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.EPROTOTYPE, errno.EACCES):
+            return "refused"
+        raise OSError(exc.errno, f"connect {path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    return "listening"
+
+
+def deepest_dir(path: str) -> str:
+    """The deepest existing directory on the way to ``path`` (its parent, or above)."""
+    folder = os.path.dirname(path)
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+class _UnixProbe:
+    __slots__ = ("inotify", "path", "retry")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.inotify = Inotify()
+        self.retry: float | None = None
+
+    def fds(self) -> list[int]:
+        return [self.inotify.fd]
+
+    def check(self) -> str | None:
+        # watch first, then look: a socket made in between still leaves an event
+        self.inotify.watch_dir(deepest_dir(self.path))
+        state = probe_unix(self.path)
+        self.retry = LISTEN_RETRY if state == "refused" else None
+        return "listening" if state == "listening" else None
+
+    def woke(self, ready: list[int]) -> None:
+        if self.inotify.fd in ready:
+            self.inotify.drain()
+
+    def close(self) -> None:
+        self.inotify.close()
+
+
+class _SyslogProbe:
+    __slots__ = ("retry", "server", "text")
+
+    def __init__(self, server: SyslogServer, text: str) -> None:
+        self.server = server
+        self.text = text
+        self.retry: float | None = None
+
+    def fds(self) -> list[int]:
+        return [self.server.fileno()]
+
+    def check(self) -> str | None:
+        try:  # timeout 0: drain what is queued and look, without blocking
+            return self.server.wait_for(self.text, 0.0)
+        except TimeoutError:
+            return None
+
+    def woke(self, ready: list[int]) -> None:
+        """The next check drains the socket."""
+
+    def close(self) -> None:
+        """The server belongs to the init."""
+
+
+def wait_ready(
+    cond: Condition,
+    pid: int,
+    timeout: float,
+    *,
+    exited: Callable[[], int | None],
+    root: str = "/",
+    syslog: SyslogServer | None = None,
+    wake_fd: int = -1,
+    on_wake: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """Block until ``cond`` holds for the agent ``pid``; what showed it (the syslog
+    line, or ``listening``). ``exited()`` reaps and gives the agent's status once it
+    is gone (``ExitedBeforeReady``); ``on_wake`` runs when ``wake_fd`` is readable
+    and may raise (a shutdown request). ``NotReady`` after ``timeout`` seconds."""
+    if cond.kind == Ready.NONE:
+        return "spawned"
+    probe: _UnixProbe | _SyslogProbe
+    if cond.kind == Ready.SYSLOG:
+        if syslog is None:
+            raise ValueError(f"agent.ready={cond} needs the syslog server (syslog=1)")
+        probe = _SyslogProbe(syslog, cond.target)
+    else:
+        probe = _UnixProbe(os.path.join(root, cond.target.lstrip("/")))
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already reaped: exited() has its status
+        pidfd = -1
+    deadline = clock() + timeout
+    try:
+        while True:
+            how = probe.check()
+            if how is not None:
+                return how
+            status = exited()
+            if status is not None:
+                raise ExitedBeforeReady(status)
+            left = deadline - clock()
+            if left <= 0:
+                raise NotReady(f"{cond.describe()} within {timeout:g}s")
+            fds = [fd for fd in (pidfd, wake_fd, *probe.fds()) if fd >= 0]
+            ready, _, _ = select.select(fds, [], [], min(left, probe.retry or left))
+            if wake_fd in ready:
+                on_wake()
+            probe.woke(ready)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+        probe.close()
