@@ -6,7 +6,7 @@ ROOT=$PWD
 VENV=${GUESTINIT_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
-  cryptsetup-bin zstd cpio umockdev util-linux ca-certificates binutils openssl)
+  cryptsetup-bin zstd cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -59,8 +59,10 @@ cmd_setup() { setup_apt; setup_venv; }
 
 cmd_test() {
   cmd_setup
-  say "building the cpu image for the vm tier"
-  "$VENV/bin/guestinit-build" image cpu --out out/cpu
+  say "building the cpu and baseline images for the vm tier"
+  for profile in cpu baseline-busybox baseline-systemd; do
+    "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
+  done
   say "lint: ruff"
   "$VENV/bin/ruff" check guestinit rootfs bench tests
   say "types: mypy --strict"
@@ -89,6 +91,11 @@ cmd_demo() {
 
 cmd_bench() {
   cmd_setup
+  if [ "${1:-}" = suite ]; then  # the suite boots the cpu image and both baselines
+    for profile in cpu baseline-busybox baseline-systemd; do
+      "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
+    done
+  fi
   "$VENV/bin/guestinit-bench" "$@"
 }
 
@@ -99,7 +106,8 @@ usage: ./build.sh COMMAND [ARGS]
   test [PYTEST]    lint, type-check and run every test tier (unit, pidns, vm)
   image [PROFILE]  build out/PROFILE (default cpu) with guestinit-build
   demo             build the cpu image, boot it in QEMU, print the boot report
-  bench ARGS       run guestinit-bench ARGS (init, boot, bars, compare, listen)
+  bench ARGS       run guestinit-bench ARGS: suite (builds the images it boots), boot,
+                   init, report, compare, listen; e.g. ./build.sh bench suite --runs 5
 USAGE
 }
 

@@ -386,17 +386,17 @@ def ratios(doc_variants: dict[str, dict[str, object]]) -> dict[str, object]:
         tag = "_no_rng" if suffix else ""
         pairs = (
             (f"p2_ready_vs_busybox{tag}", "guestinit" + suffix, "busybox" + suffix,
-             "host_ready_s", 1.15),
+             "host_ready_s", 1.15, "<="),
             (f"p3_systemd_vs_guestinit_userspace{tag}", "systemd" + suffix,
-             "guestinit" + suffix, "userspace_s", 3.0),
+             "guestinit" + suffix, "userspace_s", 3.0, ">="),
         )
-        for key, num, den, metric, target in pairs:
+        for key, num, den, metric, target, pass_if in pairs:
             if num not in doc_variants or den not in doc_variants:
                 continue
             a, b = _median(doc_variants, num, metric), _median(doc_variants, den, metric)
             out[key] = {"variant": num, "baseline": den, "metric": metric,
                         "value": round(a / b, 4) if a is not None and b else None,
-                        "target": target}
+                        "target": target, "pass_if": pass_if}
     return out
 
 
