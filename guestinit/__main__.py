@@ -27,6 +27,9 @@ def run_discover(boot: Boot) -> None:
 
 
 def run_modules(boot: Boot) -> None:
+    if not boot.config().words("modules") and not boot.facts.get("inventory"):
+        boot.facts["modules"] = []  # nothing to load: the loader (and mmap) is not imported
+        return
     from guestinit import kmod
 
     kmod.run_modules(boot)

@@ -22,13 +22,16 @@ SYSLOG_LINE = f"{SYSLOG_PROBE} pid="
 # The stand-in, an independent reader, reports what /sys/module shows after our loader ran.
 CHECKED = ("virtio_mmio", "virtio_console", "vsock", "vmw_vsock_virtio_transport", "evdev")
 MODULES_LINE = "in /sys/module: "
+AGENT_SOCKET = "/run/agent-standin.sock"
 
 
 def test_happy_path_ready_over_virtio_port_then_powerdown(cpu_image: str, tmp_path: Path) -> None:
     # loglevel=7 puts syslog lines (forwarded to kmsg at their own priority) on the console,
     # which is how the host sees that the syslog server got the agent stand-in's line.
-    probe = agent("--message", SYSLOG_PROBE, "--check-modules", ",".join(CHECKED))
-    res = boot_vm(cpu_image, tmp_path, append=f"{probe} loglevel=7", hold_until=MODULES_LINE)
+    probe = agent("--message", SYSLOG_PROBE, "--check-modules", ",".join(CHECKED),
+                  "--listen", AGENT_SOCKET)
+    res = boot_vm(cpu_image, tmp_path, append=f"{probe} loglevel=7 "
+                  f"guestinit.agent.ready=unix:{AGENT_SOCKET}", hold_until=MODULES_LINE)
     assert res.ok, explain(res)
     ready = res.first(FrameType.READY)
     assert ready is not None
@@ -38,6 +41,9 @@ def test_happy_path_ready_over_virtio_port_then_powerdown(cpu_image: str, tmp_pa
     assert isinstance(modules, list)
     for mod in ("virtio_mmio", "virtio_console", "vsock"):
         assert mod in modules, f"{mod} not loaded by guestinit's loader: {modules}"
+    facts = ready.fields.get("agent")  # ready means the stand-in listens, not just spawned
+    assert isinstance(facts, dict) and facts.get("listening_at") == f"unix:{AGENT_SOCKET}", facts
+    assert "agent:ready" in names
     daemons = ready.fields.get("daemons")
     assert isinstance(daemons, list) and any("agent" in repr(d) for d in daemons), daemons
     shutdown = res.first(FrameType.SHUTDOWN)
