@@ -79,7 +79,8 @@ cmd_image() {
 
 # The cpu image carries no kata-agent (it is not a Debian package); the demo runs the
 # agent stand-in shipped in the image, which logs to syslog and waits like an agent.
-DEMO_AGENT='guestinit.agent="/usr/bin/python3.11 -IS /usr/lib/guestinit/guestinit/testing/agent_standin.py"'
+# guestinit.agent.ready: ready waits for the stand-in's "ready" line on the init's syslog.
+DEMO_AGENT='guestinit.agent="/usr/bin/python3.11 -IS /usr/lib/guestinit/guestinit/testing/agent_standin.py" guestinit.agent.ready=syslog:agent-standin-ready'
 
 cmd_demo() {
   cmd_setup

@@ -54,8 +54,12 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     if args.runs > 1:
         print(report.medians_text(results))
     if args.json:
+        from bench.suite import describe_machine, guest_kernel
+
+        machine = describe_machine(results[0].accel, opts.entropy, opts.qemu,
+                                   guest_kernel(img.directory), opts.memory_mib)
         with open(args.json, "w", encoding="utf-8") as fh:
-            report.write_json(results, fh)
+            report.write_json(results, fh, machine)
         print(f"wrote {args.json}")
     return 0 if all(r.ok for r in results) else EXIT_FAILED
 

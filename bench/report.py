@@ -156,8 +156,10 @@ def one_line(res: BootResult) -> str:
             f"{_ms(t.get('guest_init_exec_ns'))}, ready {_ms(t.get('guest_ready_ns'))} guest")
 
 
-def write_json(results: BootResult | list[BootResult], fh: TextIO) -> None:
-    """One boot: its document. Several: ``{"runs": [...], "median": {...}}``."""
+def write_json(results: BootResult | list[BootResult], fh: TextIO,
+               machine: dict[str, object] | None = None) -> None:
+    """One boot: its document. Several: ``{"runs": [...], "median": {...}}``.
+    ``machine`` (the VMM setup and host, as in suite.json) goes in at the top level."""
     if isinstance(results, BootResult):
         doc: dict[str, object] = to_json(results)
     else:
@@ -165,5 +167,7 @@ def write_json(results: BootResult | list[BootResult], fh: TextIO) -> None:
                "runs": [to_json(r) for r in results], "median": medians(results)}
         if len(results) == 1:
             doc = to_json(results[0])
+    if machine is not None:
+        doc["machine"] = machine
     json.dump(doc, fh, indent=1)
     fh.write("\n")

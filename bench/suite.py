@@ -28,7 +28,8 @@ SCHEMA = 1
 KIND = "guestinit-bench-suite"
 DEFAULT_VARIANTS = ("guestinit", "guestinit-erofs", "busybox", "systemd")
 DEMO_AGENT = ('guestinit.agent="/usr/bin/python3.11 -IS '
-              '/usr/lib/guestinit/guestinit/testing/agent_standin.py"')
+              '/usr/lib/guestinit/guestinit/testing/agent_standin.py" '
+              'guestinit.agent.ready=syslog:agent-standin-ready')
 NO_ENTROPY = "@no-rng"  # suffix of the twin variants --also-entropy-none adds
 
 
@@ -248,7 +249,7 @@ class Settings:
     command: list[str] = field(default_factory=list)
 
 
-def _guest_kernel(directory: str) -> str:
+def guest_kernel(directory: str) -> str:
     try:
         with open(os.path.join(directory, "kernel-release.txt"), encoding="utf-8") as fh:
             return fh.read().strip() or "unknown"
@@ -275,7 +276,7 @@ Reporter = Callable[[int, int, str, int, dict[str, object]], None]
 def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str, object]:
     first = next(iter(images.values()))
     machine = describe_machine(settings.accel, settings.entropy, settings.qemu,
-                               _guest_kernel(first.directory), settings.memory_mib)
+                               guest_kernel(first.directory), settings.memory_mib)
     machine["accel_why"] = settings.accel_why
     settings.base_cmdline = first.cmdline
     return machine
