@@ -12,18 +12,13 @@ from pathlib import Path
 import guestinit
 from guestinit import config as guest_config
 from guestinit import modinfo
-from rootfs import closure, fetch, kconfig, kernel, manifest, pack, profile, tree_extras
+from rootfs import closure, fetch, kconfig, kernel, launcher, manifest, pack, profile, tree_extras
 from rootfs.closure import Origin, Pool, Tree
 from rootfs.steps import BuildError, Progress
 
 PROJECT = Origin("guestinit", "0.1.0")
 GENERATED = Origin("guestinit-build", "0.1.0")
 GUEST_SITE = "usr/lib/guestinit"
-INIT_SCRIPT = (
-    "#!/usr/bin/python3.11 -IS\n"
-    "import sys; sys.path.insert(0, \"/usr/lib/guestinit\")\n"
-    "from guestinit.__main__ import main; main()\n"
-)
 BASE_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777,
              "var": 0o755, "var/tmp": 0o1777, "etc": 0o755, "root": 0o700, "mnt": 0o755,
              "usr/lib/firmware": 0o755}
@@ -114,8 +109,10 @@ def install_guestinit(tree: Tree) -> list[str]:
         tree.add_file(f"{GUEST_SITE}/guestinit/{rel}", py, PROJECT, 0o644)
         parts = ("guestinit", *rel.with_suffix("").parts)
         modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    for path in ("init", "usr/sbin/init"):
-        tree.add_bytes(path, INIT_SCRIPT.encode(), PROJECT, 0o755)
+    # the launcher (rootfs/launcher.c) scrubs the environment, sets PYTHONHASHSEED and execs
+    # python3.11 running guestinit.__main__.main; /init links to it
+    tree.add_file("usr/sbin/init", launcher.launcher_binary(), GENERATED, 0o755)
+    tree.add_symlink("init", "usr/sbin/init")
     return modules
 
 

@@ -55,10 +55,10 @@ def test_initramfs_contents(cpu_images: tuple[Path, Path]) -> None:
     assert ents["dev/console"].rdev == (5, 1) and stat.S_ISCHR(ents["dev/console"].mode)
     for d in ("proc", "sys", "dev", "run", "tmp", "var", "etc"):
         assert stat.S_ISDIR(ents[d].mode), d
-    init = ents["init"].data.decode()
-    assert init.startswith("#!/usr/bin/python3.11 -IS\n")
-    assert "from guestinit.__main__ import main; main()" in init
-    assert ents["usr/sbin/init"].data == ents["init"].data
+    # /sbin/init is the static launcher (tests/rootfs/test_launcher.py), /init a link to it
+    init = ents["usr/sbin/init"].data
+    assert init.startswith(b"\x7fELF") and b"from guestinit.__main__ import main; main()" in init
+    assert ents["init"].data == b"usr/sbin/init"
     assert ents["sbin"].data == b"usr/sbin"  # /sbin/init resolves through the usr merge
     conf = ents["etc/guestinit.conf"].data.decode()
     assert f"modules={EARLY}\n" in conf
@@ -94,7 +94,9 @@ def test_manifest_and_sbom(cpu_images: tuple[Path, Path]) -> None:
     files = {r["path"]: r for r in man["files"]}
     assert files["/usr/bin/python3.11"]["package"] == "python3.11-minimal"
     assert files["/usr/lib/guestinit/msgpack/__init__.py"]["package"] == "msgpack"
-    assert files["/init"]["package"] == "guestinit"
+    assert files["/usr/sbin/init"]["package"] == "guestinit-build"  # the compiled launcher
+    assert files["/init"] == {"path": "/init", "type": "symlink", "mode": "0777",
+                              "target": "usr/sbin/init"}
     assert files["/dev/console"]["type"] == "chardev"
     assert all(r.get("package") not in (None, "unknown") for r in files.values()
                if r["type"] == "file")

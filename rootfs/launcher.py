@@ -1,0 +1,70 @@
+"""The image's /sbin/init: ``launcher.c`` compiled with the host's gcc, cached by hash.
+
+Static, so the first exec of the boot needs no loader, no ld.so.cache and no library
+lookups, and an exec failure can still be reported when the interpreter's libraries are
+broken. ``-s``, no build id and the source directory mapped to ``.`` keep the bytes the
+same on every build with the same gcc and libc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from rootfs import fetch
+from rootfs.steps import BuildError, run
+
+SOURCE = Path(__file__).with_name("launcher.c")
+APT_HINT = "apt-get install gcc libc6-dev"
+CFLAGS = ("-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+          "-Wl,--build-id=none", f"-ffile-prefix-map={SOURCE.parent}=.")
+
+
+def compile_argv(dest: Path, defines: Mapping[str, str], cc: str = "gcc",
+                 source: Path = SOURCE) -> list[str]:
+    """gcc's argv; ``defines`` values are C literals (``'"/usr/bin/python3"'``)."""
+    return [cc, *CFLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items())),
+            "-o", str(dest), str(source)]
+
+
+def compile_launcher(dest: Path, defines: Mapping[str, str] | None = None,
+                     cc: str = "gcc", source: Path = SOURCE) -> Path:
+    """Compile the launcher to ``dest``; BuildError names the packages when gcc or the
+    static C library is missing."""
+    if shutil.which(cc) is None:
+        raise BuildError(f"compile {source.name}: C compiler {cc} not found; "
+                         f"install it: {APT_HINT}")
+    try:
+        run(compile_argv(dest, defines or {}, cc, source), what=f"compile {source.name}")
+    except BuildError as exc:  # "cannot find -lc", "stdio.h: No such file": libc6-dev
+        raise BuildError(f"{exc}\n(the launcher needs gcc and the static C library: "
+                         f"{APT_HINT})") from None
+    return dest
+
+
+def toolchain_id(cc: str = "gcc") -> str:
+    """What the binary depends on besides the source: compiler version and target."""
+    if shutil.which(cc) is None:
+        raise BuildError(f"compile {SOURCE.name}: C compiler {cc} not found; "
+                         f"install it: {APT_HINT}")
+    return run([cc, "-dumpfullversion", "-dumpmachine"], what=f"{cc} version").decode()
+
+
+def launcher_binary(cache: Path | None = None, cc: str = "gcc") -> Path:
+    """The compiled launcher from ``<cache>/launcher/`` (built there on a miss)."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), toolchain_id(cc).encode()):
+        key.update(part + b"\0")
+    cache_dir = (cache or fetch.cache_dir()) / "launcher"
+    cached = cache_dir / f"init-{key.hexdigest()[:20]}"
+    if cached.is_file():
+        return cached
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".launcher-", dir=cache_dir) as tmp:
+        built = compile_launcher(Path(tmp) / "init", cc=cc)
+        os.replace(built, cached)  # atomic: concurrent builds never see half a binary
+    return cached
