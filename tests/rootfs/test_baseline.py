@@ -46,7 +46,7 @@ def test_ready_frame_carries_uptime_as_boottime_ns(tmp_path: Path, uptime: str, 
     assert frame.type is wire.FrameType.READY
     assert frame.t == ns
     assert frame.boot_id == "baseline-busybox"
-    assert frame.fields == {"mode": "cpu", "timeline": []}
+    assert frame.fields == {"mode": "cpu", "timeline": [], "init": "busybox"}
 
 
 @needs_busybox
@@ -56,8 +56,9 @@ def test_shutdown_follows_ready_on_one_stream(tmp_path: Path) -> None:
     assert (ready.type, down.type) == (wire.FrameType.READY, wire.FrameType.SHUTDOWN)
     assert ready.boot_id == down.boot_id == "baseline-systemd"
     assert down.t == 3_070_000_000
-    assert down.fields == {"reason": "power button (ACPI powerdown request)", "audit": []}
-    # ``init`` is not part of the schema (validate drops it) but is on the wire
+    assert down.fields == {"reason": "power button (ACPI powerdown request)", "audit": [],
+                           "init": "systemd"}
+    # ``init`` is part of the schema (optional) and on the wire
     body = msgpack.unpackb(data[4:4 + int.from_bytes(data[:4], "big")])
     assert body["init"] == "systemd"
 
