@@ -83,7 +83,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     names = [n for n in args.variants.split(",") if n] if args.variants else list(
         suite.DEFAULT_VARIANTS)
     try:
-        variants = suite.select(names, args.append, args.also_entropy_none)
+        variants = suite.select(names, args.append, args.also_entropy_none, args.image)
         images = suite.load_images(variants, args.images)
     except suite.SuiteError as exc:
         print(f"guestinit-bench suite: {exc}", file=sys.stderr)
@@ -196,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     su.add_argument("--append", action="append", default=[], metavar="NAME=ARGS",
                     help="a cmdline variant: guestinit plus ARGS (BASE+NAME=ARGS starts "
                     "from variant BASE); repeatable, e.g. --append quiet7=loglevel=7")
+    su.add_argument("--image", action="append", default=[], metavar="NAME=DIR",
+                    help="another build of a guestinit image as a variant (agent=none), "
+                    "e.g. --image before=out/cpu-main; repeatable")
     su.add_argument("--runs", type=positive_count, default=5, metavar="N",
                     help="measured runs per variant (default 5)")
     su.add_argument("--warmup", type=int, default=1, metavar="N",

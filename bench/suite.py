@@ -38,7 +38,7 @@ class Variant:
     """One thing to boot: an image directory, its root, its init, extra cmdline words."""
 
     name: str
-    profile: str  # the image directory under --images (out/<profile>)
+    profile: str  # the image directory under --images (out/<profile>), or an absolute path
     init: str  # guestinit, busybox or systemd
     erofs: bool = False
     append: str = ""
@@ -78,7 +78,17 @@ def parse_append(spec: str, known: dict[str, Variant]) -> Variant:
                    f"{base.append} {args}".strip(), base.entropy)
 
 
-def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool) -> list[Variant]:
+def parse_image(spec: str) -> Variant:
+    """``NAME=DIR``: another build of a guestinit image (e.g. the last release's) as a variant."""
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise SuiteError(f"--image {spec!r}: use NAME=DIR, e.g. before=out/cpu-main")
+    base = BUILTIN["guestinit"]
+    return Variant(name, os.path.abspath(directory), base.init, append=base.append)
+
+
+def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool,
+           images: Sequence[str] = ()) -> list[Variant]:
     out: list[Variant] = []
     for name in names:
         if name not in BUILTIN:
@@ -86,6 +96,7 @@ def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool)
                              "add cmdline variants with --append NAME=ARGS)")
         out.append(BUILTIN[name])
     out.extend(parse_append(spec, BUILTIN) for spec in appends)
+    out.extend(parse_image(spec) for spec in images)
     if no_entropy_twins:
         out.extend(Variant(v.name + NO_ENTROPY, v.profile, v.init, v.erofs, v.append, "none")
                    for v in list(out))
@@ -265,8 +276,8 @@ def load_images(variants: list[Variant], images_dir: str) -> dict[str, image.Ima
         try:
             out[v.name] = image.load(directory, erofs=v.erofs)
         except image.ImageError as exc:
-            raise SuiteError(f"variant {v.name}: {exc} (or ./build.sh image {v.profile})"
-                             ) from None
+            build = "" if os.path.isabs(v.profile) else f" (or ./build.sh image {v.profile})"
+            raise SuiteError(f"variant {v.name}: {exc}{build}") from None
     return out
 
 

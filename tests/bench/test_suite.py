@@ -39,6 +39,13 @@ def test_variants_selected_by_name_and_cmdline_variants_built_on_a_base() -> Non
     assert got[4].entropy == "none" and got[0].entropy is None
 
 
+def test_another_build_is_a_guestinit_variant(tmp_path: Path) -> None:
+    (got,) = suite.select([], [], False, [f"before={tmp_path}"])
+    assert (got.name, got.profile, got.init) == ("before", str(tmp_path), "guestinit")
+    with pytest.raises(suite.SuiteError, match="use NAME=DIR"):
+        suite.select([], [], False, ["nodir"])
+
+
 @pytest.mark.parametrize(("names", "appends", "message"), [
     (["nope"], [], "unknown variant 'nope'"),
     (["guestinit", "guestinit"], [], "given twice"),
