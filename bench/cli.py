@@ -198,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
                     "from variant BASE); repeatable, e.g. --append quiet7=loglevel=7")
     su.add_argument("--image", action="append", default=[], metavar="NAME=DIR",
                     help="another build of a guestinit image as a variant (agent=none), "
-                    "e.g. --image before=out/cpu-main; repeatable")
+                    "e.g. --image before=out/cpu-main; BASE+NAME=DIR boots DIR like "
+                    "variant BASE; repeatable")
     su.add_argument("--runs", type=positive_count, default=5, metavar="N",
                     help="measured runs per variant (default 5)")
     su.add_argument("--warmup", type=int, default=1, metavar="N",

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 KERNEL = "vmlinuz"
-INITRAMFS = "initramfs.cpio.zst"
+INITRAMFS = "initramfs.img"
 EROFS = "rootfs.erofs"
 VERITY = "rootfs.verity"
 ROOTHASH = "roothash.txt"

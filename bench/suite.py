@@ -79,12 +79,18 @@ def parse_append(spec: str, known: dict[str, Variant]) -> Variant:
 
 
 def parse_image(spec: str) -> Variant:
-    """``NAME=DIR``: another build of a guestinit image (e.g. the last release's) as a variant."""
+    """``NAME=DIR``: another build of a guestinit image (e.g. the last release's) as a
+    variant; ``BASE+NAME=DIR`` boots DIR the way variant BASE is booted."""
     name, sep, directory = spec.partition("=")
     if not sep or not name or not directory:
-        raise SuiteError(f"--image {spec!r}: use NAME=DIR, e.g. before=out/cpu-main")
-    base = BUILTIN["guestinit"]
-    return Variant(name, os.path.abspath(directory), base.init, append=base.append)
+        raise SuiteError(f"--image {spec!r}: use NAME=DIR, e.g. before=out/cpu-main, or "
+                         "BASE+NAME=DIR, e.g. busybox+raw=/tmp/busybox-raw")
+    base_name, plus, _ = name.partition("+")
+    base = BUILTIN.get(base_name if plus else "guestinit")
+    if base is None:
+        raise SuiteError(f"--image {spec!r}: unknown base variant {base_name!r} "
+                         f"(known: {', '.join(BUILTIN)})")
+    return Variant(name, os.path.abspath(directory), base.init, base.erofs, base.append)
 
 
 def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool,

@@ -22,7 +22,7 @@ GUEST_SITE = "usr/lib/guestinit"
 BASE_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777,
              "var": 0o755, "var/tmp": 0o1777, "etc": 0o755, "root": 0o700, "mnt": 0o755,
              "usr/lib/firmware": 0o755}
-OUTPUT_NAMES = ("vmlinuz", "kernel-release.txt", "initramfs.cpio.zst", "rootfs.erofs",
+OUTPUT_NAMES = ("vmlinuz", "kernel-release.txt", "initramfs.img", "rootfs.erofs",
                 "rootfs.verity", "roothash.txt", "cmdline.txt", "cmdline-erofs.txt",
                 "manifest.json", "sbom.spdx.json", "manifest.json.sig", "signing-key.pub.pem")
 # Only these parts of a wheel reach the guest (cffi: the backend, not the compiler front end).
@@ -160,7 +160,8 @@ def compile_python(tree: Tree, dirs: list[str], sourceless: bool = False) -> Non
 def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = None,
                 extra_config: dict[str, str] | None = None, locked: bool = False,
                 progress: Progress | None = None,
-                zstd_level: int = pack.ZSTD_LEVEL) -> manifest.Manifest:
+                zstd_level: int = pack.ZSTD_LEVEL,
+                compression: str = pack.DEFAULT_COMPRESSION) -> manifest.Manifest:
     progress = progress or Progress()
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
@@ -244,9 +245,9 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
             (out / name).unlink(missing_ok=True)
         outputs: dict[str, Path] = {}
         if profile.Format.INITRAMFS in prof.formats:
-            with progress.step("pack initramfs (cpio newc + zstd)"):
-                outputs["initramfs.cpio.zst"] = pack.initramfs(tree.root, out, epoch,
-                                                               zstd_level)
+            with progress.step(f"pack initramfs (cpio newc + {compression})"):
+                outputs["initramfs.img"] = pack.initramfs(tree.root, out, epoch, zstd_level,
+                                                          compression)
         roothash = None
         if profile.Format.EROFS in prof.formats:
             with progress.step("pack erofs + dm-verity"):
@@ -272,7 +273,7 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
             man.write(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    size = (out / "initramfs.cpio.zst").stat().st_size if (out / "initramfs.cpio.zst").exists() \
+    size = (out / "initramfs.img").stat().st_size if (out / "initramfs.img").exists() \
         else 0
     progress.note(f"out: {out} (initramfs {size / 2**20:.2f} MiB), total {progress.total():.1f} s")
     return man

@@ -28,8 +28,11 @@ def parser() -> argparse.ArgumentParser:
                      metavar="KEY=VALUE", help="extra /etc/guestinit.conf setting")
     img.add_argument("--locked", action="store_true",
                      help="fail instead of re-pinning when the lock file is stale")
+    img.add_argument("--compression", choices=("lz4", "zstd", "none"), default="lz4",
+                     help="initramfs compression (default lz4: the guest kernel unpacks it "
+                     "fastest; see docs/image.md)")
     img.add_argument("--zstd-level", type=int, default=19, choices=range(1, 20),
-                     metavar="1-19", help="initramfs compression level (default 19)")
+                     metavar="1-19", help="level for --compression zstd (default 19)")
     img.add_argument("-q", "--quiet", action="store_true")
     sg = sub.add_parser("sign", help="sign OUT/manifest.json (ECDSA P-256, cosign blob format)")
     sg.add_argument("--key", type=Path, required=True, help="PEM EC P-256 private key")
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or Path("out") / prof.name
             build_image(prof, out.resolve(), driver_dir=args.driver,
                         extra_config=dict(args.append_config), locked=args.locked,
-                        progress=Progress(quiet=args.quiet), zstd_level=args.zstd_level)
+                        progress=Progress(quiet=args.quiet), zstd_level=args.zstd_level,
+                        compression=args.compression)
         elif args.cmd == "sign":
             from rootfs.sign import sign
 

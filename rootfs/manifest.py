@@ -174,7 +174,7 @@ def inspect_table(out: Path) -> str:
     if kernel.exists():
         sizes["kernel"] = [1, kernel.stat().st_size, kernel.stat().st_size]
     blobs: dict[str, dict[str, bytes]] = {c: {} for c in COMPONENTS}
-    initramfs = out / "initramfs.cpio.zst"
+    initramfs = out / "initramfs.img"
     if initramfs.exists():
         from rootfs.pack import decompress
 
@@ -202,7 +202,7 @@ def inspect_table(out: Path) -> str:
                      f"{packed / 2**20:>9.2f} {share:>6}")
     lines.append(f"{'tree':<10} {sum(v[0] for k, v in sizes.items() if k != 'kernel'):>6} "
                  f"{total:>12} {total / 2**20:>7.2f}")
-    for name in ("initramfs.cpio.zst", "rootfs.erofs", "rootfs.verity", "vmlinuz"):
+    for name in ("initramfs.img", "rootfs.erofs", "rootfs.verity", "vmlinuz"):
         if name in man["outputs"]:
             size = man["outputs"][name]["size"]
             lines.append(f"output {name:<20} {size:>12} bytes ({size / 2**20:.2f} MiB)")

@@ -84,9 +84,9 @@ def check_signature(out: Path, pub_path: Path) -> None:
 
 
 def _check_initramfs(out: Path, man: dict[str, Any]) -> str:
-    path = out / "initramfs.cpio.zst"
+    path = out / "initramfs.img"
     if not path.is_file():
-        raise VerifyError(f"verify: output initramfs.cpio.zst is missing from {out}")
+        raise VerifyError(f"verify: output initramfs.img is missing from {out}")
     files = {r["path"]: r for r in man["files"]}
     seen = 0
     try:
@@ -101,7 +101,7 @@ def _check_initramfs(out: Path, man: dict[str, Any]) -> str:
     except (ValueError, BuildError) as exc:
         if isinstance(exc, VerifyError):
             raise
-        raise VerifyError(f"verify: initramfs.cpio.zst is corrupt: {exc}") from None
+        raise VerifyError(f"verify: initramfs.img is corrupt: {exc}") from None
     if seen != len(files):
         raise VerifyError(f"verify: initramfs has {seen} entries, {MANIFEST} lists {len(files)}")
     return f"{seen} initramfs entries match {MANIFEST}"
@@ -112,7 +112,7 @@ def verify(out: Path, pub_path: Path | None) -> list[str]:
     _read_manifest_bytes(out)  # a clear error when there is no manifest
     man = Manifest.read(out).data
     done = []
-    if "initramfs.cpio.zst" in man["outputs"]:
+    if "initramfs.img" in man["outputs"]:
         # first, so that a changed file inside the archive is named, not just the archive
         done.append(_check_initramfs(out, man))
     for name, want in sorted(man["outputs"].items()):

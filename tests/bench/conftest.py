@@ -26,10 +26,10 @@ def paper_image(tmp_path: Path) -> Image:
     """Image files that exist but never boot (the fake VMM does not read them)."""
     d = tmp_path / "img"
     d.mkdir()
-    for name in ("vmlinuz", "initramfs.cpio.zst"):
+    for name in ("vmlinuz", "initramfs.img"):
         (d / name).write_bytes(b"\0" * 16)
     (d / "cmdline.txt").write_text("console=ttyS0 quiet\n")
-    return Image(str(d), str(d / "vmlinuz"), str(d / "initramfs.cpio.zst"),
+    return Image(str(d), str(d / "vmlinuz"), str(d / "initramfs.img"),
                  "console=ttyS0 quiet")
 
 

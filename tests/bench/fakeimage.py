@@ -1,6 +1,6 @@
 """A tiny stand-in guest image for testing the harness: Debian's kernel + busybox.
 
-Laid out like ``guestinit-build`` output (vmlinuz, initramfs.cpio.zst, cmdline.txt).
+Laid out like ``guestinit-build`` output (vmlinuz, initramfs.img, cmdline.txt).
 Its /init loads the virtio + power-button modules with busybox ``insmod``, writes
 frames that were encoded on the host with ``guestinit.wire.encode`` to the
 ``guestinit.report`` virtio port, and behaves per ``fake.mode=`` on the cmdline:
@@ -177,7 +177,7 @@ def build(out: str, cmdline: str = "console=ttyS0 quiet") -> str:
                                   input_bytes="\n".join(names).encode() + b"\n")
             fh.write(done)
         proc.run(["zstd", "-q", "-f", "-19", cpio, "-o",
-                  os.path.join(out, "initramfs.cpio.zst")], timeout=300)
+                  os.path.join(out, "initramfs.img")], timeout=300)
     with open(os.path.join(out, "cmdline.txt"), "w", encoding="ascii") as fh:
         fh.write(cmdline + "\n")
     return out

@@ -20,21 +20,21 @@ def test_missing_directory_says_how_to_build_it(tmp_path: Path) -> None:
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
     _make(tmp_path / "img", "vmlinuz", "cmdline.txt")
-    with pytest.raises(image.ImageError, match=r"initramfs\.cpio\.zst is missing"):
+    with pytest.raises(image.ImageError, match=r"initramfs\.img is missing"):
         image.load(str(tmp_path / "img"))
 
 
 def test_initramfs_boot_has_no_disks_and_a_normalised_cmdline(tmp_path: Path) -> None:
-    _make(tmp_path / "img", "vmlinuz", "initramfs.cpio.zst", "cmdline.txt")
+    _make(tmp_path / "img", "vmlinuz", "initramfs.img", "cmdline.txt")
     img = image.load(str(tmp_path / "img"))
     assert img.cmdline == "console=ttyS0 quiet"
     assert img.disks == []
-    assert img.initramfs == str(tmp_path / "img" / "initramfs.cpio.zst")
+    assert img.initramfs == str(tmp_path / "img" / "initramfs.img")
 
 
 def test_erofs_boot_needs_disk_hash_tree_and_roothash(tmp_path: Path) -> None:
     d = tmp_path / "img"
-    _make(d, "vmlinuz", "initramfs.cpio.zst", "cmdline.txt", "rootfs.erofs")
+    _make(d, "vmlinuz", "initramfs.img", "cmdline.txt", "rootfs.erofs")
     with pytest.raises(image.ImageError, match=r"rootfs\.verity is missing"):
         image.load(str(d), erofs=True)
     _make(d, "rootfs.verity")
@@ -56,4 +56,4 @@ def test_erofs_boot_needs_disk_hash_tree_and_roothash(tmp_path: Path) -> None:
     assert img.cmdline == f"console=ttyS0 {table} root=/dev/dm-0"
     # Without root= an initramfs sets up the verity root, so it goes along.
     (d / "cmdline-erofs.txt").write_text(f"guestinit.root=verity:{'ab' * 32}\n")
-    assert image.load(str(d), erofs=True).initramfs == str(d / "initramfs.cpio.zst")
+    assert image.load(str(d), erofs=True).initramfs == str(d / "initramfs.img")

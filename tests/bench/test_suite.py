@@ -42,6 +42,8 @@ def test_variants_selected_by_name_and_cmdline_variants_built_on_a_base() -> Non
 def test_another_build_is_a_guestinit_variant(tmp_path: Path) -> None:
     (got,) = suite.select([], [], False, [f"before={tmp_path}"])
     assert (got.name, got.profile, got.init) == ("before", str(tmp_path), "guestinit")
+    (bb,) = suite.select([], [], False, [f"busybox+raw={tmp_path}"])
+    assert (bb.name, bb.init, bb.append) == ("busybox+raw", "busybox", "")
     with pytest.raises(suite.SuiteError, match="use NAME=DIR"):
         suite.select([], [], False, ["nodir"])
 
@@ -64,7 +66,7 @@ def _images(tmp_path: Path, paper_image: Image) -> Path:
     for profile in ("cpu", "baseline-busybox"):
         d = images / profile
         d.mkdir(parents=True)
-        for name in ("vmlinuz", "initramfs.cpio.zst", "cmdline.txt"):
+        for name in ("vmlinuz", "initramfs.img", "cmdline.txt"):
             (d / name).write_bytes(Path(paper_image.directory, name).read_bytes())
         (d / "kernel-release.txt").write_text("6.1.0-test\n")
     return images

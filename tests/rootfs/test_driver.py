@@ -47,7 +47,7 @@ def test_gpu_image_with_bundle(kernel_tree: KernelTree, tmp_path: Path) -> None:
     out = tmp_path / "out"
     build_image(profile.load("nvidia-gpu"), out, driver_dir=bundle, locked=True,
                 progress=Progress(quiet=True), zstd_level=3)
-    ents = {e.path: e for e in cpio.read(pack.decompress(out / "initramfs.cpio.zst"))}
+    ents = {e.path: e for e in cpio.read(pack.decompress(out / "initramfs.img"))}
     base = f"usr/lib/modules/{kernel_tree.release}"
     dep = ents[f"{base}/modules.dep"].data.decode()
     uvm = next(line for line in dep.splitlines() if "nvidia-uvm.ko:" in line)

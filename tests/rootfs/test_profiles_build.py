@@ -27,7 +27,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def entries(out: Path) -> dict[str, cpio.Entry]:
-    return {e.path: e for e in cpio.read(pack.decompress(out / "initramfs.cpio.zst"))}
+    return {e.path: e for e in cpio.read(pack.decompress(out / "initramfs.img"))}
 
 
 def test_debug_has_a_shell(built: dict[str, Path]) -> None:
@@ -68,7 +68,7 @@ def test_baseline_busybox(built: dict[str, Path], tmp_path: Path) -> None:
     frame = ready_frame(script, tmp_path)
     assert frame.type is wire.FrameType.READY and frame.boot_id == "baseline-busybox"
     assert "usr/bin/python3.11" not in ents
-    assert (out / "initramfs.cpio.zst").stat().st_size < 4 * 2**20
+    assert (out / "initramfs.img").stat().st_size < 4 * 2**20
 
 
 def test_baseline_systemd(built: dict[str, Path], tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_baseline_busybox_boots_to_ready(built: dict[str, Path], tmp_path: Path)
     port = tmp_path / "report.bin"
     argv = ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "512", "-nographic",
             "-no-reboot", "-nodefaults", "-serial", "stdio", "-kernel", str(out / "vmlinuz"),
-            "-initrd", str(out / "initramfs.cpio.zst"),
+            "-initrd", str(out / "initramfs.img"),
             "-append", (out / "cmdline.txt").read_text().strip() + tsc_word(),
             "-device", "virtio-serial-device", "-chardev", f"file,id=rep,path={port}",
             "-device", "virtserialport,chardev=rep,name=guestinit.report"]

@@ -19,7 +19,7 @@ from bench.boot import BootOptions, BootResult, boot
 REPO = Path(__file__).resolve().parents[2]
 # GUESTINIT_VM_IMAGE points the tier at another build of the cpu profile.
 CPU_IMAGE = Path(os.environ.get("GUESTINIT_VM_IMAGE") or REPO / "out" / "cpu")
-REQUIRED = ("vmlinuz", "initramfs.cpio.zst", "cmdline.txt", "rootfs.erofs", "rootfs.verity",
+REQUIRED = ("vmlinuz", "initramfs.img", "cmdline.txt", "rootfs.erofs", "rootfs.verity",
             "roothash.txt", "cmdline-erofs.txt")
 STANDIN = "/usr/lib/guestinit/guestinit/testing/agent_standin.py"
 BOOT_TIMEOUT = 60.0

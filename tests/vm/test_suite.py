@@ -21,7 +21,7 @@ def images(cpu_image: str) -> Path:
     """out/ with cpu and both baselines (./build.sh test builds them; else built here)."""
     out = Path(cpu_image).parent
     for name in BASELINES:
-        if not (out / name / "initramfs.cpio.zst").is_file():
+        if not (out / name / "initramfs.img").is_file():
             try:
                 proc.run([_builder(), "image", name, "--out", str(out / name)], timeout=1800,
                          cwd=str(REPO))
