@@ -3,7 +3,9 @@
 Static, so the first exec of the boot needs no loader, no ld.so.cache and no library
 lookups, and an exec failure can still be reported when the interpreter's libraries are
 broken. ``-s``, no build id and the source directory mapped to ``.`` keep the bytes the
-same on every build with the same gcc and libc.
+same on every build with the same compiler and libc. With musl (``musl-gcc``, Debian's
+musl-tools) the binary is 17 KiB; with glibc's static libc it is 707 KiB, which every
+boot pays for when the kernel unpacks the initramfs; musl is used when installed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rootfs import fetch
 from rootfs.steps import BuildError, run
 
 SOURCE = Path(__file__).with_name("launcher.c")
-APT_HINT = "apt-get install gcc libc6-dev"
+APT_HINT = "apt-get install musl-tools (or gcc libc6-dev)"
 CFLAGS = ("-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
           "-Wl,--build-id=none", f"-ffile-prefix-map={SOURCE.parent}=.")
 
@@ -32,9 +34,10 @@ def compile_argv(dest: Path, defines: Mapping[str, str], cc: str = "gcc",
 
 
 def compile_launcher(dest: Path, defines: Mapping[str, str] | None = None,
-                     cc: str = "gcc", source: Path = SOURCE) -> Path:
-    """Compile the launcher to ``dest``; BuildError names the packages when gcc or the
-    static C library is missing."""
+                     cc: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile the launcher to ``dest`` (with musl-gcc when installed, else gcc);
+    BuildError names the packages when the compiler or the static C library is missing."""
+    cc = cc or default_cc()
     if shutil.which(cc) is None:
         raise BuildError(f"compile {source.name}: C compiler {cc} not found; "
                          f"install it: {APT_HINT}")
@@ -54,10 +57,16 @@ def toolchain_id(cc: str = "gcc") -> str:
     return run([cc, "-dumpfullversion", "-dumpmachine"], what=f"{cc} version").decode()
 
 
-def launcher_binary(cache: Path | None = None, cc: str = "gcc") -> Path:
+def default_cc() -> str:
+    return "musl-gcc" if shutil.which("musl-gcc") else "gcc"
+
+
+def launcher_binary(cache: Path | None = None, cc: str | None = None) -> Path:
     """The compiled launcher from ``<cache>/launcher/`` (built there on a miss)."""
+    cc = cc or default_cc()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), toolchain_id(cc).encode()):
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), cc.encode(),
+                 toolchain_id(cc).encode()):
         key.update(part + b"\0")
     cache_dir = (cache or fetch.cache_dir()) / "launcher"
     cached = cache_dir / f"init-{key.hexdigest()[:20]}"
