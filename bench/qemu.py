@@ -108,7 +108,7 @@ def cpu_model(accel: str, entropy: str) -> str:
         raise ValueError(f"entropy {entropy!r}: use one of {', '.join(ENTROPY)}")
     if accel == "kvm":
         return "host"
-    return "max" if "rdrand" in entropy else "qemu64"
+    return "qemu64,+rdrand" if "rdrand" in entropy else "qemu64"
 
 
 def qemu_argv(spec: VmSpec) -> list[str]:

@@ -5,10 +5,11 @@ written by the image builder; if it is missing it is generated at run time from
 each ``.ko``'s ``.modinfo`` (``guestinit.modinfo``, pyelftools, imported only then).
 
 Loading goes in dependency waves: the modules of one wave need nothing from each
-other and load concurrently (one thread each; finit_module runs with the GIL
-released), each timed as its own span ``module:<name>`` in the timeline. Most of
-what we load is chains (nvidia -> nvidia_uvm -> ...), so waves are often one
-module wide; a wave of one loads on the calling thread.
+other and, with more than one CPU, load concurrently (one thread each; finit_module
+runs with the GIL released), each timed as its own span ``module:<name>`` in the
+timeline. Most of what we load is chains (nvidia -> nvidia_uvm -> ...), so waves are
+often one module wide; a wave of one, and every wave on one CPU, loads on the calling
+thread.
 """
 
 from __future__ import annotations
@@ -335,16 +336,32 @@ def waves(steps: Sequence[LoadStep]) -> list[list[LoadStep]]:
     return out
 
 
-def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str) -> list[str]:
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return 1
+
+
+def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str,
+               parallel: bool | None = None) -> list[str]:
     """Carry a plan out through ``boot.effects``, wave by wave, the modules of a wave
     concurrently (finit_module runs with the GIL released); each load is timed as
-    ``module:<name>``. The names come back in plan order."""
+    ``module:<name>``. The names come back in plan order.
+
+    ``parallel`` (default: more than one usable CPU): with one vCPU, the size a Kata
+    guest boots with, the kernel's load work cannot overlap, and a thread per module
+    only adds its start-up and the switches, so the plan loads in order on this thread.
+    """
     from guestinit.boot import SideWork
 
+    if parallel is None:
+        parallel = usable_cpus() > 1
     done: dict[str, str] = {}
     for wave in waves([s for s in steps if not s.already]):
-        if len(wave) == 1:
-            done[wave[0].name] = _load_one(boot, wave[0], kernel_release)
+        if len(wave) == 1 or not parallel:
+            for step in wave:
+                done[step.name] = _load_one(boot, step, kernel_release)
             continue
         work = [SideWork(f"load {s.name}", _loader(boot, s, kernel_release)) for s in wave]
         # every load of the wave ends before the first failure is raised

@@ -349,3 +349,32 @@ def test_a_failure_in_a_concurrent_wave_names_the_module(tmp_path: pathlib.Path)
         kmod.load_modules(boot, ["c"], kernel_release=REL)
     loaded = [pathlib.Path(str(c[1])).name for c in boot.effects.calls]
     assert sorted(loaded) == ["a.ko", "b.ko"]  # a and b went together; c never tried
+
+
+class ThreadRecording(DryEffects):
+    def finit_module(self, path: str, params: str = "") -> None:
+        import threading
+
+        super().finit_module(path, params)
+        self.calls[-1] = (*self.calls[-1], threading.get_ident())
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_one_cpu_loads_in_plan_order_on_the_calling_thread(tmp_path: pathlib.Path,
+                                                           parallel: bool) -> None:
+    import threading
+
+    module_tree(tmp_path, "kernel/a.ko:\nkernel/b.ko:\nkernel/c.ko: kernel/a.ko kernel/b.ko\n")
+    boot = make_boot(tmp_path)
+    boot.effects = ThreadRecording()
+    index = kmod.load_index(str(tmp_path / "lib" / "modules" / REL), REL)
+    steps = kmod.plan_load(["c"], index)
+    assert kmod.load_steps(boot, steps, REL, parallel=parallel) == ["a", "b", "c"]
+    threads = [c[-1] for c in boot.effects.calls]
+    here = threading.get_ident()
+    if parallel:  # a and b (one wave) each on a thread of their own, c after both
+        assert here not in threads[:2] and threads[2] == here
+    else:
+        assert [pathlib.Path(str(c[1])).name for c in boot.effects.calls] == [
+            "a.ko", "b.ko", "c.ko"]
+        assert threads == [here] * 3
