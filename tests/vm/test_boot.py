@@ -118,3 +118,20 @@ def test_erofs_with_a_flipped_byte_is_refused(cpu_image: str, tmp_path: Path) ->
         console = fh.read()
     # Refused by dm-verity, not by some unrelated breakage.
     assert "verity" in console and "corrupted" in console, explain(res)
+
+
+def test_without_an_entropy_source_the_init_never_waits_for_the_crng(cpu_image: str,
+                                                                     tmp_path: Path) -> None:
+    # qemu64, no RDRAND, no virtio-rng: the kernel CRNG is ready only late (if at all
+    # before the VM stops). The launcher's hash seed means Python reads no entropy, so
+    # the init's first frame comes before the CRNG is ready, never after it.
+    res = boot_vm(cpu_image, tmp_path, append="guestinit.agent=none", entropy="none")
+    assert res.ok, explain(res)
+    shutdown = res.first(FrameType.SHUTDOWN)
+    assert shutdown is not None
+    kernel = shutdown.fields.get("kernel")
+    assert isinstance(kernel, dict) and isinstance(kernel.get("run_init_ns"), int), kernel
+    first = res.timings["guest_first_frame_ns"]
+    assert isinstance(first, int) and first > kernel["run_init_ns"]
+    crng = kernel.get("crng_ready_ns")
+    assert crng is None or first < crng, (first, crng)
