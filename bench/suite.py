@@ -63,17 +63,23 @@ class SuiteError(ValueError):
     """Bad input to the suite (unknown variant, missing image): one line, exit 2."""
 
 
-def parse_append(spec: str, known: dict[str, Variant]) -> Variant:
-    """``NAME=ARGS`` (a guestinit variant plus ARGS) or ``BASE+NAME=ARGS`` (BASE plus ARGS)."""
-    name, sep, args = spec.partition("=")
-    if not sep or not name or not args.strip():
-        raise SuiteError(f"--append {spec!r}: use NAME=ARGS, e.g. quiet7='loglevel=7', or "
-                         "BASE+NAME=ARGS to start from another variant")
+def _split_spec(option: str, spec: str, usage: str) -> tuple[str, Variant, str]:
+    """``NAME=VALUE`` (based on guestinit) or ``BASE+NAME=VALUE``: (name, base, value)."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value.strip():
+        raise SuiteError(f"{option} {spec!r}: {usage}")
     base_name, plus, _ = name.partition("+")
-    base = known.get(base_name if plus else "guestinit")
+    base = BUILTIN.get(base_name if plus else "guestinit")
     if base is None:
-        raise SuiteError(f"--append {spec!r}: unknown base variant {base_name!r} "
-                         f"(known: {', '.join(known)})")
+        raise SuiteError(f"{option} {spec!r}: unknown base variant {base_name!r} "
+                         f"(known: {', '.join(BUILTIN)})")
+    return name, base, value
+
+
+def parse_append(spec: str) -> Variant:
+    """``NAME=ARGS`` (a guestinit variant plus ARGS) or ``BASE+NAME=ARGS`` (BASE plus ARGS)."""
+    name, base, args = _split_spec("--append", spec, "use NAME=ARGS, e.g. quiet7='loglevel=7', "
+                                   "or BASE+NAME=ARGS to start from another variant")
     return Variant(name, base.profile, base.init, base.erofs,
                    f"{base.append} {args}".strip(), base.entropy)
 
@@ -81,15 +87,9 @@ def parse_append(spec: str, known: dict[str, Variant]) -> Variant:
 def parse_image(spec: str) -> Variant:
     """``NAME=DIR``: another build of a guestinit image (e.g. the last release's) as a
     variant; ``BASE+NAME=DIR`` boots DIR the way variant BASE is booted."""
-    name, sep, directory = spec.partition("=")
-    if not sep or not name or not directory:
-        raise SuiteError(f"--image {spec!r}: use NAME=DIR, e.g. before=out/cpu-main, or "
-                         "BASE+NAME=DIR, e.g. busybox+raw=/tmp/busybox-raw")
-    base_name, plus, _ = name.partition("+")
-    base = BUILTIN.get(base_name if plus else "guestinit")
-    if base is None:
-        raise SuiteError(f"--image {spec!r}: unknown base variant {base_name!r} "
-                         f"(known: {', '.join(BUILTIN)})")
+    name, base, directory = _split_spec(
+        "--image", spec, "use NAME=DIR, e.g. before=out/cpu-main, or BASE+NAME=DIR, "
+        "e.g. busybox+raw=/tmp/busybox-raw")
     return Variant(name, os.path.abspath(directory), base.init, base.erofs, base.append)
 
 
@@ -101,7 +101,7 @@ def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool,
             raise SuiteError(f"unknown variant {name!r} (known: {', '.join(BUILTIN)}; "
                              "add cmdline variants with --append NAME=ARGS)")
         out.append(BUILTIN[name])
-    out.extend(parse_append(spec, BUILTIN) for spec in appends)
+    out.extend(parse_append(spec) for spec in appends)
     out.extend(parse_image(spec) for spec in images)
     if no_entropy_twins:
         out.extend(Variant(v.name + NO_ENTROPY, v.profile, v.init, v.erofs, v.append, "none")
