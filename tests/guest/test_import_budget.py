@@ -57,3 +57,19 @@ def test_generated_cffi_module_is_current(tmp_path: Path) -> None:
         # the _version line follows the cffi release that generated it
         return [line for line in text.splitlines() if "_version" not in line]
     assert body(target.read_text()) == body((REPO / "guestinit" / "_libc_cffi.py").read_text())
+
+
+def test_guestinit_never_takes_randomness_from_the_random_module() -> None:
+    # The launcher's hash seed may be a fixed fallback (docs/guest.md, "How it runs"):
+    # nothing may draw from ``random`` (seeded from it at import) or rely on hash order.
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "guestinit").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "random" for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
