@@ -46,7 +46,7 @@ def run_early(boot: Boot) -> None:
         lenient = lenient_config(boot)
         roothash = verity.wanted(boot, lenient)
         if roothash is not None:
-            verity.switch_to_verity_root(boot, roothash, lenient)  # execs the verified init
+            verity.switch_to_verity_root(boot, roothash, lenient)  # then rooted in it
     later = [m for m in plan if m.deferred]
     if later:
         boot.background("mounts", lambda: mounts.apply_mounts(later, boot.effects))

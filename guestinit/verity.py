@@ -4,8 +4,10 @@ With ``guestinit.verity.roothash=HEX`` on the cmdline the init in the initramfs
 loads those modules, finds the data disk (erofs magic) and the hash disk
 (veritysetup superblock), creates a read-only dm-verity device over them with
 the device-mapper ioctls, mounts the erofs from it and switches root to it:
-the mounts of the early stage move along, the initramfs root is replaced and
-``/sbin/init`` of the verified tree (guestinit again) is exec'ed. Nothing from
+the mounts of the early stage move along, the initramfs root is replaced and the
+boot goes on in the same process, now rooted in the verified tree (what it imports
+from here on comes from there); with ``verity.reexec`` ``/sbin/init`` of the
+verified tree (guestinit again) is exec'ed instead. Nothing from
 the disk is trusted before verity checks it: the salt, sizes and algorithm
 come from the hash disk, but a root hash that does not match them fails every
 read, so a wrong superblock is refused like a flipped data byte.
@@ -203,7 +205,8 @@ def wanted(boot: Boot, cfg: Config) -> str | None:
 
 
 def switch_to_verity_root(boot: Boot, roothash_text: str, cfg: Config) -> None:
-    """Set up the verity root and exec its init; returns only by raising BootError."""
+    """Set up the verity root and switch to it; BootError if that fails. Returns rooted
+    in the verified tree, or (``verity.reexec``) execs its init and never returns."""
     from guestinit import kmod
 
     try:
@@ -234,7 +237,7 @@ def switch_to_verity_root(boot: Boot, roothash_text: str, cfg: Config) -> None:
                                   "refused here") from None
         boot.kmsg.log(6, f"verity root: {data} + {hashes}, root hash {roothash[:16]}...; "
                       "switching root")
-        _switch_root(boot, new_root)
+        _switch_root(boot, new_root, cfg.bool("verity.reexec"))
     except VerityError as exc:
         raise BootError(Stage.EARLY, f"verity root: {exc}") from None
     except BootError as exc:  # the module loader's, named as this stage's
@@ -269,7 +272,7 @@ def free_initramfs(top: str, keep: str) -> int:
     return freed
 
 
-def _switch_root(boot: Boot, new_root: str) -> None:
+def _switch_root(boot: Boot, new_root: str, reexec: bool) -> None:
     for sub in ("dev", "proc", "sys", "run", "tmp"):
         target = os.path.join(new_root, sub)
         if os.path.ismount(boot.path(sub)) and os.path.isdir(target):
@@ -283,14 +286,24 @@ def _switch_root(boot: Boot, new_root: str) -> None:
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     with open(marker, "w") as f:
         f.write(f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n")
-    # the initramfs part of the boot, for the new init's timeline ("initramfs", "verity")
-    spans = [["initramfs" if n == Stage.EARLY else n, s, e]
-             for n, s, e in boot.timeline.snapshot()]
-    env = {"PATH": "/usr/sbin:/usr/bin", ENV_SPANS: ";".join(f"{n}:{s}:{e}" for n, s, e in spans)}
     os.chdir(new_root)
     boot.effects.mount(".", "/", "", MS_MOVE)
     os.chroot(".")
     os.chdir("/")
+    if not reexec:
+        # Going on here saves a second interpreter start and every import again. The
+        # code that runs so far came with the kernel (the initramfs); what is imported
+        # from now on is read from the verified tree, the same build. The interpreter's
+        # own files stay in RAM while mapped, so less is freed than counted above.
+        import importlib
+
+        importlib.invalidate_caches()
+        boot.kmsg.log(6, "verity root: switched; the boot goes on from the verified tree")
+        return
+    # the initramfs part of the boot, for the new init's timeline ("initramfs", "verity")
+    spans = [["initramfs" if n == Stage.EARLY else n, s, e]
+             for n, s, e in boot.timeline.snapshot()]
+    env = {"PATH": "/usr/sbin:/usr/bin", ENV_SPANS: ";".join(f"{n}:{s}:{e}" for n, s, e in spans)}
     boot.kmsg.close()
     os.execve("/sbin/init", ["/sbin/init"], env)
 
