@@ -297,8 +297,8 @@ class _Watch:
         if data and "host_first_output_s" not in self.res.timings:
             self.res.timings["host_first_output_s"] = self._at(time.monotonic())
         self.console.take(data)
-        if self.state == self.HOLD:
-            self._console_has(self.opts.hold_until or "")
+        if self.opts.hold_until:  # seen before ready counts too, as in the whole log
+            self._console_has(self.opts.hold_until)
 
     def _overdue(self, now: float) -> bool:
         """Act on a passed deadline; True when the loop should stop."""
