@@ -54,7 +54,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     if args.runs > 1:
         print(report.medians_text(results))
     if args.json:
-        from bench.suite import describe_machine, guest_kernel
+        from bench.machine import describe_machine, guest_kernel
 
         machine = describe_machine(results[0].accel, opts.entropy, opts.qemu,
                                    guest_kernel(img.directory), opts.memory_mib)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, suite
+from bench import cli, measure, suite
 from bench.image import Image
 
 CONSOLE = b"""[    0.000000] Linux version 6.1.0-56-amd64
@@ -21,7 +21,7 @@ CONSOLE = b"""[    0.000000] Linux version 6.1.0-56-amd64
 
 
 def test_console_gives_kernel_marks_and_the_slowest_initcalls() -> None:
-    marks, calls = suite.parse_console(CONSOLE)
+    marks, calls = measure.parse_console(CONSOLE)
     assert marks == {"guest_crng_ready_s": 0.074209, "guest_run_init_s": 1.552563}
     assert [c["name"] for c in calls] == ["acpi_init", "pci_subsys_init", "tiny_init"]
     assert calls[0]["usecs"] == 80000
