@@ -31,11 +31,18 @@ def lenient_config(boot: Boot) -> Config:
 
 
 def run_early(boot: Boot) -> None:
+    tl = boot.timeline
     try:
-        boot.effects.set_child_subreaper()
+        t0 = tl.now()
+        boot.effects.set_child_subreaper()  # the first effect: binds libc (cffi)
+        t1 = tl.now()
         plan = mounts.plan_mounts(boot.root, read_text("/proc/self/mountinfo"))
         boot.facts["mounts"] = mounts.apply_mounts([m for m in plan if not m.deferred],
                                                    boot.effects)
+        # sub-spans: where this stage's time goes (under TCG: libc ~23 ms, mounts ~10
+        # ms, lo ~26 ms of ~66 ms, the last with the deferred cgroup2 mount beside it)
+        tl.add("early:libc", t0, t1)
+        tl.add("early:mounts", t1, tl.now())
     except OSError as exc:
         raise BootError(Stage.EARLY, str(exc)) from None
     if boot.cmdline_from_proc and not boot.cmdline:
@@ -57,10 +64,12 @@ def run_early(boot: Boot) -> None:
             boot.effects.reboot(RB_DISABLE_CAD)
         except OSError as exc:
             boot.kmsg.log(4, f"ctrl-alt-del stays a hard reboot: {exc}")
+    t_lo = tl.now()
     try:
         boot.effects.link_up("lo")
     except OSError as exc:
         boot.kmsg.log(4, f"loopback not up: {exc}")
+    tl.add("early:lo", t_lo, tl.now())
 
 
 def _console_stdio(console: str) -> None:
