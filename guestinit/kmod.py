@@ -15,7 +15,6 @@ thread.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 
 from guestinit.config import Mode, split_cmdline
@@ -275,6 +274,8 @@ def auto_params(mode: Mode, gpus: int, device_mode: int, device_gid: int) -> lis
 
 def read_vermagic(path: str) -> str:
     """The ``vermagic=`` string of an uncompressed module, without parsing its ELF."""
+    import mmap  # only when a load failed: not on the boot path
+
     with open(path, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -385,21 +386,32 @@ def _loader(boot: Boot, step: LoadStep, kernel_release: str) -> Callable[[], str
     return lambda: _load_one(boot, step, kernel_release)
 
 
-def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
-    """Check and load one module; its name for the report (marked if already there)."""
+def _explain_enoexec(step: LoadStep, kernel_release: str) -> None:
+    """After the kernel refused a module's format: ModuleError naming a vermagic mismatch.
+
+    Only then, not before every load: the kernel checks vermagic itself, and reading
+    each module (and importing mmap) first cost the boot time under TCG.
+    """
     try:
         check_vermagic(step.name, step.path, kernel_release)
     except OSError as exc:
-        raise BootError(Stage.MODULES, f"read module {step.name} ({step.path}): "
-                        f"{exc.strerror or exc}") from None
-    except ModuleError as exc:
-        raise BootError(Stage.MODULES, str(exc)) from None
+        raise ModuleError(f"read module {step.name} ({step.path}): "
+                          f"{exc.strerror or exc}") from None
+
+
+def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
+    """Load one module; its name for the report (marked if already there)."""
     start = boot.timeline.now()
     try:
         boot.effects.finit_module(step.path, step.params)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return f"{step.name} (already loaded)"
+        if exc.errno == errno.ENOEXEC:
+            try:
+                _explain_enoexec(step, kernel_release)
+            except ModuleError as why:
+                raise BootError(Stage.MODULES, str(why)) from None
         hint = _HINTS.get(exc.errno or 0, "see dmesg")
         raise BootError(Stage.MODULES, f"finit_module {step.name}: {_errno_name(exc)}: "
                         f"{hint} ({step.path}"

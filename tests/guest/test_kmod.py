@@ -198,14 +198,33 @@ def test_gpu_mode_sets_firmware_path_then_loads_with_parameters(tmp_path: pathli
                                      "nvidia", "nvidia_uvm"]
 
 
+class VermagicChecking(DryEffects):
+    """Refuses a module built for another kernel with ENOEXEC, as the kernel does."""
+
+    def finit_module(self, path: str, params: str = "") -> None:
+        super().finit_module(path, params)
+        if kmod.read_vermagic(path).split()[0] != REL:
+            raise OSError(errno.ENOEXEC, "Exec format error")
+
+
 def test_vermagic_mismatch_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     module_tree(tmp_path, GPU_DEP, release="5.10.0-old-amd64")
-    boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
+    boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock", effects=VermagicChecking())
     boot.facts.update(mode="cpu", inventory=[])
     with pytest.raises(BootError) as err:
         kmod.run_modules(boot, kernel_release=REL)
     assert err.value.stage == "modules"
     assert f"module vsock: built for kernel 5.10.0-old-amd64, running {REL}" in err.value.reason
+
+
+def test_modules_are_not_read_before_the_kernel_refuses_one(tmp_path: pathlib.Path) -> None:
+    # the happy path leaves the vermagic check to the kernel: a module whose vermagic
+    # would fail our check loads when the kernel takes it (nothing read it first)
+    module_tree(tmp_path, GPU_DEP, release="5.10.0-old-amd64")
+    boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
+    boot.facts.update(mode="cpu", inventory=[])
+    kmod.run_modules(boot, kernel_release=REL)
+    assert boot.facts["modules"] == ["vsock"]
 
 
 def test_kernel_refusal_names_module_errno_and_params(tmp_path: pathlib.Path) -> None:
