@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.stats import Change, Verdict, compare_samples, metric_values, ok_runs, stage_durations
+from bench.stats import (
+    FLOOR_S,
+    Change,
+    Verdict,
+    compare_samples,
+    metric_values,
+    ok_runs,
+    stage_durations,
+)
 
 EXIT_REGRESSION = 1
 EXIT_UNUSABLE = 2
@@ -47,6 +55,9 @@ def add_commands(sub: Any) -> None:
     c.add_argument("new", metavar="NEW", help="result directory or suite.json")
     c.add_argument("--threshold", type=_threshold, default=5.0, metavar="PCT",
                    help="smallest median change that counts, in percent (default 5)")
+    c.add_argument("--floor-ms", type=_threshold, default=FLOOR_S * 1000, metavar="MS",
+                   help="a median change smaller than this many milliseconds is no change "
+                   f"(default {FLOOR_S * 1000:g})")
     c.add_argument("--allow-other-machine", action="store_true",
                    help="compare even when the machines differ (cpu, cores, accel, ...)")
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -128,7 +139,7 @@ def metric_samples(variant: Mapping[str, Any]) -> dict[str, list[float]]:
 
 
 def compare_docs(old: Mapping[str, Any], new: Mapping[str, Any], threshold: float,
-                 seed: int = 0) -> Comparison:
+                 seed: int = 0, floor: float = FLOOR_S) -> Comparison:
     """Every common variant's metrics, new against old (``threshold`` a fraction)."""
     from bench.suite_schema import machine_differences
 
@@ -142,7 +153,7 @@ def compare_docs(old: Mapping[str, Any], new: Mapping[str, Any], threshold: floa
             va, vb = a.get(metric, []), b.get(metric, [])
             if not va and not vb:
                 continue
-            change = compare_samples(va, vb, threshold, seed) if va and vb else None
+            change = compare_samples(va, vb, threshold, seed, floor) if va and vb else None
             result.rows.append(Row(name, metric, len(va), len(vb), change))
     return result
 
@@ -213,7 +224,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not any(v in old["variants"] for v in new["variants"]):
         return fail(f"no common variant (old: {', '.join(old['variants']) or 'none'}; "
                     f"new: {', '.join(new['variants']) or 'none'})")
-    cmp = compare_docs(old, new, args.threshold / 100)
+    cmp = compare_docs(old, new, args.threshold / 100, floor=args.floor_ms / 1000)
     if args.json:
         print(json.dumps(comparison_json(cmp, args.old, args.new), indent=1))
     else:

@@ -25,6 +25,8 @@ RESAMPLES = 5000
 CONFIDENCE = 0.95
 MIN_FOR_INTERVAL = 3
 TOO_FEW = "too few runs for an interval"
+BELOW_FLOOR = "change below the absolute floor"
+FLOOR_S = 0.002  # a median change smaller than this is no change, whatever its percent
 
 
 def summarize(values: Sequence[float | None], n_failed: int) -> dict[str, Any]:
@@ -134,17 +136,22 @@ def bootstrap_interval(old: Sequence[float], new: Sequence[float], seed: int = 0
 
 
 def compare_samples(old: Sequence[float], new: Sequence[float], threshold: float,
-                    seed: int = 0) -> Change:
+                    seed: int = 0, floor: float = FLOOR_S) -> Change:
     """Verdict on ``new`` against ``old``; ``threshold`` is a fraction (0.05 = 5%).
 
     Both sides need at least one value. A regression is a median change above
     ``threshold`` whose interval lies wholly above 0; an improvement the mirror image.
+    A change of the medians smaller than ``floor`` seconds is UNCHANGED: stages of a
+    tenth of a millisecond double from run to run without anyone waiting longer.
     """
     if not old or not new:
         raise ValueError("compare_samples needs at least one value on each side")
     old_median = statistics.median(old)
     new_median = statistics.median(new)
     change = _relative(old_median, new_median)
+    if abs(new_median - old_median) < floor:
+        return Change(old_median, new_median, change, None, None, Verdict.UNCHANGED,
+                      BELOW_FLOOR)
     if min(len(old), len(new)) < MIN_FOR_INTERVAL:
         if change > threshold:
             verdict = Verdict.REGRESSION
