@@ -380,6 +380,17 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
+# What the image's launcher and its entry code print when guestinit cannot run at all
+# (rootfs/launcher.c): no frame can say it, the console does.
+START_FAILURES = ("guestinit-launcher: ", "guestinit: cannot start: ")
+
+
+def _init_could_not_start(console_log: str) -> str:
+    text = _read_text(console_log, limit=16384)
+    said = [line.strip() for line in text.splitlines() if line.startswith(START_FAILURES)]
+    return said[-1][:300] if said else ""
+
+
 def _judge(res: BootResult) -> None:
     ready = res.first(FrameType.READY)
     failed = res.first(FrameType.FAILED)
@@ -401,6 +412,9 @@ def _judge(res: BootResult) -> None:
         res.reason = f"QEMU exited (status {res.qemu_rc}) before the guest was ready"
         if not res.frames:
             res.reason += " (no frame arrived on the report port)"
+            said = _init_could_not_start(res.console_log)
+            if said:
+                res.reason += f"; the console says: {said}"
     elif shutdown is None:
         res.reason = "the guest was ready but sent no shutdown frame"
         if res.forced:

@@ -23,10 +23,40 @@
 #ifndef LAUNCHER_PYTHON
 #define LAUNCHER_PYTHON "/usr/bin/python3.11"
 #endif
+#ifndef LAUNCHER_SITE
+#define LAUNCHER_SITE "/usr/lib/guestinit"
+#endif
+/* The entry code. When guestinit itself cannot be imported (a module missing from the
+ * image), no frame can be sent; it says what is missing on stderr (the console) and,
+ * as PID 1, in the kernel log when /dev/kmsg exists, and powers off through ctypes, so
+ * that the kernel does not panic on a dead init. */
 #ifndef LAUNCHER_CODE
 #define LAUNCHER_CODE \
-    "import sys; sys.path.insert(0, \"/usr/lib/guestinit\")\n" \
-    "from guestinit.__main__ import main; main()\n"
+    "import sys\n" \
+    "sys.path.insert(0, \"" LAUNCHER_SITE "\")\n" \
+    "try:\n" \
+    "    from guestinit.__main__ import main\n" \
+    "except BaseException as exc:\n" \
+    "    import posix\n" \
+    "    why = ('guestinit: cannot start: %s: %s (the image lacks part of guestinit or its '\n" \
+    "           'Python modules); powering off\\n' % (type(exc).__name__, exc))\n" \
+    "    sys.stderr.write(why)\n" \
+    "    sys.stderr.flush()\n" \
+    "    if posix.getpid() == 1:\n" \
+    "        try:\n" \
+    "            with open('/dev/kmsg', 'w') as kmsg:\n" \
+    "                kmsg.write('<2>' + why)\n" \
+    "        except OSError:\n" \
+    "            pass\n" \
+    "        try:\n" \
+    "            import ctypes\n" \
+    "            libc = ctypes.CDLL(None)\n" \
+    "            libc.sync()\n" \
+    "            libc.reboot(0x4321FEDC)\n" \
+    "        except BaseException:\n" \
+    "            pass\n" \
+    "    raise SystemExit(1)\n" \
+    "main()\n"
 #endif
 /* Used while the CRNG is not ready yet (getrandom would block): the seed only spreads
  * dict and set buckets, guestinit does not rely on it for security (docs/guest.md). */

@@ -56,6 +56,12 @@ def main() -> int:
     qf.flush()
     if mode == "die":
         return 3
+    if mode == "nostart" and console is not None:  # what the image's entry code prints
+        console.sendall(b"guestinit: cannot start: ModuleNotFoundError: No module named "
+                        b"'guestinit.__main__' (the image lacks part of guestinit or its "
+                        b"Python modules); powering off\n[    1.3] reboot: Power down\n")
+        console.close()
+        return 0
     hello = encode(Frame(FrameType.HELLO, BOOT, 10, {"version": "x"}))
     ready = encode(Frame(FrameType.READY, BOOT, 300, {"timeline": TIMELINE, "modules": ["m"]}))
     if mode == "split":  # one byte at a time: frames must be reassembled

@@ -122,3 +122,15 @@ def test_sigterm_to_the_harness_stops_the_vmm(paper_image: Image, fake_vmm: str,
     assert harness.returncode == 130, out
     assert "interrupted; QEMU stopped" in out
     assert qemu_pids() - before == set()
+
+
+def test_an_init_that_cannot_start_is_named_from_the_console(paper_image: Image,
+                                                             fake_vmm: str,
+                                                             tmp_path: Path) -> None:
+    res = _boot(paper_image, fake_vmm, tmp_path, "nostart")
+    assert not res.ok and not res.frames
+    assert res.reason == (
+        "QEMU exited (status 0) before the guest was ready (no frame arrived on the report "
+        "port); the console says: guestinit: cannot start: ModuleNotFoundError: No module "
+        "named 'guestinit.__main__' (the image lacks part of guestinit or its Python "
+        "modules); powering off")

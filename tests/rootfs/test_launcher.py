@@ -57,7 +57,9 @@ def test_child_sees_only_the_seed_guestinit_vars_the_flags_and_the_args(tmp_path
     assert seed.isdigit() and seed == str(int(seed)) and 1 <= int(seed) <= 2**32 - 1
     argv = nul_list(tmp_path / "argv")
     assert argv[:5] == FLAGS
-    assert "from guestinit.__main__ import main; main()" in argv[5]
+    assert "    from guestinit.__main__ import main\n" in argv[5]
+    assert argv[5].endswith("\nmain()\n")
+    compile(argv[5], "<launcher>", "exec")  # the entry code is valid Python
     assert 'sys.path.insert(0, "/usr/lib/guestinit")' in argv[5]
     assert argv[6:] == ["--root", "/r", "quiet", "x=y"]
 
@@ -156,3 +158,16 @@ def test_binary_is_static_reproducible_and_cached(tmp_path: Path) -> None:
     assert data[:4] == b"\x7fELF" and b"/lib64/ld-linux" not in data  # no PT_INTERP
     assert b".note.gnu.build-id" not in data
     assert str(launcher.SOURCE.parent).encode() not in data
+
+
+def test_guestinit_missing_from_the_image_is_named_without_a_traceback(tmp_path: Path) -> None:
+    # a site directory without the guestinit package: the real interpreter runs the real
+    # entry code, which names what is missing (as PID 1 it would power off too)
+    site = tmp_path / "site"
+    site.mkdir()
+    binary = build(tmp_path, LAUNCHER_SITE=str(site))
+    res = run(binary)
+    assert res.returncode == 1
+    assert res.stderr == ("guestinit: cannot start: ModuleNotFoundError: No module named "
+                          "'guestinit' (the image lacks part of guestinit or its Python "
+                          "modules); powering off\n")
