@@ -57,7 +57,8 @@ def test_initramfs_contents(cpu_images: tuple[Path, Path]) -> None:
         assert stat.S_ISDIR(ents[d].mode), d
     # /sbin/init is the static launcher (tests/rootfs/test_launcher.py), /init a link to it
     init = ents["usr/sbin/init"].data
-    assert init.startswith(b"\x7fELF") and b"from guestinit.__main__ import main; main()" in init
+    assert init.startswith(b"\x7fELF") and b"from guestinit.__main__ import main\n" in init
+    assert b"guestinit: cannot start: " in init  # the entry code's own failure line
     assert ents["init"].data == b"usr/sbin/init"
     assert ents["sbin"].data == b"usr/sbin"  # /sbin/init resolves through the usr merge
     conf = ents["etc/guestinit.conf"].data.decode()
