@@ -285,20 +285,14 @@ class _Watch:
                 self.state = self.EXIT
                 self.deadline = now + self.opts.exit_grace
 
-    def _console_has(self, text: str) -> bool:
-        if self.console is None:
-            return False
-        self.hold_seen = self.hold_seen or text.encode() in self.console.seen
-        return self.hold_seen
-
     def take_console(self, data: bytes) -> None:
         if self.console is None:
             return
         if data and "host_first_output_s" not in self.res.timings:
             self.res.timings["host_first_output_s"] = self._at(time.monotonic())
         self.console.take(data)
-        if self.opts.hold_until:  # seen before ready counts too, as in the whole log
-            self._console_has(self.opts.hold_until)
+        if self.opts.hold_until and not self.hold_seen:  # seen before ready counts too
+            self.hold_seen = self.opts.hold_until.encode() in self.console.seen
 
     def _overdue(self, now: float) -> bool:
         """Act on a passed deadline; True when the loop should stop."""
@@ -350,7 +344,7 @@ class _Watch:
                     self.res.reason = (f"the report stream broke ({self.res.errors[-1]}); "
                                        "no ready can follow")
                     break
-                if self.state == self.HOLD and self._console_has(self.opts.hold_until or ""):
+                if self.state == self.HOLD and self.hold_seen:
                     self.res.timings["host_hold_s"] = self._at(time.monotonic())
                     self._powerdown(time.monotonic())
                 waiting = self.state

@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from bench import cli_reports
+from bench.qemu import ENTROPY
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-ENTROPY_CHOICES = ("rdrand", "virtio-rng", "rdrand+virtio-rng", "none")  # bench.qemu.ENTROPY
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
@@ -93,7 +93,8 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     settings = suite.Settings(
         runs=args.runs, warmup=args.warmup, timeout=args.timeout, memory_mib=args.memory,
         accel=accel, accel_why=why, entropy=args.entropy, images=args.images, qemu=args.qemu,
-        keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]])
+        keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]],
+        base_cmdline=first.cmdline)
     machine = suite.machine_for(images, settings)
     out_dir = args.out or suite.default_out_dir(str(machine["name"]))
     total = (args.runs + args.warmup) * len(variants)
@@ -174,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the QEMU binary (default qemu-system-x86_64 on PATH)")
     b.add_argument("--runs", type=positive_count, default=1, metavar="N",
                    help="boot N times and print the median timings (default 1)")
-    b.add_argument("--entropy", choices=ENTROPY_CHOICES, default="rdrand",
+    b.add_argument("--entropy", choices=ENTROPY, default="rdrand",
                    help="the guest's early entropy source (default rdrand; see suite)")
     b.add_argument("--hold-until", metavar="TEXT",
                    help="after ready, wait (up to --timeout) for TEXT on the serial console "
@@ -209,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     su.add_argument("--images", default="out", metavar="DIR",
                     help="where the image directories are (default out: out/cpu, "
                     "out/baseline-busybox, out/baseline-systemd)")
-    su.add_argument("--entropy", choices=ENTROPY_CHOICES, default="rdrand",
+    su.add_argument("--entropy", choices=ENTROPY, default="rdrand",
                     help="the guest's early entropy source (default rdrand: -cpu max under "
                     "TCG, the host CPU under KVM; none: QEMU's qemu64 CPU, no RNG device)")
     su.add_argument("--also-entropy-none", action="store_true",

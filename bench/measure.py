@@ -9,14 +9,16 @@ from __future__ import annotations
 import re
 
 from bench.boot import BootResult
+from guestinit.kmsg import KERNEL_MARKS
 from guestinit.wire import FrameType
 
 _PRINTK = re.compile(rb"^\[\s*(\d+\.\d+)\] (.*)$", re.M)
 _INITCALL = re.compile(r"^initcall (\S+?)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?(?: \[\S+\])? "
                        r"returned (-?\d+) after (\d+) usecs")
-CONSOLE_MARKS = (("guest_run_init_s", ("Run /init as init process",
-                                       "Run /sbin/init as init process")),
-                 ("guest_crng_ready_s", ("random: crng init done",)))
+# The kernel lines the guest reports from its ring (shutdown frame, ``kernel.<mark>_ns``)
+# are the ones looked for on the console: guest_<mark>_s.
+MARK_KEYS = {mark: f"guest_{mark.removesuffix('_ns')}_s" for mark, _ in KERNEL_MARKS}
+CONSOLE_MARKS = tuple((MARK_KEYS[mark], texts) for mark, texts in KERNEL_MARKS)
 TOP_INITCALLS = 10
 
 
@@ -48,8 +50,7 @@ def measure(res: BootResult, console: bytes) -> dict[str, object]:
     marks, initcalls = parse_console(console)
     kernel = shutdown.fields.get("kernel") if shutdown is not None else None
     if isinstance(kernel, dict):  # the guest read them from its ring: quiet cannot hide them
-        for key, src in (("guest_run_init_s", "run_init_ns"),
-                         ("guest_crng_ready_s", "crng_ready_ns")):
+        for src, key in MARK_KEYS.items():
             if isinstance(kernel.get(src), int):
                 marks[key] = kernel[src] / 1e9
     run_init = marks.get("guest_run_init_s")

@@ -154,7 +154,6 @@ def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str,
     machine = describe_machine(settings.accel, settings.entropy, settings.qemu,
                                guest_kernel(first.directory), settings.memory_mib)
     machine["accel_why"] = settings.accel_why
-    settings.base_cmdline = first.cmdline
     return machine
 
 

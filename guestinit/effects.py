@@ -53,17 +53,18 @@ class Effects:
         # fails that stage with a failed frame instead of killing PID 1 before it starts
         self._loaded: tuple[object, object] | None = None
 
-    @property
-    def _ffi(self) -> object:
+    def _binding(self) -> tuple[object, object]:
         if self._loaded is None:
             self._loaded = _lib()
-        return self._loaded[0]
+        return self._loaded
+
+    @property
+    def _ffi(self) -> object:
+        return self._binding()[0]
 
     @property
     def _lib(self) -> object:
-        if self._loaded is None:
-            self._loaded = _lib()
-        return self._loaded[1]
+        return self._binding()[1]
 
     def _check(self, rc: int, what: str) -> None:
         if rc < 0:

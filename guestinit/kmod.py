@@ -386,19 +386,6 @@ def _loader(boot: Boot, step: LoadStep, kernel_release: str) -> Callable[[], str
     return lambda: _load_one(boot, step, kernel_release)
 
 
-def _explain_enoexec(step: LoadStep, kernel_release: str) -> None:
-    """After the kernel refused a module's format: ModuleError naming a vermagic mismatch.
-
-    Only then, not before every load: the kernel checks vermagic itself, and reading
-    each module (and importing mmap) first cost the boot time under TCG.
-    """
-    try:
-        check_vermagic(step.name, step.path, kernel_release)
-    except OSError as exc:
-        raise ModuleError(f"read module {step.name} ({step.path}): "
-                          f"{exc.strerror or exc}") from None
-
-
 def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
     """Load one module; its name for the report (marked if already there)."""
     start = boot.timeline.now()
@@ -408,10 +395,15 @@ def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
         if exc.errno == errno.EEXIST:
             return f"{step.name} (already loaded)"
         if exc.errno == errno.ENOEXEC:
+            # vermagic is read only now, not before every load: the kernel checks it
+            # itself, and reading each module (and importing mmap) first cost boot time
             try:
-                _explain_enoexec(step, kernel_release)
+                check_vermagic(step.name, step.path, kernel_release)
             except ModuleError as why:
                 raise BootError(Stage.MODULES, str(why)) from None
+            except OSError as why:
+                raise BootError(Stage.MODULES, f"read module {step.name} ({step.path}): "
+                                f"{why.strerror or why}") from None
         hint = _HINTS.get(exc.errno or 0, "see dmesg")
         raise BootError(Stage.MODULES, f"finit_module {step.name}: {_errno_name(exc)}: "
                         f"{hint} ({step.path}"

@@ -155,9 +155,9 @@ def kernel_marks(path: str = "/dev/kmsg") -> dict[str, int]:
                 continue
             except OSError:
                 break
-            parsed = parse_record(record) if record else None
-            if record == b"":
+            if not record:
                 break
+            parsed = parse_record(record)
             if parsed is None:
                 continue
             ns, text = parsed

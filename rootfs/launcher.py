@@ -38,9 +38,7 @@ def compile_launcher(dest: Path, defines: Mapping[str, str] | None = None,
     """Compile the launcher to ``dest`` (with musl-gcc when installed, else gcc);
     BuildError names the packages when the compiler or the static C library is missing."""
     cc = cc or default_cc()
-    if shutil.which(cc) is None:
-        raise BuildError(f"compile {source.name}: C compiler {cc} not found; "
-                         f"install it: {APT_HINT}")
+    _need_compiler(cc, source)
     try:
         run(compile_argv(dest, defines or {}, cc, source), what=f"compile {source.name}")
     except BuildError as exc:  # "cannot find -lc", "stdio.h: No such file": libc6-dev
@@ -51,10 +49,14 @@ def compile_launcher(dest: Path, defines: Mapping[str, str] | None = None,
 
 def toolchain_id(cc: str = "gcc") -> str:
     """What the binary depends on besides the source: compiler version and target."""
-    if shutil.which(cc) is None:
-        raise BuildError(f"compile {SOURCE.name}: C compiler {cc} not found; "
-                         f"install it: {APT_HINT}")
+    _need_compiler(cc, SOURCE)
     return run([cc, "-dumpfullversion", "-dumpmachine"], what=f"{cc} version").decode()
+
+
+def _need_compiler(cc: str, source: Path) -> None:
+    if shutil.which(cc) is None:
+        raise BuildError(f"compile {source.name}: C compiler {cc} not found; "
+                         f"install it: {APT_HINT}")
 
 
 def default_cc() -> str:

@@ -80,23 +80,27 @@ def test_sigterm_during_the_wait_is_an_orderly_shutdown(ns_init: type[NsInit],
     assert shutdown.get("reason") == "signal SIGTERM, during stage agent"
 
 
+def _boot_without(ns_init: type[NsInit], tmp_path: Path, module: str,
+                  cmdline: str = "") -> tuple[NsInit, str]:
+    """Boot an image that lacks ``module``; the init and the stage:reason it failed with."""
+    init = ns_init(tmp_path, f"guestinit.agent=none {cmdline}".strip(),
+                   launch=image_launch(hide_modules(module)))
+    failed = init.wait_frame(FrameType.FAILED)
+    return init, f"{failed.get('stage')}:{failed.get('reason')}"
+
+
 def test_missing_module_in_a_stage_fails_that_stage(ns_init: type[NsInit],
                                                     tmp_path: Path) -> None:
     # the modules stage imports the loader (kmod.py) when it starts; an image without it
     # must still report
-    init = ns_init(tmp_path, "guestinit.agent=none guestinit.modules=virtio_console",
-                   launch=image_launch(hide_modules("guestinit.kmod")))
-    failed = init.wait_frame(FrameType.FAILED)
-    assert failed.get("stage") == "modules", failed
-    reason = str(failed.get("reason"))
-    assert reason.startswith("ImportError") and "'kmod'" in reason, failed
+    _, failed = _boot_without(ns_init, tmp_path, "guestinit.kmod",
+                              "guestinit.modules=virtio_console")
+    assert failed.startswith("modules:ImportError") and "'kmod'" in failed, failed
 
 
 def test_missing_libc_binding_fails_early_with_a_frame(ns_init: type[NsInit],
                                                        tmp_path: Path) -> None:
-    init = ns_init(tmp_path, "guestinit.agent=none",
-                   launch=image_launch(hide_modules("_cffi_backend")))
-    failed = init.wait_frame(FrameType.FAILED)
-    assert failed.get("stage") == "early", failed
-    assert "No module named '_cffi_backend'" in str(failed.get("reason")), failed
+    init, failed = _boot_without(ns_init, tmp_path, "_cffi_backend")
+    assert failed.startswith("early:"), failed
+    assert "No module named '_cffi_backend'" in failed, failed
     assert init.wait_exit() == 3  # power off could not bind libc either: exit, no traceback
