@@ -19,7 +19,15 @@ from typing import BinaryIO, TextIO
 
 from bench import proc
 from bench.image import Image
-from bench.qemu import QEMU, VmSpec, choose_accel, host_tsc_khz, kernel_cmdline, qemu_argv
+from bench.qemu import (
+    QEMU,
+    BarDevice,
+    VmSpec,
+    choose_accel,
+    host_tsc_khz,
+    kernel_cmdline,
+    qemu_argv,
+)
 from bench.qmp import Qmp, QmpError
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
@@ -40,6 +48,7 @@ class BootOptions:
     hold_until: str | None = None  # after ready, wait for this console text, then powerdown
     qemu: str = QEMU
     entropy: str = "rdrand"  # bench.qemu.ENTROPY: the guest's early entropy source
+    bar: BarDevice | None = None  # PCIe and a large-BAR device (bar-sweep)
 
 
 @dataclass
@@ -64,6 +73,7 @@ class BootResult:
     qemu_stderr: str = ""
     forced: str = ""  # "quit" / "kill" when the harness had to stop QEMU itself
     timings: dict[str, float | int | None] = field(default_factory=dict)
+    qemu_peak_rss_kib: int | None = None  # QEMU's VmHWM, read before it exits
 
     def first(self, ftype: FrameType) -> Frame | None:
         return next((r.frame for r in self.frames if r.frame.type is ftype), None)
@@ -128,6 +138,24 @@ def _accept(listener: socket.socket, child: subprocess.Popen[bytes], what: str) 
             raise RuntimeError(f"QEMU did not connect {what} within {CONNECT_SECONDS}s")
 
 
+def peak_rss_kib(pid: int, proc_dir: str = "/proc") -> int | None:
+    """A live process's peak resident set (``VmHWM``) in KiB; None once it is gone."""
+    try:
+        with open(os.path.join(proc_dir, str(pid), "status")) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _note_rss(res: BootResult, pid: int) -> None:
+    now = peak_rss_kib(pid)
+    if now is not None:
+        res.qemu_peak_rss_kib = max(now, res.qemu_peak_rss_kib or 0)
+
+
 def _read_text(path: str, limit: int = 4000) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -150,7 +178,7 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),
         qmp_socket=os.path.join(res.workdir, "qmp.sock"), accel=res.accel,
         memory_mib=opts.memory_mib, disks=image.disks, qemu=opts.qemu, entropy=opts.entropy,
-        console_socket=os.path.join(res.workdir, "console.sock"),
+        console_socket=os.path.join(res.workdir, "console.sock"), bar=opts.bar,
     )
     res.argv = qemu_argv(spec)
     return res, spec
@@ -185,7 +213,7 @@ def run(
         except (RuntimeError, QmpError) as exc:
             res.reason = str(exc)
         else:
-            watch = _Watch(res, opts, qmp, spawned)
+            watch = _Watch(res, opts, qmp, spawned, child.pid)
             with open(res.console_log, "wb") as log:
                 watch.console = _Console(console, log) if console is not None else None
                 watch.loop(child, report, _Progress(progress))
@@ -195,6 +223,7 @@ def run(
                 console.close()
     finally:
         if child is not None:
+            _note_rss(res, child.pid)
             if child.poll() is None and not res.forced:
                 res.forced = "kill"
             res.qemu_rc = proc.stop(child)
@@ -236,8 +265,10 @@ class _Watch:
     SHUTDOWN = "shutdown"
     EXIT = "QEMU to exit"
 
-    def __init__(self, res: BootResult, opts: BootOptions, qmp: Qmp, spawned: float) -> None:
+    def __init__(self, res: BootResult, opts: BootOptions, qmp: Qmp, spawned: float,
+                 pid: int) -> None:
         self.res, self.opts, self.qmp, self.spawned = res, opts, qmp, spawned
+        self.pid = pid  # QEMU's, for its peak RSS while it still runs
         self.reader = FrameReader()
         self.state = self.READY
         self.deadline = spawned + opts.timeout
@@ -278,10 +309,12 @@ class _Watch:
                     self._powerdown(now)
             elif item.type is FrameType.FAILED and "host_failed_s" not in timings:
                 timings["host_failed_s"] = self._at(now)
+                _note_rss(res, self.pid)
                 self.state = self.EXIT
                 self.deadline = now + self.opts.exit_grace
             elif item.type is FrameType.SHUTDOWN and "host_shutdown_s" not in timings:
                 timings["host_shutdown_s"] = self._at(now)
+                _note_rss(res, self.pid)
                 self.state = self.EXIT
                 self.deadline = now + self.opts.exit_grace
 

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bench import cli_reports
+from bench import cli_bar, cli_reports
 from bench.qemu import ENTROPY
 
 EXIT_FAILED = 1
@@ -230,6 +230,7 @@ def parser() -> argparse.ArgumentParser:
     ini.add_argument("rest", nargs=argparse.REMAINDER)
     ini.set_defaults(func=_cmd_init)
     cli_reports.add_commands(sub)
+    cli_bar.add_commands(sub)
     return top
 
 

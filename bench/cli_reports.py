@@ -83,6 +83,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else _base_dir(args.dir)
         if fmt == "all":
             written = suite_report.write_all(doc, out_dir)
+            if "bar_sweep" in doc:  # a bar-sweep's result: its own renderings too
+                from bench import bar_report
+
+                written += bar_report.write_all(doc, out_dir)
         else:
             written = [suite_report.timeline_svg(doc, out_dir / "timeline.svg"),
                        suite_report.distribution_svg(doc, out_dir / "distribution.svg")]
@@ -91,6 +95,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     if fmt == "md":
         text = suite_report.markdown(doc)
+        if "bar_sweep" in doc:
+            from bench import bar_report
+
+            text = bar_report.markdown(doc) + "\n" + text
     elif fmt == "openmetrics":
         text = suite_report.openmetrics(doc)
     else:

@@ -9,7 +9,7 @@ from bench import proc
 from bench.qemu import cpu_model
 
 
-def _first_line(path: str, key: str) -> str:
+def first_line(path: str, key: str) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -22,7 +22,7 @@ def _first_line(path: str, key: str) -> str:
 
 def describe_machine(accel: str, entropy: str, qemu: str, guest_kernel: str,
                      memory_mib: int) -> dict[str, object]:
-    mem_kib = _first_line("/proc/meminfo", "MemTotal").split()[0]
+    mem_kib = first_line("/proc/meminfo", "MemTotal").split()[0]
     os_name = "unknown"
     try:
         os_name = platform.freedesktop_os_release().get("PRETTY_NAME", "unknown")
@@ -34,7 +34,7 @@ def describe_machine(accel: str, entropy: str, qemu: str, guest_kernel: str,
         qemu_version = "unknown"
     cores = os.cpu_count() or 1
     return {
-        "name": f"{accel}-{cores}c", "cpu_model": _first_line("/proc/cpuinfo", "model name"),
+        "name": f"{accel}-{cores}c", "cpu_model": first_line("/proc/cpuinfo", "model name"),
         "cores": cores, "memory_bytes": int(mem_kib) * 1024 if mem_kib.isdigit() else 0,
         "host_kernel": platform.release(), "os": os_name, "qemu_version": qemu_version,
         "machine_type": "microvm", "accel": accel, "cpu": cpu_model(accel, entropy),

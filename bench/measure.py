@@ -74,10 +74,23 @@ def measure(res: BootResult, console: bytes) -> dict[str, object]:
     stages = [{"name": n, "start_s": a / 1e9, "end_s": b / 1e9}
               for n, a, b in (ready.timeline() if ready is not None else [])
               if ":" not in n]  # module:/discover: sub-spans stay in the frames
+    rec.update(_pci(kernel))
+    rec["qemu_peak_rss_mib"] = (round(res.qemu_peak_rss_kib / 1024, 1)
+                                if res.qemu_peak_rss_kib is not None else None)
     rec["stages"] = stages
     rec["spans"] = _spans(rec, stages, _s(t.get("host_powerdown_s")))
     rec["initcalls"] = initcalls
     return rec
+
+
+def _pci(kernel: object) -> dict[str, float | None]:
+    """PCI enumeration (root bridge -> last line of the scan) and the guest time PCI set-up
+    ended, from the kernel marks of the shutdown frame (guestinit.kmsg.PCI_*)."""
+    k = kernel if isinstance(kernel, dict) else {}
+    root, scanned, done = (k.get(f"pci_{m}_ns") for m in ("root", "scanned", "done"))
+    enum = (scanned - root) / 1e9 if isinstance(root, int) and isinstance(scanned, int) else None
+    return {"guest_pci_enum_s": _s(enum),
+            "guest_pci_done_s": _s(done / 1e9) if isinstance(done, int) else None}
 
 
 def _spans(rec: dict[str, object], stages: list[dict[str, object]],

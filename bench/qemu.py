@@ -21,6 +21,10 @@ QEMU = "qemu-system-x86_64"
 REPORT_PORT = "guestinit.report"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "guestinit")
 PROBE_SECONDS = 4.0
+DEFAULT_PHYS_BITS = 40  # QEMU's TCG default; KVM's host-phys-bits would follow the host
+MAX_PHYS_BITS = 52  # x86-64's architectural limit
+BAR_BDF = "0000:00:01.0"  # where the large-BAR stand-in sits (ivshmem-plain, BAR 2)
+BAR_INDEX = 2
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,29 @@ class VmSpec:
     qemu: str = QEMU
     entropy: str = "rdrand"  # one of ENTROPY: what seeds the guest's CRNG early
     console_socket: str | None = None  # serial console to a socket the harness reads
+    bar: BarDevice | None = None  # a PCIe root complex, with a large-BAR device if sized
+
+
+@dataclass(frozen=True)
+class BarDevice:
+    """microvm's PCIe root complex (``pcie=on``) and, unless ``size`` is 0, an
+    ``ivshmem-plain`` device at ``BAR_BDF`` whose BAR 2 (64-bit prefetchable) is ``size``
+    bytes of a RAM backend with ``reserve=off``: host pages exist only where the guest
+    touches, no file is written. microvm's 64-bit PCI window is the top quarter of the
+    guest-physical space, so ``phys_bits`` (the CPU's address width) decides the largest
+    BAR it can place: 40 bits (QEMU's TCG default) hold 256 GiB.
+    """
+
+    size: int
+    phys_bits: int = DEFAULT_PHYS_BITS
+
+
+def phys_bits_for(size: int) -> int:
+    """The smallest address width whose 64-bit window (a quarter of it) holds ``size``."""
+    bits = DEFAULT_PHYS_BITS
+    while (1 << bits) // 4 < size:
+        bits += 1
+    return bits
 
 
 def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys") -> int | None:
@@ -112,11 +139,15 @@ def cpu_model(accel: str, entropy: str) -> str:
 
 
 def qemu_argv(spec: VmSpec) -> list[str]:
-    accel = ["-accel", spec.accel, "-cpu", cpu_model(spec.accel, spec.entropy)]
+    cpu = cpu_model(spec.accel, spec.entropy)
+    if spec.bar is not None and spec.accel != "kvm":
+        cpu += f",phys-bits={spec.bar.phys_bits}"
+    accel = ["-accel", spec.accel, "-cpu", cpu]
+    machine = "microvm,x-option-roms=off" + (",pcie=on" if spec.bar is not None else "")
     serial = (f"socket,id=console,path={spec.console_socket}" if spec.console_socket
               else f"file,id=console,path={spec.console_log}")
     argv = [
-        spec.qemu, "-M", "microvm,x-option-roms=off", *accel,
+        spec.qemu, "-M", machine, *accel,
         "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", spec.kernel, "-append", spec.cmdline,
@@ -132,6 +163,10 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     if "virtio-rng" in spec.entropy:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
                  "-device", "virtio-rng-device,rng=rng0"]
+    if spec.bar is not None and spec.bar.size:
+        argv += ["-object", f"memory-backend-ram,id=bar,size={spec.bar.size},share=on,"
+                 "reserve=off",
+                 "-device", f"ivshmem-plain,memdev=bar,addr={BAR_BDF.split(':', 2)[2]}"]
     for i, disk in enumerate(spec.disks):
         argv += [
             "-drive", f"id=disk{i},file={disk},format=raw,if=none,readonly=on",

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bench import image
-from bench.boot import BootOptions, prepare, run
+from bench.boot import BootOptions, BootResult, prepare, run
 from bench.machine import describe_machine, guest_kernel
 from bench.measure import measure
-from bench.qemu import QEMU
+from bench.qemu import QEMU, BarDevice
 
 SCHEMA = 1
 KIND = "guestinit-bench-suite"
@@ -42,6 +42,7 @@ class Variant:
     erofs: bool = False
     append: str = ""
     entropy: str | None = None  # None: the suite's --entropy
+    bar: BarDevice | None = None  # PCIe and a large-BAR device (bar-sweep)
 
 
 # The baselines do the same work as guestinit does with agent=none (mount, load the
@@ -147,6 +148,8 @@ def load_images(variants: list[Variant], images_dir: str) -> dict[str, image.Ima
 
 
 Reporter = Callable[[int, int, str, int, dict[str, object]], None]
+# Adds to (and may fail) a run's record from its boot: bar-sweep checks the BAR size.
+Extra = Callable[[Variant, BootResult, dict[str, object]], None]
 
 
 def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str, object]:
@@ -159,7 +162,7 @@ def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str,
 
 def run_suite(variants: list[Variant], images: dict[str, image.Image], settings: Settings,
               out_dir: str, report: Reporter,
-              doc_variants: dict[str, dict[str, object]]) -> None:
+              doc_variants: dict[str, dict[str, object]], extra: Extra | None = None) -> None:
     """Boot every variant ``warmup + runs`` times, interleaved, into ``doc_variants``
     (filled as runs end, so an interrupted suite still has what it measured).
 
@@ -184,22 +187,24 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
                 opts = BootOptions(append=v.append, timeout=settings.timeout,
                                    erofs=v.erofs, memory_mib=settings.memory_mib,
                                    accel=accel, workdir=workdir, qemu=settings.qemu,
-                                   entropy=v.entropy or settings.entropy)
+                                   entropy=v.entropy or settings.entropy, bar=v.bar)
                 res, spec = prepare(images[v.name], opts)
                 entry["cmdline"] = res.cmdline
                 run(res, spec, opts, progress=None)
                 with open(res.console_log, "rb") as fh:
                     console = fh.read()
                 rec = measure(res, console)
+                if extra is not None:
+                    extra(v, res, rec)
                 done += 1
                 if warm:
-                    if not res.ok:
+                    if not rec["ok"]:
                         entry["warmup_failures"].append(  # type: ignore[attr-defined]
-                            {"round": rnd + 1, "reason": res.reason})
+                            {"round": rnd + 1, "reason": rec["reason"]})
                 else:
                     rec = {"run": rnd - settings.warmup + 1, **rec}
                     entry["runs"].append(rec)  # type: ignore[attr-defined]
-                    if not res.ok or settings.keep_logs:
+                    if not rec["ok"] or settings.keep_logs:
                         os.makedirs(logs, exist_ok=True)
                         shutil.copyfile(res.console_log, os.path.join(
                             logs, f"{v.name.replace('/', '_')}-run{rec['run']}.console.log"))

@@ -49,7 +49,7 @@ def median_spans(variant: Mapping[str, Any]) -> list[tuple[str, float, float]]:
     return [(k, statistics.median(starts[k]), statistics.median(ends[k])) for k in starts]
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"Date": None} if path.suffix == ".svg" else {"Software": None}
     fig.savefig(path, metadata=meta, dpi=120 if path.suffix == ".png" else "figure")
@@ -92,7 +92,7 @@ def timeline(doc: Mapping[str, Any], path: Path) -> Path:
         ax.grid(axis="x", linewidth=0.3)
         ax.margins(x=0.15)
         fig.tight_layout()
-        return _save(fig, path)
+        return save(fig, path)
 
 
 def distribution(doc: Mapping[str, Any], path: Path) -> Path:
@@ -119,4 +119,4 @@ def distribution(doc: Mapping[str, Any], path: Path) -> Path:
         ax.set_title(f"ready time per run: {doc['machine']['name']}")
         ax.grid(axis="y", linewidth=0.3)
         fig.tight_layout()
-        return _save(fig, path)
+        return save(fig, path)

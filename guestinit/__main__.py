@@ -17,13 +17,19 @@ from guestinit.supervisor import Supervisor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 
 def run_discover(boot: Boot) -> None:
     from guestinit import pci
 
     pci.run_discover(boot)
+
+
+def run_bench(boot: Boot) -> None:
+    from guestinit import barmap
+
+    barmap.run_bench(boot)
 
 
 def run_modules(boot: Boot) -> None:
@@ -94,6 +100,14 @@ STAGES: tuple[tuple[Stage, Callable[[Boot], None]], ...] = (
 )
 
 
+def boot_stages(boot: Boot) -> Iterator[tuple[Stage, Callable[[Boot], None]]]:
+    """STAGES, plus ``bench`` after ``discover`` when the config (read by then) asks."""
+    for stage, fn in STAGES:
+        yield stage, fn
+        if stage == Stage.DISCOVER and boot.config().str("bench.bar"):
+            yield Stage.BENCH, run_bench
+
+
 def new_boot_id() -> str:
     try:
         return os.getrandom(16, os.GRND_NONBLOCK).hex()
@@ -133,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             boot.timeline.add(name, start, end)
     init = Init(boot)
     boot.reporter.send(wire.FrameType.HELLO, version=VERSION, pid=os.getpid())
-    init.run(STAGES)
+    init.run(boot_stages(boot))
 
 
 if __name__ == "__main__":

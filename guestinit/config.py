@@ -132,6 +132,21 @@ def _enum(cls: type[Enum]) -> Callable[[str], object]:
     return parse
 
 
+def parse_bar_target(value: str) -> str:
+    """``<bdf>:<bar>`` for the bench stage's bar-map, normalised (barmap only when given)."""
+    from guestinit.barmap import parse_target
+
+    bdf, bar = parse_target(value)
+    return f"{bdf}:{bar}"
+
+
+def parse_size_text(value: str) -> str:
+    from guestinit.barmap import parse_size
+
+    parse_size(value)
+    return value
+
+
 def parse_mode_octal(value: str) -> int:
     n = int(value, 8)
     if not 0 <= n <= 0o7777:
@@ -226,6 +241,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("verity.reexec", parse_bool, False,
             "after the switch, exec the verified tree's /sbin/init instead of going on in "
             "the initramfs's init (a second interpreter start, ~0.4 s under TCG)"),
+    Setting("bench.bar", parse_bar_target, "",
+            "bench stage: map this BAR read-only (<bdf>:<bar>, e.g. 0000:00:01.0:2) and "
+            "report the mapping costs in the ready frame (guestinit-bench bar-map)"),
+    Setting("bench.bar_span", parse_size_text, "",
+            "bytes of the BAR the bench stage maps (e.g. 256M; default min(1G, BAR size))"),
     Setting("inject", str, "", "test hook: raise an exception at the start of this stage"),
 )
 

@@ -35,6 +35,7 @@ IORESOURCE_PREFETCH = 0x00002000
 IORESOURCE_MEM_64 = 0x00100000
 BAR_LINES = 6  # lines 0-5 are the BARs; 6 is the expansion ROM, then bridge windows
 
+MAX_REPORTED = 64  # PCI devices listed in the ready frame (it is at most 64 KiB)
 NVIDIA = 0x10DE
 MELLANOX = 0x15B3
 
@@ -152,6 +153,11 @@ class PciDevice:
 
     def describe(self) -> str:
         return f"{self.bdf} [{self.vendor:04x}:{self.device:04x}] class {self.cls:06x}"
+
+    def brief(self) -> dict[str, object]:
+        """What the ready frame says of every PCI device: ids, class, BAR sizes."""
+        return {"bdf": self.bdf, "id": f"{self.vendor:04x}:{self.device:04x}",
+                "class": f"0x{self.cls:06x}", "bars": [[b.index, b.size] for b in self.bars]}
 
     def to_map(self) -> dict[str, object]:
         return {
@@ -312,12 +318,14 @@ def run_discover(boot: Boot) -> None:
     try:
         profiles = profiles_from(cfg.words("accel"))
         start = boot.timeline.now()
-        accels = classify(scan(boot.root), profiles)
+        devices = scan(boot.root)
+        accels = classify(devices, profiles)
         boot.timeline.add("discover:pci", start, boot.timeline.now())
         mode = decide_mode(accels, Mode(cfg.str("mode")))
     except (ValueError, OSError) as exc:
         raise BootError(Stage.DISCOVER, str(exc)) from None
     boot.facts["inventory"] = [a.to_map() for a in accels]
+    boot.facts["pci"] = [d.brief() for d in devices[:MAX_REPORTED]]
     boot.facts["mode"] = str(mode)
     boot.facts["fabric"] = mode == Mode.GPU and any(a.kind == Kind.NVSWITCH for a in accels)
     boot.kmsg.log(6, f"discover: mode {mode}: {_summary(accels)}")

@@ -19,7 +19,7 @@ from guestinit.stages import BootError, Stage, StopRequested
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable
 
     from guestinit.control import ControlServer
     from guestinit.supervisor import Service
@@ -79,7 +79,7 @@ class Init:
         return self._stop_reason
 
     # -- boot --------------------------------------------------------------
-    def run(self, stages: Sequence[tuple[Stage, Callable[[Boot], None]]]) -> None:
+    def run(self, stages: Iterable[tuple[Stage, Callable[[Boot], None]]]) -> None:
         boot = self.boot
         boot.supervisor.on_degraded = self._degraded
         boot.supervisor.on_stop = self._service_stopped
@@ -282,11 +282,13 @@ def ready_fields(boot: Boot) -> dict[str, object]:
     modules = facts.get("modules", [])
     out: dict[str, object] = {
         "timeline": boot.timeline.snapshot(),
-        "inventory": {"devices": facts.get("inventory", [])},
+        "inventory": {"devices": facts.get("inventory", []), "pci": facts.get("pci", [])},
         "mode": str(facts.get("mode", "cpu")),
         "modules": list(modules) if isinstance(modules, list | tuple) else [],
         "daemons": [s.status() for s in boot.supervisor.services.values()],
     }
+    if isinstance(facts.get("bench"), dict):  # the bench stage's figures (bar-map)
+        out["bench"] = facts["bench"]
     if isinstance(facts.get("agent"), dict):  # argv, pid, ready, ready_by, listening_at, ...
         out["agent"] = facts["agent"]
     return out

@@ -16,6 +16,7 @@ class Stage(StrEnum):
     LOG = "log"
     CONFIG = "config"
     DISCOVER = "discover"
+    BENCH = "bench"  # only with guestinit.bench.bar=: not part of a normal boot
     MODULES = "modules"
     DEVICES = "devices"
     DAEMONS = "daemons"

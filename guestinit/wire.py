@@ -72,6 +72,7 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "of": _INT,  # ... of how many
     "agent": _MAP,  # ready: argv, pid, ready (the condition), ready_by, wait_ms, listening_at
     "kernel": _MAP,  # shutdown: kernel marks (run_init_ns, crng_ready_ns) from the ring
+    "bench": _MAP,  # ready: the bench stage's figures (bar-map), only when asked for
     "init": _STR,  # which init sent it (the bench's baseline inits say so)
 }
 

@@ -122,3 +122,32 @@ def test_kernel_marks_read_from_a_records_file(tmp_path: Path) -> None:
     assert kernel_marks(str(ring)) == {"crng_ready_ns": 62000000}
     assert kernel_marks(str(tmp_path / "absent")) == {}
 
+
+
+def test_pci_marks_split_the_bus_scan_from_resource_assignment() -> None:
+    # /dev/kmsg hands one record per read, which a file cannot: feed the records one by
+    # one to the tracker kernel_marks feeds until the kernel runs init.
+    from guestinit.kmsg import _PciMarks, parse_record
+
+    lines = [
+        (90, "pci_bus 0000:00: a line before the root bridge is not the scan"),
+        (100, "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])"),
+        (120, "PCI host bridge to bus 0000:00"),
+        (130, "pci_bus 0000:00: root bus resource [bus 00-ff]"),
+        (150, "pci 0000:00:01.0: [1af4:1110] type 00 class 0x050000"),
+        (160, "pci 0000:00:01.0: BAR 2 [mem 0x00000000-0xffffffff 64bit pref]"),
+        (170, "ACPI: PCI: Interrupt link GSI0 configured for IRQ 16"),
+        (400, "pci 0000:00:01.0: BAR 2 [mem 0xc000000000-0xc0ffffffff 64bit pref]: assigned"),
+        (410, "pci_bus 0000:00: resource 4 [mem 0xc0000000-0xdfffffff window]"),
+    ]
+    pci = _PciMarks()
+    for i, (us, text) in enumerate(lines):
+        parsed = parse_record(f"6,{i},{us},-;{text}\n".encode())
+        assert parsed is not None
+        pci.take(*parsed)
+    assert pci.found == {"pci_root_ns": 100_000, "pci_scanned_ns": 160_000,
+                         "pci_done_ns": 410_000}
+    no_device = _PciMarks()  # no BAR to assign: the scan ends before the bus resources
+    for us, text in (lines[1], lines[3], (300, "pci_bus 0000:00: resource 4 [mem x]")):
+        no_device.take(us * 1000, text)
+    assert no_device.found["pci_scanned_ns"] == 130_000
