@@ -96,6 +96,8 @@ cmd_bench() {
     for profile in cpu baseline-busybox baseline-systemd; do
       "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
     done
+  elif [ "${1:-}" = bar-sweep ]; then  # the sweep boots the cpu image
+    "$VENV/bin/guestinit-build" image cpu --out out/cpu
   fi
   "$VENV/bin/guestinit-bench" "$@"
 }
@@ -107,8 +109,9 @@ usage: ./build.sh COMMAND [ARGS]
   test [PYTEST]    lint, type-check and run every test tier (unit, pidns, vm)
   image [PROFILE]  build out/PROFILE (default cpu) with guestinit-build
   demo             build the cpu image, boot it in QEMU, print the boot report
-  bench ARGS       run guestinit-bench ARGS: suite (builds the images it boots), boot,
-                   init, report, compare, listen; e.g. ./build.sh bench suite --runs 5
+  bench ARGS       run guestinit-bench ARGS: suite and bar-sweep (build the images they
+                   boot), boot, init, report, compare, listen, bar-map;
+                   e.g. ./build.sh bench suite --runs 5
 USAGE
 }
 

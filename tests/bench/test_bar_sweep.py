@@ -159,3 +159,23 @@ def test_bar_map_cli_measures_a_file_and_refuses_a_bad_target(
     (dev / "enable").write_text("0\n")
     assert cli.main(["bar-map", "0000:00:01.0:2", "--sysfs", str(tmp_path)]) == 2
     assert "memory decoding is off" in capsys.readouterr().err
+
+
+def test_the_device_script_records_every_step_and_goes_on_without_a_gpu(tmp_path: Path) -> None:
+    """Here there is no NVIDIA GPU: each step is recorded with its status, bar-map says
+    why it was skipped, and the script still ends well (on the GPU host it maps BAR 1)."""
+    from bench import proc
+    from tests.vm.conftest import REPO
+
+    sysfs = tmp_path / "sys"  # an empty tree: a GPU on the test host is never touched
+    (sysfs / "bus/pci/devices").mkdir(parents=True)
+    done = proc.run(["env", f"SYSFS={sysfs}", "bash", str(REPO / "bench/device/bar-map.sh"),
+                     str(tmp_path / "results")], timeout=120)
+    (result,) = (tmp_path / "results").iterdir()
+    steps = (result / "steps.txt").read_text().splitlines()
+    names = [line.split("\t")[0] for line in steps]
+    assert names == ["lspci", "lspci-numeric", "nvidia-smi", "nvidia-smi-xml",
+                     "nvidia-smi-topo", "proc-tree", "proc-files", "sysfs", "bar-map"]
+    assert all("\trc=" in line for line in steps[:-1])
+    assert "skipped\tno NVIDIA GPU" in steps[-1] and f"results in {result}" in done.stdout
+    assert (result / "host.txt").read_text().strip()

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One short, read-only call on a host with NVIDIA GPUs (docs/bench.md, bar-map):
+#   bench/device/bar-map.sh [RESULTS_DIR] [SPAN]
+# records lspci -vvv of the NVIDIA devices, nvidia-smi -q (text and XML), the
+# /proc/driver/nvidia tree and each GPU's sysfs attributes, then runs bar-map over BAR 1
+# of the first GPU (SPAN, default 1G, capped by the BAR), into
+# RESULTS_DIR/<date>-<gpu>/ (RESULTS_DIR default bench/results; $OUT when set).
+# Never resets a GPU, never changes a setting, never writes to a BAR. Each step has a
+# time limit; a step that fails is recorded in steps.txt and the rest still run.
+set -u
+cd "$(dirname "$0")/../.."
+RESULTS=${1:-${OUT:-bench/results}}
+SPAN=${2:-1G}
+PY=${PYTHON:-python3}
+SYSFS=${SYSFS:-/sys}  # tests point it at an empty tree
+LIMIT=60  # seconds per step; the whole script stays well under 5 minutes
+
+gpu_name=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+machine=$(printf '%s' "${gpu_name:-nvidia-gpu}" | tr -cs 'A-Za-z0-9' '-' | tr 'A-Z' 'a-z' \
+  | sed 's/^-//; s/-$//')
+dir="$RESULTS/$(date -u +%F)-$machine"
+mkdir -p "$dir"
+steps="$dir/steps.txt"
+: > "$steps"
+
+step() {  # step NAME OUTFILE COMMAND...: run with a limit, record status and duration
+  local name=$1 out=$2 start rc
+  shift 2
+  start=$(date +%s.%N)
+  timeout "$LIMIT" "$@" > "$dir/$out" 2> "$dir/$out.stderr"
+  rc=$?
+  [ -s "$dir/$out.stderr" ] || rm -f "$dir/$out.stderr"
+  printf '%s\trc=%s\t%ss\t%s\n' "$name" "$rc" \
+    "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')" \
+    "$(printf '%s' "$*" | head -1 | cut -c1-100)" >> "$steps"
+}
+
+step lspci lspci-nvidia-vvv.txt lspci -D -vvv -d 10de:
+step lspci-numeric lspci-nvidia-nn.txt lspci -D -nn -d 10de:
+step nvidia-smi nvidia-smi-q.txt nvidia-smi -q
+step nvidia-smi-xml nvidia-smi-q.xml nvidia-smi -q -x
+step nvidia-smi-topo nvidia-smi-topo.txt nvidia-smi topo -m
+step proc-tree proc-driver-nvidia.txt find /proc/driver/nvidia /proc/driver/nvidia-caps \
+  -maxdepth 4 -printf '%y %m %p\n'
+# the readable files of /proc/driver/nvidia, one after another, each under a header
+step proc-files proc-driver-nvidia-files.txt sh -c '
+  for f in $(find /proc/driver/nvidia /proc/driver/nvidia-caps -maxdepth 4 -type f \
+             2>/dev/null | sort); do
+    printf "==> %s <==\n" "$f"; head -c 65536 "$f" 2>&1; echo; done'
+step sysfs sysfs-nvidia.txt env SYSFS="$SYSFS" sh -c '
+  for d in "$SYSFS"/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue
+    for a in vendor device class subsystem_vendor subsystem_device revision numa_node \
+             resource enable local_cpulist current_link_speed current_link_width \
+             max_link_speed max_link_width; do
+      [ -r "$d/$a" ] && printf "%s/%s\n%s\n" "$d" "$a" "$(cat "$d/$a")"; done
+    printf "%s/driver -> %s\n" "$d" "$(basename "$(readlink "$d/driver")" 2>/dev/null)"
+    printf "%s/iommu_group -> %s\n" "$d" "$(basename "$(readlink "$d/iommu_group")" \
+      2>/dev/null)"
+    ls -l "$d"/resource[0-9]* 2>/dev/null
+  done'
+
+# the first NVIDIA display/3D controller (class 0x03xxxx) and its BAR 1
+bdf=""
+for d in "$SYSFS"/bus/pci/devices/*; do
+  if [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && \
+     case "$(cat "$d/class" 2>/dev/null)" in 0x03*) true ;; *) false ;; esac; then
+    bdf=$(basename "$d"); break
+  fi
+done
+if [ -n "$bdf" ]; then
+  step bar-map bar-map.txt env PYTHONPATH=. "$PY" -m bench.cli bar-map "$bdf:1" \
+    --span "$SPAN" --sysfs "$SYSFS" --json "$dir/bar-map.json"
+else
+  printf 'bar-map\tskipped\tno NVIDIA GPU (class 0x03xxxx) in $SYSFS/bus/pci/devices\n' >> "$steps"
+fi
+{ uname -a; grep -m1 'model name' /proc/cpuinfo; nproc; grep MemTotal /proc/meminfo; } \
+  > "$dir/host.txt" 2>&1
+echo "results in $dir"
+cat "$steps"
