@@ -82,6 +82,13 @@ def plan(sizes: Sequence[int], profile: str = "cpu", bar_map_span: int | None = 
     return variants, refused
 
 
+def on_pcie(machine: dict[str, object], bar: BarDevice) -> None:
+    """The machine description of boots with ``bar``: microvm with PCIe, the address width."""
+    machine["machine_type"] = "microvm,pcie=on"
+    if machine.get("accel") != "kvm":
+        machine["cpu"] = f"{machine['cpu']},phys-bits={bar.phys_bits}"
+
+
 def guest_bar_bytes(res: BootResult) -> int | None:
     """The size of BAR 2 at BAR_BDF in the ready frame's PCI list; 0 without the device,
     None when the guest sent no (usable) list."""

@@ -95,7 +95,14 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         accel=accel, accel_why=why, entropy=args.entropy, images=args.images, qemu=args.qemu,
         keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]],
         base_cmdline=first.cmdline)
+    if args.bar is not None:  # every variant on microvm with PCIe and one large BAR
+        from bench.bar_sweep import on_pcie
+        from bench.qemu import BarDevice, phys_bits_for
+
+        settings.bar = BarDevice(args.bar, phys_bits_for(args.bar))
     machine = suite.machine_for(images, settings)
+    if settings.bar is not None:
+        on_pcie(machine, settings.bar)
     out_dir = args.out or suite.default_out_dir(str(machine["name"]))
     total = (args.runs + args.warmup) * len(variants)
     print(f"suite: {len(variants)} variants ({', '.join(v.name for v in variants)}), "
@@ -146,6 +153,17 @@ def positive_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive count")
     return value
+
+
+def bar_size(text: str) -> int:
+    from bench.bar_sweep import parse_sizes
+    from bench.suite import SuiteError
+
+    try:
+        (size,) = parse_sizes(text)
+    except (SuiteError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--sizes: ")) from None
+    return size
 
 
 def parser() -> argparse.ArgumentParser:
@@ -223,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
     su.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH")
     su.add_argument("--keep-logs", action="store_true",
                     help="keep every run's console log in DIR/logs (default: failed runs')")
+    su.add_argument("--bar", type=bar_size, metavar="SIZE",
+                    help="boot every variant on microvm with PCIe and one BAR of SIZE (e.g. "
+                    "4G; 0: PCIe without the device), as bar-sweep does: a GPU VM's PCI path")
     su.set_defaults(func=_cmd_suite)
 
     ini = sub.add_parser("init", help="the init benchmark (guestinit vs others, no VM)",

@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130
 def cmd_bar_sweep(args: argparse.Namespace) -> int:
     from bench import bar_report, bar_sweep, suite
     from bench.cli import _write_results
-    from bench.qemu import BAR_BDF, choose_accel, cpu_model
+    from bench.qemu import BAR_BDF, choose_accel
     from guestinit.barmap import parse_size
 
     try:
@@ -43,9 +43,7 @@ def cmd_bar_sweep(args: argparse.Namespace) -> int:
     machine = suite.machine_for(images, settings)
     bar = variants[0].bar
     assert bar is not None
-    machine["machine_type"] = "microvm,pcie=on"
-    if accel != "kvm":
-        machine["cpu"] = f"{cpu_model(accel, args.entropy)},phys-bits={bar.phys_bits}"
+    bar_sweep.on_pcie(machine, bar)
     out_dir = args.out or suite.default_out_dir(f"{machine['name']}-bar-sweep")
     for line in refused:
         print(f"guestinit-bench bar-sweep: not booted: {line}", file=sys.stderr)

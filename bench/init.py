@@ -174,7 +174,7 @@ def phases_ms(ready: Frame, spawned_ns: int, received_ns: int) -> dict[str, floa
 
 
 _LAUNCHERS: dict[str, str] = {}
-WHEELS = ("msgpack", "psutil", "pyudev", "cffi")
+WHEELS = ("msgpack", "psutil", "cffi")
 
 
 def launcher(python: str) -> str:

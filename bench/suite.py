@@ -131,6 +131,7 @@ class Settings:
     qemu: str = QEMU
     keep_logs: bool = False  # copy every run's console log, not only failed runs'
     base_cmdline: str = ""  # the first variant's image cmdline (before harness words)
+    bar: BarDevice | None = None  # --bar: every variant on PCIe with this BAR device
     command: list[str] = field(default_factory=list)
 
 
@@ -187,7 +188,8 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
                 opts = BootOptions(append=v.append, timeout=settings.timeout,
                                    erofs=v.erofs, memory_mib=settings.memory_mib,
                                    accel=accel, workdir=workdir, qemu=settings.qemu,
-                                   entropy=v.entropy or settings.entropy, bar=v.bar)
+                                   entropy=v.entropy or settings.entropy,
+                                   bar=v.bar or settings.bar)
                 res, spec = prepare(images[v.name], opts)
                 entry["cmdline"] = res.cmdline
                 run(res, spec, opts, progress=None)
@@ -230,7 +232,8 @@ def assemble(doc_variants: dict[str, dict[str, object]], machine: dict[str, obje
         "settings": {"runs": settings.runs, "warmup": settings.warmup,
                      "order": "interleaved", "timeout_s": settings.timeout,
                      "memory_mib": settings.memory_mib, "entropy": settings.entropy,
-                     "interrupted": interrupted, "base_cmdline": settings.base_cmdline},
+                     "interrupted": interrupted, "base_cmdline": settings.base_cmdline,
+                     "bar_bytes": settings.bar.size if settings.bar is not None else None},
         "variants": doc_variants,
         "ratios": ratios(doc_variants),
     }

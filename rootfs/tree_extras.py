@@ -176,7 +176,7 @@ def install_init(tree: Tree, prof: profile.Profile, pool: Pool, release: str,
 
 
 def write_ld_cache(tree: Tree) -> None:
-    """/etc/ld.so.cache, so ``ctypes.util.find_library`` (pyudev's libudev lookup) works."""
+    """/etc/ld.so.cache: the dynamic loader finds every library without probing paths."""
     tree.add_bytes("etc/ld.so.conf", b"/usr/lib/x86_64-linux-gnu\n/usr/lib\n", GENERATED)
     # ldconfig -r chroots: as a normal user, do it in a user namespace
     prefix = [] if os.geteuid() == 0 else ["unshare", "-r"]
