@@ -108,8 +108,9 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     print(f"suite: {len(variants)} variants ({', '.join(v.name for v in variants)}), "
           f"{args.warmup} warm-up + {args.runs} measured runs each, interleaved; "
           f"{total} boots", file=sys.stderr)
-    print(f"VMM: QEMU microvm, {accel} ({why}), -cpu {machine['cpu']}, entropy "
-          f"{args.entropy}, {args.memory} MiB, 1 vCPU; results in {out_dir}", file=sys.stderr)
+    print(f"VMM: QEMU {machine['machine_type']}, {accel} ({why}), -cpu {machine['cpu']}, "
+          f"entropy {args.entropy}, {args.memory} MiB, 1 vCPU; results in {out_dir}",
+          file=sys.stderr)
     doc_variants: dict[str, dict[str, object]] = {}
     progress = suite.Progress(sys.stderr, total)
     interrupted = False

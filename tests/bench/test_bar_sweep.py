@@ -179,3 +179,17 @@ def test_the_device_script_records_every_step_and_goes_on_without_a_gpu(tmp_path
     assert all("\trc=" in line for line in steps[:-1])
     assert "skipped\tno NVIDIA GPU" in steps[-1] and f"results in {result}" in done.stdout
     assert (result / "host.txt").read_text().strip()
+
+
+def test_suite_bar_takes_one_power_of_two_size() -> None:
+    args = cli.parser().parse_args(["suite", "--bar", "4G"])
+    assert args.bar == 4 * GIB
+    assert cli.parser().parse_args(["suite"]).bar is None
+    for bad in ("3G", "4G,8G", "x"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["suite", "--bar", bad])
+    machine: dict[str, object] = {"accel": "tcg", "cpu": "qemu64,+rdrand",
+                                  "machine_type": "microvm"}
+    bar_sweep.on_pcie(machine, BarDevice(512 * GIB, phys_bits_for(512 * GIB)))
+    assert machine == {"accel": "tcg", "cpu": "qemu64,+rdrand,phys-bits=41",
+                       "machine_type": "microvm,pcie=on"}
