@@ -57,6 +57,13 @@ class BarDevice:
 
     size: int
     phys_bits: int = DEFAULT_PHYS_BITS
+    count: int = 1  # ivshmem-plain devices (the GPU stand-ins), at 01.0, 02.0, ...
+    edu: int = 0  # QEMU "edu" devices after them (the NVSwitch stand-ins)
+
+    def bdfs(self) -> list[str]:
+        """The addresses of the ivshmem devices, then of the edu devices."""
+        n = (self.count if self.size else 0) + self.edu
+        return [f"0000:00:{slot:02x}.0" for slot in range(1, n + 1)]
 
 
 def phys_bits_for(size: int) -> int:
@@ -163,10 +170,15 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     if "virtio-rng" in spec.entropy:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
                  "-device", "virtio-rng-device,rng=rng0"]
-    if spec.bar is not None and spec.bar.size:
-        argv += ["-object", f"memory-backend-ram,id=bar,size={spec.bar.size},share=on,"
-                 "reserve=off",
-                 "-device", f"ivshmem-plain,memdev=bar,addr={BAR_BDF.split(':', 2)[2]}"]
+    if spec.bar is not None:
+        for i, bdf in enumerate(spec.bar.bdfs()):
+            slot = bdf.split(":", 2)[2]
+            if i >= spec.bar.count or not spec.bar.size:
+                argv += ["-device", f"edu,addr={slot}"]
+                continue
+            argv += ["-object", f"memory-backend-ram,id=bar{i},size={spec.bar.size},"
+                     "share=on,reserve=off",
+                     "-device", f"ivshmem-plain,memdev=bar{i},addr={slot}"]
     for i, disk in enumerate(spec.disks):
         argv += [
             "-drive", f"id=disk{i},file={disk},format=raw,if=none,readonly=on",

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from guestinit.syslog import SyslogServer
 
 
+MAX_AUDIT = 256  # audit events kept; older ones are counted in audit_dropped
+
 class SideWork:
     """``fn`` on a side thread (``_thread``: ``threading`` costs an import); ``join``
     gives its result or raises its exception. Only for blocking syscalls (mounts,
@@ -62,7 +64,8 @@ class SideWork:
 
 class Boot:
     __slots__ = (
-        "_background", "audit", "cfg", "cmdline", "cmdline_from_proc", "effects", "facts",
+        "_background", "audit", "audit_dropped", "cfg", "cmdline", "cmdline_from_proc",
+        "effects", "facts",
         "kmsg", "procs", "reporter", "root", "stop_requested", "supervisor", "syslog",
         "timeline", "wake_fd",
     )
@@ -92,7 +95,8 @@ class Boot:
         self.cfg: Config | None = None  # set by the config stage
         self.syslog: SyslogServer | None = None  # set by the log stage
         self.facts: dict[str, object] = {}
-        self.audit: list[str] = []  # device assignment / teardown events
+        self.audit: list[str] = []  # device assignment / teardown events (a ring)
+        self.audit_dropped = 0  # events the ring no longer holds
         self._background: list[SideWork] = []
         # set by the init: the shutdown reason if one was asked for, else None; a stage
         # that waits long (daemons) polls it and raises StopRequested
@@ -124,5 +128,9 @@ class Boot:
         return self.cfg
 
     def audit_event(self, text: str) -> None:
+        """Keep ``text`` in the audit ring (the last MAX_AUDIT events) and log it."""
         self.audit.append(text)
+        if len(self.audit) > MAX_AUDIT:
+            del self.audit[0]
+            self.audit_dropped += 1
         self.kmsg.log(6, f"audit: {text}")

@@ -223,6 +223,11 @@ SETTINGS: tuple[Setting, ...] = (
             ("fm.rail",)),
     Setting("device.mode", parse_mode_octal, 0o666, "mode of the NVIDIA device nodes"),
     Setting("device.gid", parse_uint, 0, "group of the NVIDIA device nodes"),
+    Setting("standin.gpu", parse_list, (),
+            "test profile: PCI vendor:device ids discovered as NVIDIA GPUs (VM tests on "
+            "emulated devices with the stand-in driver, e.g. 1af4:1110)"),
+    Setting("standin.nvswitch", parse_list, (),
+            "test profile: PCI vendor:device ids discovered as NVSwitches (e.g. 1234:11e8)"),
     Setting("accel", parse_list, (),
             "extra accelerator profiles: vendor:device[:class]=module+module, comma separated"),
     Setting("module.params", parse_list, (),
@@ -263,11 +268,13 @@ _Bool = builtins.bool
 class Config:
     """Typed values, read with ``cfg["agent.restart"]``; immutable once built."""
 
-    __slots__ = ("_values", "sources")
+    __slots__ = ("_values", "problems", "sources")
 
-    def __init__(self, values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+    def __init__(self, values: Mapping[str, object], sources: Mapping[str, str],
+                 problems: Iterable[ConfigError] = ()) -> None:
         self._values = dict(values)
         self.sources = dict(sources)  # key -> "default" / "file" / "cmdline"
+        self.problems = list(problems)  # the entries a lenient build skipped, in order
 
     def __getitem__(self, key: str) -> object:
         return self._values[key]
@@ -347,8 +354,13 @@ def _parse_one(setting: Setting, key: str, value: str) -> object:
         raise ConfigError(key, value, str(exc) or "bad value") from None
 
 
-def parse_file(text: str, origin: str = "/etc/guestinit.conf") -> list[tuple[Setting, str, str]]:
-    """Lines of ``key=value`` (keys without the ``guestinit.`` prefix); ``#`` comments."""
+def parse_file(text: str, origin: str = "/etc/guestinit.conf",
+               problems: list[ConfigError] | None = None) -> list[tuple[Setting, str, str]]:
+    """Lines of ``key=value`` (keys without the ``guestinit.`` prefix); ``#`` comments.
+
+    A bad line raises ConfigError, or with ``problems`` is appended there and skipped,
+    so the good lines around it still count.
+    """
     out = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -360,8 +372,12 @@ def parse_file(text: str, origin: str = "/etc/guestinit.conf") -> list[tuple[Set
             value = value[1:-1]
         setting = BY_NAME.get(key)
         if not sep or setting is None:
-            raise ConfigError(f"{origin}:{lineno}: {key}", value,
-                              "unknown key" if sep else "expected key=value")
+            error = ConfigError(f"{origin}:{lineno}: {key}", value,
+                                "unknown key" if sep else "expected key=value")
+            if problems is None:
+                raise error
+            problems.append(error)
+            continue
         out.append((setting, key, value))
     return out
 
@@ -379,17 +395,14 @@ def parse_cmdline(cmdline: str) -> list[tuple[Setting, str, str]]:
 def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config:
     """Defaults, then the baked file, then the cmdline (later wins).
 
-    ``strict=False`` skips bad entries instead of raising: the failure path uses
-    it to find the report channel even when the config itself is what failed.
+    ``strict=False`` skips each bad entry (kept in ``problems``) instead of raising:
+    the failure path uses it to find the report channel even when the config itself is
+    what failed, and one bad line of the file costs only that line.
     """
     values: dict[str, object] = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
-    try:
-        file_entries = parse_file(file_text)
-    except ConfigError:
-        if strict:
-            raise
-        file_entries = []
+    problems: list[ConfigError] = []
+    file_entries = parse_file(file_text, problems=None if strict else problems)
     layers: Iterable[tuple[str, list[tuple[Setting, str, str]]]] = (
         ("file", file_entries),
         ("cmdline", parse_cmdline(cmdline)),
@@ -398,12 +411,13 @@ def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config
         for setting, key, value in entries:
             try:
                 values[setting.name] = _parse_one(setting, key, value)
-            except ConfigError:
+            except ConfigError as exc:
                 if strict:
                     raise
+                problems.append(exc)
                 continue
             sources[setting.name] = origin
-    return Config(values, sources)
+    return Config(values, sources, problems)
 
 
 def render_file(values: Mapping[str, str]) -> str:

@@ -107,9 +107,12 @@ def run_log(boot: Boot) -> None:
 def run_config(boot: Boot) -> None:
     conf = boot.path(CONF)
     try:
-        boot.cfg = config.build(read_text(conf), boot.cmdline)
+        text = read_text(conf)
+        boot.cfg = config.build(text, boot.cmdline)
     except config.ConfigError as exc:
-        raise BootError(Stage.CONFIG, f"bad setting {exc}") from None
+        every = config.build(text, boot.cmdline, strict=False).problems or [exc]
+        raise BootError(Stage.CONFIG, f"bad setting{'s' * (len(every) > 1)} "
+                        + "; ".join(map(str, every))) from None
     except OSError as exc:
         raise BootError(Stage.CONFIG, f"read {conf}: {exc}") from None
     cfg = boot.cfg

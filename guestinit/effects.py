@@ -8,6 +8,7 @@ Each call raises ``OSError`` naming the object it acted on.
 
 from __future__ import annotations
 
+import errno
 import os
 
 TYPE_CHECKING = False
@@ -29,8 +30,22 @@ RB_POWER_OFF = 0x4321FEDC
 RB_DISABLE_CAD = 0
 # <sys/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
-# x86_64 syscall number; glibc has no finit_module wrapper
-SYS_finit_module = 313
+# Syscall numbers glibc has no wrapper for, per ``uname -m`` (<asm/unistd.h>; aarch64
+# uses the generic table, as do riscv64 and loongarch64).
+SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {"finit_module": 313},
+    "aarch64": {"finit_module": 273},
+}
+
+
+def syscall_number(name: str, machine: str | None = None) -> int:
+    """``name``'s number on ``machine`` (default: this one); OSError(ENOSYS) if unknown."""
+    arch = machine or os.uname().machine
+    try:
+        return SYSCALLS[arch][name]
+    except KeyError:
+        raise OSError(errno.ENOSYS, f"{name}: no syscall number known for {arch} "
+                      f"(known: {', '.join(SYSCALLS)})") from None
 # <linux/sockios.h>, <net/if.h>
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -93,7 +108,8 @@ class Effects:
             # the kernel reads each as a full register, hence long and char*.
             args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()),  # type: ignore[attr-defined]
                     ffi.cast("long", 0))  # type: ignore[attr-defined]
-            rc = self._lib.syscall(SYS_finit_module, *args)  # type: ignore[attr-defined]
+            number = syscall_number("finit_module")
+            rc = self._lib.syscall(number, *args)  # type: ignore[attr-defined]
             self._check(rc, f"finit_module {path}")
         finally:
             os.close(fd)
@@ -122,6 +138,16 @@ class Effects:
 
     def sync(self) -> None:
         self._lib.sync()  # type: ignore[attr-defined]
+
+    def kill_all(self, sig: int) -> None:
+        """``kill(-1, sig)``: every process but PID 1 (of this PID namespace); only PID 1
+        may, since from anywhere else it would signal every process of the user."""
+        if os.getpid() != 1:
+            raise OSError(errno.EPERM, f"kill(-1, {sig}): refused, this is not PID 1")
+        try:
+            os.kill(-1, sig)
+        except ProcessLookupError:
+            return  # nobody else is left
 
     def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
         try:
@@ -191,6 +217,9 @@ class DryEffects(Effects):
 
     def sync(self) -> None:
         self._do("sync")
+
+    def kill_all(self, sig: int) -> None:
+        self._do("kill_all", sig)
 
     def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
         self._do("mknod", path, mode, major, minor)

@@ -102,6 +102,18 @@ def parse_accel(spec: str) -> Profile:
                    nums[1], classes, modules)
 
 
+def parse_standin(spec: str, kind: Kind) -> Profile:
+    """``vendor:device`` -> a stand-in profile of ``kind`` (``standin.gpu``/``standin.nvswitch``:
+    VM tests on emulated devices, with the stand-in driver; the modules are the mode's)."""
+    parts = spec.split(":")
+    try:
+        vendor, device = (int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"stand-in {kind} id {spec!r}: expected vendor:device in hex "
+                         "(e.g. 1af4:1110)") from None
+    return Profile(f"standin-{kind}:{parts[0].lower()}:{parts[1].lower()}", kind, vendor, device)
+
+
 class Bar:
     __slots__ = ("index", "io", "mem64", "prefetch", "size", "start")
 
@@ -300,14 +312,18 @@ def decide_mode(accels: Sequence[Accelerator], forced: Mode = Mode.AUTO) -> Mode
                      f"SW_MNG bridges); found: {_summary(accels)}; force one with guestinit.mode=")
 
 
-def profiles_from(accel_specs: Sequence[str]) -> list[Profile]:
-    return [*(parse_accel(s) for s in accel_specs), *BUILTIN_PROFILES]
+def profiles_from(accel_specs: Sequence[str], standin_gpus: Sequence[str] = (),
+                  standin_switches: Sequence[str] = ()) -> list[Profile]:
+    return [*(parse_accel(s) for s in accel_specs),
+            *(parse_standin(s, Kind.GPU) for s in standin_gpus),
+            *(parse_standin(s, Kind.NVSWITCH) for s in standin_switches), *BUILTIN_PROFILES]
 
 
 def run_discover(boot: Boot) -> None:
     cfg = boot.config()
     try:
-        profiles = profiles_from(cfg.words("accel"))
+        profiles = profiles_from(cfg.words("accel"), cfg.words("standin.gpu"),
+                                 cfg.words("standin.nvswitch"))
         start = boot.timeline.now()
         devices = scan(boot.root)
         accels = classify(devices, profiles)

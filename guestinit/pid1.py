@@ -193,6 +193,7 @@ class Init:
             "syslog": boot.syslog.stats() if boot.syslog is not None else None,
             "self_rss": _rss(boot.root, os.getpid()),
             "audit": list(boot.audit[-50:]),
+            "audit_dropped": boot.audit_dropped + max(0, len(boot.audit) - 50),
         }
 
     def _degraded(self, service: Service, reason: str) -> None:
@@ -219,7 +220,8 @@ class Init:
         self.power_off()
 
     def teardown(self) -> list[str]:
-        """Agent, then daemons (grace, then SIGKILL), sync, unmount; audit lines."""
+        """Agent, then daemons (grace, then SIGKILL), then everyone else (``sweep``),
+        sync, unmount; audit lines."""
         boot = self.boot
         sup = boot.supervisor
         sup.shutting_down = True
@@ -229,6 +231,9 @@ class Init:
             if "agent" in sup.services:
                 audit += sup.stop(["agent"], grace)
             audit += sup.stop([n for n in sup.services if n != "agent"], grace)
+            from guestinit.sweep import sweep
+
+            audit += sweep(boot, grace)
             if boot.facts.get("gpus"):
                 from guestinit.devices import audit_teardown
 

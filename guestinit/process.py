@@ -21,6 +21,7 @@ else:  # signal.py imports enum (boot path); the C module has everything used he
     import _signal as signal
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_FINISHED = 256  # exit statuses kept for children nobody has waited for yet
 RUN_OUTPUT_MAX = 1 << 20
 
 
@@ -78,10 +79,13 @@ def _child(
 class ProcessTable:
     """Children we started (pid -> return code or None while running)."""
 
-    __slots__ = ("_callbacks", "_status", "env", "orphans_reaped")
+    __slots__ = ("_callbacks", "_finished", "_status", "env", "orphans_reaped")
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self._status: dict[int, int | None] = {}
+        # finished children in reap order: only the last MAX_FINISHED keep their status,
+        # so a restart loop cannot grow the table (a dict keeps order, and costs no import)
+        self._finished: dict[int, None] = {}
         self._callbacks: dict[int, Callable[[int, int], None]] = {}
         self.orphans_reaped = 0
         self.env = dict(env) if env is not None else {"PATH": DEFAULT_PATH, "HOME": "/"}
@@ -114,6 +118,7 @@ class ProcessTable:
             os.close(err_w)
             err_w = -1
             self._status[pid] = None
+            self._finished.pop(pid, None)  # a reused pid is a new child
             report = b""
             while chunk := os.read(err_r, 512):
                 report += chunk
@@ -144,9 +149,14 @@ class ProcessTable:
             code = os.waitstatus_to_exitcode(status)
             if pid in self._status:
                 self._status[pid] = code
+                self._finished[pid] = None
                 done.append((pid, code))
             else:
                 self.orphans_reaped += 1
+        while len(self._finished) > MAX_FINISHED:
+            oldest = next(iter(self._finished))
+            del self._finished[oldest]
+            self._status.pop(oldest, None)
         for pid, code in done:
             callback = self._callbacks.pop(pid, None)
             if callback is not None:
@@ -163,6 +173,7 @@ class ProcessTable:
         """Drop a finished child's record (the table would otherwise grow forever)."""
         if self._status.get(pid) is not None:
             del self._status[pid]
+            self._finished.pop(pid, None)
 
     def running(self) -> list[int]:
         return [pid for pid, code in self._status.items() if code is None]

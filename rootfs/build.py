@@ -203,6 +203,9 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         with progress.step("assemble tree"):
             for d, mode in BASE_DIRS.items():
                 tree.mkdir(d, mode)
+            # run-state lives on the /run tmpfs: on a read-only (erofs) root the NVIDIA
+            # daemons' and the CDI spec's /var/run paths must land there too
+            tree.add_symlink("var/run", "../run")
             early_set = kernel.select_modules(trees, early, kt.release)
             site_roots = tree_extras.install_init(tree, prof, pool, kt.release,
                                                   [early_set.rel[m] for m in early_set.order])

@@ -44,6 +44,21 @@ def leave_orphans(count: int, linger: float) -> None:
     os.waitpid(middle, 0)
 
 
+def detach(ignore_term: bool, log: str) -> None:
+    """A daemon of our own, as an agent's containers are: double-forked (its parent is
+    PID 1 then, not us), so stopping the agent does not stop it; logs its pid."""
+    middle = os.fork()
+    if middle == 0:
+        if os.fork() == 0:
+            os.setsid()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_term else signal.SIG_DFL)
+            syslog(f"daemon child pid={os.getpid()} ignore_term={int(ignore_term)}", log)
+            while True:
+                time.sleep(3600)
+        os._exit(0)
+    os.waitpid(middle, 0)
+
+
 READY_MARKER = "agent-standin-ready"
 
 
@@ -102,6 +117,9 @@ def main() -> None:
                         help="become ready this many seconds after the start")
     parser.add_argument("--never-ready", action="store_true",
                         help="neither listen nor log the ready line")
+    parser.add_argument("--daemon-child", action="append", default=[],
+                        choices=("term", "ignore-term"),
+                        help="leave a detached daemon that SIGTERM ends (term) or does not")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -115,6 +133,8 @@ def main() -> None:
     if args.orphans:
         leave_orphans(args.orphans, args.linger)
         syslog(f"left {args.orphans} orphans", args.log)
+    for kind in args.daemon_child:
+        detach(kind == "ignore-term", args.log)
     if args.flood:
         sent = flood(args.log, args.flood)
         syslog(f"flood done: {sent} datagrams", args.log)

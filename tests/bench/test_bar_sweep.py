@@ -52,8 +52,8 @@ def test_the_qemu_line_has_pcie_the_sparse_backend_and_the_address_width() -> No
     argv = " ".join(qemu_argv(_spec(BarDevice(64 * GIB, 41))))
     assert "-M microvm,x-option-roms=off,pcie=on" in argv
     assert "-cpu qemu64,+rdrand,phys-bits=41" in argv
-    assert f"memory-backend-ram,id=bar,size={64 * GIB},share=on,reserve=off" in argv
-    assert "ivshmem-plain,memdev=bar,addr=01.0" in argv
+    assert f"memory-backend-ram,id=bar0,size={64 * GIB},share=on,reserve=off" in argv
+    assert "ivshmem-plain,memdev=bar0,addr=01.0" in argv
     zero = " ".join(qemu_argv(_spec(BarDevice(0))))
     assert "pcie=on" in zero and "ivshmem" not in zero  # size 0: the same machine, no device
     plain = " ".join(qemu_argv(_spec(None)))
@@ -193,3 +193,12 @@ def test_suite_bar_takes_one_power_of_two_size() -> None:
     bar_sweep.on_pcie(machine, BarDevice(512 * GIB, phys_bits_for(512 * GIB)))
     assert machine == {"accel": "tcg", "cpu": "qemu64,+rdrand,phys-bits=41",
                        "machine_type": "microvm,pcie=on"}
+
+
+def test_stand_in_gpus_and_switches_take_consecutive_slots() -> None:
+    bar = BarDevice(64 << 20, count=2, edu=4)
+    assert bar.bdfs() == [f"0000:00:0{i}.0" for i in range(1, 7)]
+    argv = " ".join(qemu_argv(_spec(bar)))
+    assert "ivshmem-plain,memdev=bar1,addr=02.0" in argv
+    assert argv.count("-device edu,") == 4 and "edu,addr=06.0" in argv
+    assert BarDevice(0, edu=1).bdfs() == ["0000:00:01.0"]  # no ivshmem: edu at the first slot

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,34 @@ def test_background_that_hangs_times_out_naming_it() -> None:
     with pytest.raises(TimeoutError, match=r"mounts did not finish within 0\.05s"):
         boot.wait_background(timeout=0.05)
     assert boot.wait_background(timeout=5) == [("mounts", None)]
+
+
+def test_syscall_numbers_come_from_one_table_per_architecture() -> None:
+    from guestinit.effects import SYSCALLS, syscall_number
+
+    assert syscall_number("finit_module", "x86_64") == 313
+    assert syscall_number("finit_module", "aarch64") == 273
+    assert set(SYSCALLS) == {"x86_64", "aarch64"}
+    with pytest.raises(OSError, match="no syscall number known for riscv64"):
+        syscall_number("finit_module", "riscv64")
+
+
+def test_the_audit_list_is_a_ring_that_counts_what_it_dropped(tmp_path: Path) -> None:
+    from guestinit.boot import MAX_AUDIT
+    from tests.fixtures.accel import make_boot
+
+    boot = make_boot(tmp_path)
+    for i in range(MAX_AUDIT + 7):
+        boot.audit_event(f"event {i}")
+    assert len(boot.audit) == MAX_AUDIT and boot.audit_dropped == 7
+    assert boot.audit[0] == "event 7" and boot.audit[-1] == f"event {MAX_AUDIT + 6}"
+
+
+def test_kill_all_is_refused_outside_pid_1_and_recorded_by_the_fake() -> None:
+    from guestinit.effects import DryEffects, Effects
+
+    with pytest.raises(OSError, match="refused, this is not PID 1"):
+        Effects().kill_all(15)  # the test runner is not PID 1: nothing is signalled
+    dry = DryEffects()
+    dry.kill_all(15)
+    assert dry.calls == [("kill_all", 15)]

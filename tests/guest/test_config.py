@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from guestinit import config
@@ -112,3 +114,34 @@ def test_shown_defaults_read_back_as_the_defaults() -> None:
             continue
         cfg = config.build("", f"guestinit.{setting.name}={shown}")
         assert cfg[setting.name] == setting.default, (setting.name, shown)
+
+
+def test_one_bad_line_of_the_file_costs_only_that_line() -> None:
+    text = ("report=unix:/run/host.sock\nbogus=1\nlog=loud\nnot a setting\n"
+            "hostname=gpu-vm\n")
+    cfg = config.build(text, "", strict=False)
+    assert cfg.str("report") == "unix:/run/host.sock"  # the lines around the bad ones count
+    assert cfg.str("hostname") == "gpu-vm" and cfg.sources["hostname"] == "file"
+    assert cfg["log"] is LogLevel.INFO  # the bad value is skipped, the default stays
+    assert [str(p) for p in cfg.problems] == [
+        "/etc/guestinit.conf:2: bogus='1': unknown key",
+        "/etc/guestinit.conf:4: not a setting='': expected key=value",
+        "log='loud': expected off, error, warn, info or debug",
+    ]
+    with pytest.raises(ConfigError, match="bogus"):  # the config stage stays strict
+        config.build(text)
+
+
+def test_the_config_stage_names_every_bad_entry(tmp_path: Path) -> None:
+    from guestinit.early import run_config
+    from guestinit.stages import BootError
+    from tests.fixtures.accel import make_boot
+
+    boot = make_boot(tmp_path)
+    boot.cmdline = "guestinit.restart.max=-1"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/guestinit.conf").write_text("bogus=1\nlog=info\n")
+    with pytest.raises(BootError) as err:
+        run_config(boot)
+    assert err.value.reason == ("bad settings /etc/guestinit.conf:1: bogus='1': unknown key; "
+                                "guestinit.restart.max='-1': must not be negative")

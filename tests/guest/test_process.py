@@ -73,3 +73,23 @@ def test_on_exit_callback() -> None:
                       on_exit=lambda p, c: seen.append((p, c)))
     procs.wait(pid, 10)
     assert seen == [(pid, 2)]
+
+
+def test_finished_children_are_forgotten_beyond_the_last_few() -> None:
+    from guestinit import process
+
+    table = process.ProcessTable()
+    pids = [table.spawn(["/bin/true"]) for _ in range(process.MAX_FINISHED + 20)]
+    deadline = time.monotonic() + 30
+    while table.running() and time.monotonic() < deadline:
+        table.reap()
+        time.sleep(0.01)
+    assert not table.running()
+    assert len(table._status) <= process.MAX_FINISHED
+    assert table.poll(pids[-1]) == 0  # the newest are still there to be asked
+    try:
+        table.poll(pids[0])
+    except KeyError:
+        pass  # the oldest were dropped: the table is bounded
+    else:
+        raise AssertionError("the oldest finished child should have been forgotten")

@@ -148,3 +148,25 @@ def _syslog_tail(init: NsInit) -> list[str]:
         return store.read_text(errors="replace").splitlines()[-5:]
     except OSError:
         return []
+
+
+def test_shutdown_sweeps_the_daemons_the_agent_left(ns_init: type[NsInit],
+                                                    tmp_path: Path) -> None:
+    init = ns_init(tmp_path, agent_arg("--daemon-child", "term", "--daemon-child",
+                                       "ignore-term"))
+    init.wait_frame(FrameType.READY)
+    pids = {}
+    for flag in ("0", "1"):
+        line = init.wait_syslog(f"ignore_term={flag}")
+        pids[flag] = line.split("daemon child pid=")[1].split()[0]
+    init.signal(signal.SIGTERM)
+    shutdown = init.wait_frame(FrameType.SHUTDOWN)
+    audit = [str(a) for a in shutdown.get("audit")]  # type: ignore[union-attr]
+    term = next(a for a in audit if a.startswith("sweep: SIGTERM to 2: "))
+    assert f"[{pids['0']}]" in term and f"[{pids['1']}]" in term  # both named, by pid
+    kill = next(a for a in audit if a.startswith("sweep: SIGKILL to 1 left after 2s: "))
+    assert f"[{pids['1']}]" in kill and f"[{pids['0']}]" not in kill
+    assert not any(a.startswith("sweep: ") and "still there" in a for a in audit)
+    assert audit.index(term) > next(i for i, a in enumerate(audit) if a.startswith("agent:"))
+    assert audit.index(kill) < audit.index("sync")
+    assert init.wait_exit() == POWERED_OFF
