@@ -6,7 +6,8 @@ ROOT=$PWD
 VENV=${GUESTINIT_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
-  cryptsetup-bin zstd lz4 cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools)
+  cryptsetup-bin zstd lz4 cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools
+  make)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -21,12 +22,16 @@ need_root() {
 }
 
 setup_apt() {
+  apt_install "${APT_PACKAGES[@]}"
+}
+
+apt_install() {  # apt_install PACKAGE...: install those not installed yet
   local missing=()
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -eq 0 ]; then
-    say "Debian packages: all ${#APT_PACKAGES[@]} present"
+    say "Debian packages: all $# present"
     return
   fi
   need_root "installing ${missing[*]}"
@@ -63,6 +68,8 @@ cmd_test() {
   for profile in cpu baseline-busybox baseline-systemd; do
     "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
   done
+  # the VM tier's GPU tests build stand-in NVIDIA kernel modules for the guest kernel
+  apt_install "linux-headers-$(cat out/cpu/kernel-release.txt)"
   say "lint: ruff"
   "$VENV/bin/ruff" check guestinit rootfs bench tests
   say "types: mypy --strict"

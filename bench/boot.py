@@ -29,9 +29,10 @@ from bench.qemu import (
     qemu_argv,
 )
 from bench.qmp import Qmp, QmpError
-from guestinit.wire import Frame, FrameError, FrameReader, FrameType
+from guestinit.wire import CONSOLE_MARKER, Frame, FrameError, FrameReader, FrameType, iter_console
 
 CONNECT_SECONDS = 15.0
+MAX_CONSOLE_LINE = 256 * 1024  # longer than any frame's marker line
 
 
 @dataclass
@@ -249,12 +250,18 @@ class _Console:
     def __init__(self, sock: socket.socket, log: BinaryIO) -> None:
         self.sock, self.log = sock, log
         self.seen = b""  # the tail kept for hold_until matches across reads
+        self.partial = b""  # a console line not yet ended
         sock.setblocking(False)
 
-    def take(self, data: bytes) -> None:
+    def frames(self, data: bytes) -> list[Frame | FrameError]:
+        """Log ``data``; the frames of the marker lines it completes."""
         self.log.write(data)
         self.log.flush()
         self.seen = (self.seen + data)[-8192:]
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()[-MAX_CONSOLE_LINE:]
+        marked = [line for line in lines if CONSOLE_MARKER.encode() in line]
+        return list(iter_console(b"\n".join(marked).decode("ascii", "replace"))) if marked else []
 
 
 class _Watch:
@@ -292,8 +299,10 @@ class _Watch:
         self.deadline = now + self.opts.powerdown_grace
 
     def take(self, data: bytes) -> None:
+        self._items(self.reader.feed(data) if data else list(self.reader.eof()))
+
+    def _items(self, items: list[Frame | FrameError]) -> None:
         res, timings = self.res, self.res.timings
-        items = self.reader.feed(data) if data else list(self.reader.eof())
         for item in items:
             now = time.monotonic()
             if isinstance(item, FrameError):
@@ -323,7 +332,9 @@ class _Watch:
             return
         if data and "host_first_output_s" not in self.res.timings:
             self.res.timings["host_first_output_s"] = self._at(time.monotonic())
-        self.console.take(data)
+        # a guest whose report channel broke sends what it still had as console marker
+        # lines just before it powers off (guestinit.report.Reporter.spill_to_console)
+        self._items(self.console.frames(data))
         if self.opts.hold_until and not self.hold_seen:  # seen before ready counts too
             self.hold_seen = self.opts.hold_until.encode() in self.console.seen
 

@@ -95,11 +95,13 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         accel=accel, accel_why=why, entropy=args.entropy, images=args.images, qemu=args.qemu,
         keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]],
         base_cmdline=first.cmdline)
-    if args.bar is not None:  # every variant on microvm with PCIe and one large BAR
+    if args.bar is not None or args.standin is not None:  # every variant on PCIe
         from bench.bar_sweep import on_pcie
         from bench.qemu import BarDevice, phys_bits_for
 
-        settings.bar = BarDevice(args.bar, phys_bits_for(args.bar))
+        gpus, switches = args.standin or (1, 0)
+        size = args.bar if args.bar is not None else STANDIN_BAR
+        settings.bar = BarDevice(size, phys_bits_for(size), gpus, switches)
     machine = suite.machine_for(images, settings)
     if settings.bar is not None:
         on_pcie(machine, settings.bar)
@@ -167,6 +169,17 @@ def bar_size(text: str) -> int:
     return size
 
 
+STANDIN_BAR = 64 << 20
+
+
+def standin_counts(text: str) -> tuple[int, int]:
+    gpus, _, switches = text.partition(",")
+    if not (gpus.isdigit() and switches.isdigit()) or int(gpus) + int(switches) > 30:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GPUS,SWITCHES, e.g. 2,0 "
+                                         "(30 devices at most: one PCI slot each)")
+    return int(gpus), int(switches)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="guestinit-bench",
@@ -202,7 +215,9 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_boot)
 
     li = sub.add_parser("listen", help="print the frames arriving on a report channel")
-    li.add_argument("uri", metavar="URI", help="unix:PATH, vsock:CID:PORT or console:FILE")
+    li.add_argument("uri", metavar="URI", help="unix:PATH, vsock:CID:PORT, hvsock:UDS:PORT "
+                    "(Firecracker/Cloud Hypervisor: listen on UDS_PORT), "
+                    "hvsock-connect:UDS:PORT (CONNECT to a guest listener) or console:FILE")
     li.add_argument("--json", action="store_true", help="one JSON object per line")
     li.add_argument("--keep", action="store_true",
                     help="keep accepting connections (default: exit after the first closes)")
@@ -245,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
     su.add_argument("--bar", type=bar_size, metavar="SIZE",
                     help="boot every variant on microvm with PCIe and one BAR of SIZE (e.g. "
                     "4G; 0: PCIe without the device), as bar-sweep does: a GPU VM's PCI path")
+    su.add_argument("--standin", type=standin_counts, metavar="GPUS,SWITCHES",
+                    help="boot every variant with GPUS ivshmem-plain GPU stand-ins (BAR "
+                    "--bar, default 64M) and SWITCHES edu NVSwitch stand-ins (docs/bench.md)")
     su.set_defaults(func=_cmd_suite)
 
     ini = sub.add_parser("init", help="the init benchmark (guestinit vs others, no VM)",

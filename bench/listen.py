@@ -2,8 +2,16 @@
 
 URIs: ``unix:PATH`` (listen on a Unix socket, e.g. a QEMU chardev connects to
 it), ``vsock:CID:PORT`` (listen with AF_VSOCK; CID ``any`` binds every CID),
-``console:FILE`` (decode marker lines from a console log; ``-`` is stdin).
-Malformed input becomes an ``error:`` line, never a crash.
+``hvsock:UDS:PORT`` and ``hvsock-connect:UDS:PORT`` (the hybrid vsock of Firecracker
+and Cloud Hypervisor, below), ``console:FILE`` (decode marker lines from a console
+log; ``-`` is stdin). Malformed input becomes an ``error:`` line, never a crash.
+
+Hybrid vsock: the VMM's vsock device is a Unix socket ``UDS`` on the host. A guest
+that connects to the host (CID 2) on port P reaches whoever listens on ``UDS_P``:
+``hvsock:UDS:P`` listens there (this is how guestinit's default ``vsock:2:1040``
+report arrives). The other way, the host connects to ``UDS`` and sends
+``CONNECT P\n``; the VMM answers ``OK <host port>\n`` and the stream is then the
+guest's listener on P: ``hvsock-connect:UDS:P`` does that, for a guest that listens.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from bench.report import plain
 from guestinit.wire import Frame, FrameError, FrameReader, iter_console
 
 VMADDR_CID_ANY = 0xFFFFFFFF
+HANDSHAKE_SECONDS = 5.0
 
 
 class UriError(ValueError):
@@ -114,13 +123,58 @@ class FramePump:
         self.listener.close()
 
 
+def _uds_port(uri: str, rest: str) -> tuple[str, int]:
+    uds, _, port_s = rest.rpartition(":")
+    if not uds or not port_s.isdigit() or not 0 < int(port_s) < 2**32:
+        kind = uri.partition(":")[0]
+        raise UriError(f"listen URI {uri!r}: want {kind}:UDS:PORT, e.g. "
+                       f"{kind}:/run/vm/vsock.sock:1040")
+    return uds, int(port_s)
+
+
+def hvsock_connect(uri: str, timeout: float = HANDSHAKE_SECONDS) -> socket.socket:
+    """Connect to a hybrid vsock UDS and open port P (``CONNECT P`` -> ``OK ...``)."""
+    uds, port = _uds_port(uri, uri.partition(":")[2])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(uds)
+        sock.sendall(f"CONNECT {port}\n".encode())
+        reply = b""
+        while not reply.endswith(b"\n") and len(reply) < 64:
+            chunk = sock.recv(1)  # byte by byte: what follows the line is the guest's
+            if not chunk:
+                break
+            reply += chunk
+    except OSError as exc:
+        sock.close()
+        raise UriError(f"{uri}: {exc.strerror or exc} (is the VMM's vsock socket {uds} "
+                       "there?)") from None
+    if not reply.startswith(b"OK "):
+        sock.close()
+        raise UriError(f"{uri}: the VMM answered {reply.decode(errors='replace')!r} to "
+                       f"CONNECT {port} (nothing listens on that port in the guest?)")
+    sock.settimeout(None)
+    return sock
+
+
+def unix_path(uri: str) -> str | None:
+    """The Unix socket a ``unix:`` or ``hvsock:`` URI listens on (``UDS_PORT``)."""
+    kind, _, rest = uri.partition(":")
+    if kind == "hvsock":
+        uds, port = _uds_port(uri, rest)
+        return f"{uds}_{port}"
+    return rest if kind == "unix" and rest else None
+
+
 def _bound(uri: str) -> socket.socket:
     kind, _, rest = uri.partition(":")
-    if kind == "unix" and rest:
-        if os.path.exists(rest):
-            os.unlink(rest)
+    path = unix_path(uri)
+    if path is not None:
+        if os.path.exists(path):
+            os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(rest)
+        sock.bind(path)
         return sock
     if kind == "vsock":
         cid_s, _, port_s = rest.partition(":")
@@ -139,7 +193,8 @@ def _bound(uri: str) -> socket.socket:
                 f"listen {uri}: {exc} (is the vhost_vsock module loaded? use unix: or console:)"
             ) from None
         return sock
-    raise UriError(f"listen URI {uri!r}: want unix:PATH, vsock:CID:PORT or console:FILE")
+    raise UriError(f"listen URI {uri!r}: want unix:PATH, vsock:CID:PORT, hvsock:UDS:PORT, "
+                   "hvsock-connect:UDS:PORT or console:FILE")
 
 
 def listen(uri: str, emit: Printer, *, keep: bool = False) -> None:
@@ -147,6 +202,10 @@ def listen(uri: str, emit: Printer, *, keep: bool = False) -> None:
     kind, _, rest = uri.partition(":")
     if kind == "console":
         _console(rest, emit)
+        return
+    if kind == "hvsock-connect":
+        with hvsock_connect(uri) as conn:
+            read_stream(conn, emit)
         return
     sock = _bound(uri)
     try:
@@ -159,8 +218,9 @@ def listen(uri: str, emit: Printer, *, keep: bool = False) -> None:
                 return
     finally:
         sock.close()
-        if kind == "unix" and os.path.exists(rest):
-            os.unlink(rest)
+        path = unix_path(uri)
+        if path is not None and os.path.exists(path):
+            os.unlink(path)
 
 
 def _console(path: str, emit: Callable[[Frame | FrameError], None]) -> None:

@@ -233,7 +233,8 @@ def assemble(doc_variants: dict[str, dict[str, object]], machine: dict[str, obje
                      "order": "interleaved", "timeout_s": settings.timeout,
                      "memory_mib": settings.memory_mib, "entropy": settings.entropy,
                      "interrupted": interrupted, "base_cmdline": settings.base_cmdline,
-                     "bar_bytes": settings.bar.size if settings.bar is not None else None},
+                     "bar_bytes": settings.bar.size if settings.bar is not None else None,
+                     "pci_devices": settings.bar.bdfs() if settings.bar is not None else []},
         "variants": doc_variants,
         "ratios": ratios(doc_variants),
     }

@@ -270,6 +270,7 @@ class Init:
 
     def power_off(self) -> None:
         boot = self.boot
+        boot.reporter.spill_to_console()  # what the report channel could not take
         boot.reporter.close()
         try:
             boot.effects.sync()

@@ -164,10 +164,33 @@ class Reporter:
             _write_all(self._fd, data, WRITE_TIMEOUT)
             self.sent += 1
         except (OSError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                # the other end went away: keep the frame for a reopen, or the console
+                self.kmsg.log(3, f"report: {self.uri} closed by the host side: {exc}")
+                self.close()
+                self._pending.insert(0, data)
+                return
             self.dropped += 1
             self.kmsg.log(3, f"report: frame lost on {self.uri}: {exc}")
-            if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                self.close()
+
+    def spill_to_console(self) -> int:
+        """Frames still pending at the end (the channel never opened, or broke) go to
+        ``/dev/console`` as marker lines, so the host can still read why the guest
+        stopped; returns how many."""
+        if not self._pending:
+            return 0
+        self.close()
+        try:
+            self._fd, self._console = open_transport("console", self.root)
+        except TransportError as exc:
+            self.kmsg.log(3, f"report: {len(self._pending)} frames lost: {exc}")
+            return 0
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._write(data)
+        self.kmsg.log(4, f"report: {len(pending)} frames sent on the console instead of "
+                      f"{self.uri}")
+        return len(pending)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -59,6 +59,37 @@ def detach(ignore_term: bool, log: str) -> None:
     os.waitpid(middle, 0)
 
 
+def virtio_port(name: str, sysfs: str = "/sys") -> str:
+    """``/dev/vportNpM`` of the virtio-serial port called ``name``."""
+    base = os.path.join(sysfs, "class", "virtio-ports")
+    for entry in sorted(os.listdir(base)):
+        with open(os.path.join(base, entry, "name")) as fh:
+            if fh.read().strip() == name:
+                return os.path.join("/dev", entry)
+    raise FileNotFoundError(f"no virtio port named {name} in {base}")
+
+
+def vsock_relay(port: int, port_name: str, log: str) -> None:
+    """Listen on AF_VSOCK ``port`` (any CID) and forward the first connection's bytes to
+    the virtio port ``port_name`` (VM tier: the init's vsock report, over vsock_loopback
+    inside the guest, reaches the host harness's virtio-serial socket). The listener
+    exists before this returns; a child does the forwarding."""
+    listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    listener.bind((socket.VMADDR_CID_ANY, port))
+    listener.listen(1)
+    target = virtio_port(port_name)
+    if os.fork() == 0:
+        conn, _ = listener.accept()
+        syslog(f"vsock relay: connection on port {port}, forwarding to {target}", log)
+        fd = os.open(target, os.O_WRONLY)
+        while data := conn.recv(65536):
+            while data:
+                data = data[os.write(fd, data):]
+        os._exit(0)
+    listener.close()
+    syslog(f"vsock relay: listening on port {port}", log)
+
+
 READY_MARKER = "agent-standin-ready"
 
 
@@ -117,6 +148,8 @@ def main() -> None:
                         help="become ready this many seconds after the start")
     parser.add_argument("--never-ready", action="store_true",
                         help="neither listen nor log the ready line")
+    parser.add_argument("--vsock-relay", type=int, default=0, metavar="PORT",
+                        help="forward AF_VSOCK PORT to the guestinit.report virtio port")
     parser.add_argument("--daemon-child", action="append", default=[],
                         choices=("term", "ignore-term"),
                         help="leave a detached daemon that SIGTERM ends (term) or does not")
@@ -133,6 +166,8 @@ def main() -> None:
     if args.orphans:
         leave_orphans(args.orphans, args.linger)
         syslog(f"left {args.orphans} orphans", args.log)
+    if args.vsock_relay:
+        vsock_relay(args.vsock_relay, "guestinit.report", args.log)
     for kind in args.daemon_child:
         detach(kind == "ignore-term", args.log)
     if args.flood:

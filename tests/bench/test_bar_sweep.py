@@ -202,3 +202,10 @@ def test_stand_in_gpus_and_switches_take_consecutive_slots() -> None:
     assert "ivshmem-plain,memdev=bar1,addr=02.0" in argv
     assert argv.count("-device edu,") == 4 and "edu,addr=06.0" in argv
     assert BarDevice(0, edu=1).bdfs() == ["0000:00:01.0"]  # no ivshmem: edu at the first slot
+
+
+def test_suite_standin_takes_gpu_and_switch_counts() -> None:
+    assert cli.parser().parse_args(["suite", "--standin", "2,4"]).standin == (2, 4)
+    for bad in ("2", "a,b", "20,20"):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["suite", "--standin", bad])

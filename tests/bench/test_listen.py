@@ -88,7 +88,9 @@ def test_console_log_is_decoded_and_bad_lines_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("uri, message", [
-    ("tcp:1.2.3.4:5", "want unix:PATH, vsock:CID:PORT or console:FILE"),
+    ("tcp:1.2.3.4:5", "want unix:PATH, vsock:CID:PORT, hvsock:UDS:PORT"),
+    ("hvsock:/run/v.sock", "want hvsock:UDS:PORT"),
+    ("hvsock-connect:/run/v.sock:x", "want hvsock-connect:UDS:PORT"),
     ("vsock:two:1040", "want vsock:CID:PORT"),
     ("console:", "name the log file"),
 ])
@@ -128,3 +130,57 @@ def test_frame_pump_keeps_frames_and_errors_in_arrival_order(tmp_path: Path) -> 
         assert not pump.pump(0.01)  # after EOF: nothing more, no busy loop
     finally:
         pump.close()
+
+
+def test_hybrid_vsock_guest_connections_arrive_on_uds_underscore_port(tmp_path: Path) -> None:
+    """Firecracker / Cloud Hypervisor forward a guest's connect(CID 2, 1040) to UDS_1040."""
+    uds = tmp_path / "vsock.sock"
+    sender = _send_when_listening(tmp_path / "vsock.sock_1040", HELLO + READY)
+    out = io.StringIO()
+    printer = Printer(out, as_json=False)
+    listen(f"hvsock:{uds}:1040", printer)
+    sender.join()
+    assert (printer.frames, printer.errors) == (2, 0)
+    assert not (tmp_path / "vsock.sock_1040").exists()
+
+
+def _fake_vmm(uds: Path, answer: bytes, payload: bytes, seen: list[bytes]) -> threading.Thread:
+    """The VMM side of a hybrid vsock: read ``CONNECT P``, answer, then be the guest."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(uds))
+    server.listen(1)
+
+    def go() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += conn.recv(1)
+            seen.append(line)
+            conn.sendall(answer + payload)
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def test_hybrid_vsock_connect_handshake_then_frames(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+    vmm = _fake_vmm(tmp_path / "v.sock", b"OK 1073741824\n", HELLO + READY, seen)
+    out = io.StringIO()
+    printer = Printer(out, as_json=True)
+    listen(f"hvsock-connect:{tmp_path / 'v.sock'}:1040", printer)
+    vmm.join()
+    assert seen == [b"CONNECT 1040\n"]
+    types = [json.loads(line)["type"] for line in out.getvalue().splitlines()]
+    assert types == ["hello", "ready"]  # the bytes after OK's line are the guest's
+
+
+def test_hybrid_vsock_refused_port_names_the_answer(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+    vmm = _fake_vmm(tmp_path / "v.sock", b"", b"", seen)  # the VMM closes: nobody listens
+    with pytest.raises(UriError, match=r"the VMM answered '' to CONNECT 7"):
+        listen(f"hvsock-connect:{tmp_path / 'v.sock'}:7", Printer(io.StringIO(), False))
+    vmm.join()
+    with pytest.raises(UriError, match="is the VMM's vsock socket"):
+        listen(f"hvsock-connect:{tmp_path / 'absent.sock'}:7", Printer(io.StringIO(), False))

@@ -28,7 +28,7 @@ def test_cpu_profile() -> None:
     assert prof.init is profile.Init.GUESTINIT
     assert prof.kernel.early == ("virtio_mmio", "virtio_console", "vsock",
                                  "vmw_vsock_virtio_transport", "button", "evdev")
-    assert prof.kernel.modules == ("button", "evdev")
+    assert prof.kernel.modules == ("button", "evdev", "vsock_loopback")  # the last: VM tests
     words = prof.cmdline()
     assert len(words) == len(set(words)), "presets must not duplicate words"
 

@@ -1,0 +1,108 @@
+"""The GPU path in a real guest: nvidia-gpu and nvidia-servicevm images booted in QEMU.
+
+The stand-ins (tests/fixtures/standin_bundle.py): QEMU's ivshmem-plain devices are the
+GPUs and its edu devices the NVSwitches, discovered as such through the documented test
+profile (``standin.gpu``/``standin.nvswitch``, baked into the test images' config);
+the stand-in kernel modules, built for the
+guest kernel and loaded by the real kernel, bind them and publish what the NVIDIA driver
+publishes; the userspace stand-ins behave like persistenced and the fabric manager. Every
+GPU stage runs for real: discovery, mode, module loads, device nodes, daemons, the CDI
+spec, lockdown, ready and shutdown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import proc
+from bench.boot import BootResult
+from bench.qemu import BarDevice
+from guestinit.wire import FrameType
+from tests.fixtures import standin_bundle
+from tests.fixtures.standin_bundle import GPU_ID, NVSWITCH_ID
+from tests.vm.conftest import REPO, _builder, boot_vm, explain
+
+pytestmark = pytest.mark.vm
+MIB = 1 << 20
+TWO_GPUS = BarDevice(64 * MIB, count=2)
+FOUR_SWITCHES = BarDevice(0, edu=4)
+WORDS = "guestinit.agent=none"
+
+
+def _image(profile: str, bundle: Path, out: Path, standin: str) -> str:
+    try:
+        proc.run([_builder(), "image", profile, "--driver", str(bundle), "--out", str(out),
+                  "--append-config", standin], timeout=1800, cwd=str(REPO))
+    except proc.RunError as exc:
+        pytest.fail(f"building {profile} with the stand-in bundle failed:\n{exc}")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def gpu_images(cpu_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """nvidia-gpu, nvidia-servicevm and a gpu image whose bundle lacks nvidia-uvm.ko."""
+    release = (Path(cpu_image) / "kernel-release.txt").read_text().strip()
+    tmp = tmp_path_factory.mktemp("gpu-images")
+    try:
+        bundle = standin_bundle.build(tmp / "bundle", release)
+        broken = standin_bundle.build(tmp / "broken-bundle", release, drop=("nvidia-uvm.ko",))
+    except standin_bundle.StandinError as exc:
+        pytest.fail(str(exc))
+    gpu, switch = f"standin.gpu={GPU_ID}", f"standin.nvswitch={NVSWITCH_ID}"
+    return {"gpu": _image("nvidia-gpu", bundle, tmp / "nvidia-gpu", gpu),
+            "servicevm": _image("nvidia-servicevm", bundle, tmp / "nvidia-servicevm", switch),
+            "broken": _image("nvidia-gpu", broken, tmp / "broken", gpu)}
+
+
+def _ready(res: BootResult) -> dict[str, object]:
+    assert res.ok, explain(res)
+    ready = res.first(FrameType.READY)
+    assert ready is not None
+    return ready.fields
+
+
+@pytest.mark.parametrize("erofs", [False, True], ids=["initramfs", "verity-root"])
+def test_gpu_image_runs_every_gpu_stage_on_the_stand_in_driver(
+        gpu_images: dict[str, str], tmp_path: Path, erofs: bool) -> None:
+    res = boot_vm(gpu_images["gpu"], tmp_path, erofs=erofs, append=WORDS, bar=TWO_GPUS)
+    ready = _ready(res)
+    assert ready["mode"] == "gpu"
+    devices = ready["inventory"]["devices"]  # type: ignore[index]
+    assert [d["kind"] for d in devices] == ["gpu", "gpu"]
+    assert [d["bdf"] for d in devices] == TWO_GPUS.bdfs()
+    assert ready["modules"][-2:] == ["nvidia", "nvidia_uvm"]  # type: ignore[index]
+    daemons = {d["name"]: d for d in ready["daemons"]}  # type: ignore[union-attr]
+    assert daemons["nvidia-persistenced"]["running"], daemons
+    stages = {name: end - start for name, start, end in res.first(FrameType.READY).timeline()}
+    for stage in ("discover", "modules", "devices", "daemons", "cdi", "lockdown"):
+        assert stage in stages, stages
+    assert any(n.startswith("daemon:nvidia-persistenced") for n in stages), stages
+    shutdown = res.first(FrameType.SHUTDOWN)
+    assert shutdown is not None, explain(res)
+    audit = "\n".join(map(str, shutdown.fields["audit"]))
+    assert "release gpu0 0000:00:01.0 GPU-00000000-" in audit  # the stand-in driver's UUID
+    assert "release gpu1 0000:00:02.0 GPU-00000001-" in audit
+    assert "nvidia-persistenced: pid" in audit and "stopped (status 0)" in audit
+
+
+def test_service_vm_detects_its_nvswitches_and_runs_the_fabric_manager(
+        gpu_images: dict[str, str], tmp_path: Path) -> None:
+    res = boot_vm(gpu_images["servicevm"], tmp_path, append=WORDS, bar=FOUR_SWITCHES)
+    ready = _ready(res)
+    assert ready["mode"] == "nvl4"
+    kinds = [d["kind"] for d in ready["inventory"]["devices"]]  # type: ignore[index]
+    assert kinds == ["nvswitch"] * 4
+    daemons = {d["name"]: d for d in ready["daemons"]}  # type: ignore[union-attr]
+    assert daemons["nv-fabricmanager"]["running"], daemons
+
+
+def test_a_bundle_without_nvidia_uvm_fails_the_boot_naming_the_module(
+        gpu_images: dict[str, str], tmp_path: Path) -> None:
+    res = boot_vm(gpu_images["broken"], tmp_path, append=WORDS, bar=TWO_GPUS)
+    failed = res.first(FrameType.FAILED)
+    assert failed is not None, explain(res)
+    assert failed.fields["stage"] == "modules"
+    assert "nvidia_uvm" in str(failed.fields["reason"]), failed.fields["reason"]
+    assert res.qemu_rc == 0  # it powered off after saying why
