@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.suite_report import DASH, PROM_PREFIX, machine_line
+from bench.suite_report import DASH, PROM_PREFIX, exposition, machine_line
 from guestinit.barmap import format_size
 
 OUTPUTS = ("bar-sweep.md", "bar-sweep.svg", "bar-sweep.png", "bar-sweep.prom")
@@ -154,13 +154,7 @@ class SweepCollector:
 
 
 def openmetrics(doc: Mapping[str, Any]) -> str:
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.openmetrics.exposition import generate_latest
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SweepCollector(doc))
-    text: bytes = generate_latest(registry)  # type: ignore[no-untyped-call]
-    return text.decode("utf-8")
+    return exposition(SweepCollector(doc))
 
 
 def write_all(doc: Mapping[str, Any], directory: str | Path) -> list[Path]:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from bench import cli_bar, cli_reports
 from bench.qemu import ENTROPY
@@ -78,7 +79,6 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 def _cmd_suite(args: argparse.Namespace) -> int:
     from bench import suite
-    from bench.qemu import choose_accel
 
     names = [n for n in args.variants.split(",") if n] if args.variants else list(
         suite.DEFAULT_VARIANTS)
@@ -88,13 +88,8 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     except suite.SuiteError as exc:
         print(f"guestinit-bench suite: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    first = next(iter(images.values()))
-    accel, why = choose_accel(args.accel, first.kernel, args.qemu)
-    settings = suite.Settings(
-        runs=args.runs, warmup=args.warmup, timeout=args.timeout, memory_mib=args.memory,
-        accel=accel, accel_why=why, entropy=args.entropy, images=args.images, qemu=args.qemu,
-        keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]],
-        base_cmdline=first.cmdline)
+    settings = suite_settings(args, images, args.images)
+    accel, why = settings.accel, settings.accel_why
     if args.bar is not None or args.standin is not None:  # every variant on PCIe
         from bench.bar_sweep import on_pcie
         from bench.qemu import BarDevice, phys_bits_for
@@ -113,24 +108,55 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     print(f"VMM: QEMU {machine['machine_type']}, {accel} ({why}), -cpu {machine['cpu']}, "
           f"entropy {args.entropy}, {args.memory} MiB, 1 vCPU; results in {out_dir}",
           file=sys.stderr)
-    doc_variants: dict[str, dict[str, object]] = {}
-    progress = suite.Progress(sys.stderr, total)
-    interrupted = False
-    try:
-        suite.run_suite(variants, images, settings, out_dir, progress, doc_variants)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.stop()
+    doc_variants, interrupted = run_interleaved(variants, images, settings, out_dir, total)
     doc = suite.assemble(doc_variants, machine, settings, interrupted=interrupted)
     _write_results(doc, out_dir)
+    return verdict(doc, interrupted, "suite")
+
+
+def verdict(doc: dict[str, object], interrupted: bool, command: str) -> int:
+    """The exit status of a suite-like run, with the lines that say why on stderr."""
+    from bench import suite
+
     if interrupted:
         print("interrupted: partial results written", file=sys.stderr)
         return EXIT_INTERRUPTED
     rc, why_lines = suite.verdict(doc)
     for text in why_lines:
-        print(f"guestinit-bench suite: {text}", file=sys.stderr)
+        print(f"guestinit-bench {command}: {text}", file=sys.stderr)
     return rc
+
+
+def suite_settings(args: argparse.Namespace, images: dict[str, Any],
+                   images_dir: str) -> Any:
+    """suite.Settings from the options suite and bar-sweep share (accelerator chosen)."""
+    from bench import suite
+    from bench.qemu import choose_accel
+
+    first = next(iter(images.values()))
+    accel, why = choose_accel(args.accel, first.kernel, args.qemu)
+    return suite.Settings(
+        runs=args.runs, warmup=args.warmup, timeout=args.timeout, memory_mib=args.memory,
+        accel=accel, accel_why=why, entropy=args.entropy, images=images_dir, qemu=args.qemu,
+        keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]],
+        base_cmdline=first.cmdline)
+
+
+def run_interleaved(variants: list[Any], images: dict[str, Any], settings: Any, out_dir: str,
+                    total: int, extra: Any = None) -> tuple[dict[str, dict[str, object]], bool]:
+    """Run the suite with progress; (what was measured, whether it was interrupted)."""
+    from bench import suite
+
+    doc_variants: dict[str, dict[str, object]] = {}
+    progress = suite.Progress(sys.stderr, total)
+    try:
+        suite.run_suite(variants, images, settings, out_dir, progress, doc_variants,
+                        extra=extra)
+    except KeyboardInterrupt:
+        return doc_variants, True
+    finally:
+        progress.stop()
+    return doc_variants, False
 
 
 def _write_results(doc: dict[str, object], out_dir: str) -> None:
@@ -167,6 +193,17 @@ def bar_size(text: str) -> int:
     except (SuiteError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--sizes: ")) from None
     return size
+
+
+def add_vmm_options(p: argparse.ArgumentParser) -> None:
+    """The per-boot options of suite and bar-sweep."""
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds from QEMU start to the ready frame, per boot (default 120)")
+    p.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep every run's console log in DIR/logs (default: failed runs')")
 
 
 STANDIN_BAR = 64 << 20
@@ -250,13 +287,7 @@ def parser() -> argparse.ArgumentParser:
     su.add_argument("--also-entropy-none", action="store_true",
                     help="add a twin of every variant booted with --entropy none "
                     "(named NAME@no-rng)")
-    su.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                    help="seconds from QEMU start to the ready frame, per boot (default 120)")
-    su.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")
-    su.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    su.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH")
-    su.add_argument("--keep-logs", action="store_true",
-                    help="keep every run's console log in DIR/logs (default: failed runs')")
+    add_vmm_options(su)
     su.add_argument("--bar", type=bar_size, metavar="SIZE",
                     help="boot every variant on microvm with PCIe and one BAR of SIZE (e.g. "
                     "4G; 0: PCIe without the device), as bar-sweep does: a GPU VM's PCI path")

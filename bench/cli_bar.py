@@ -11,15 +11,14 @@ import sys
 
 from bench.qemu import ENTROPY
 
-EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
 def cmd_bar_sweep(args: argparse.Namespace) -> int:
     from bench import bar_report, bar_sweep, suite
-    from bench.cli import _write_results
-    from bench.qemu import BAR_BDF, choose_accel
+    from bench.cli import _write_results, run_interleaved, suite_settings, verdict
+    from bench.qemu import BAR_BDF
     from guestinit.barmap import parse_size
 
     try:
@@ -33,13 +32,8 @@ def cmd_bar_sweep(args: argparse.Namespace) -> int:
     except (suite.SuiteError, ValueError) as exc:
         print(f"guestinit-bench bar-sweep: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    first = next(iter(images.values()))
-    accel, why = choose_accel(args.accel, first.kernel, args.qemu)
-    settings = suite.Settings(
-        runs=args.runs, warmup=args.warmup, timeout=args.timeout, memory_mib=args.memory,
-        accel=accel, accel_why=why, entropy=args.entropy, images=".", qemu=args.qemu,
-        keep_logs=args.keep_logs, command=["guestinit-bench", *sys.argv[1:]],
-        base_cmdline=first.cmdline)
+    settings = suite_settings(args, images, ".")
+    accel, why = settings.accel, settings.accel_why
     machine = suite.machine_for(images, settings)
     bar = variants[0].bar
     assert bar is not None
@@ -54,28 +48,15 @@ def cmd_bar_sweep(args: argparse.Namespace) -> int:
     print(f"VMM: QEMU microvm,pcie=on, {accel} ({why}), -cpu {machine['cpu']}, entropy "
           f"{args.entropy}, {args.memory} MiB, 1 vCPU; BAR: ivshmem-plain at "
           f"{BAR_BDF}, sparse RAM backend; results in {out_dir}", file=sys.stderr)
-    doc_variants: dict[str, dict[str, object]] = {}
-    progress = suite.Progress(sys.stderr, total)
-    interrupted = False
-    try:
-        suite.run_suite(variants, images, settings, out_dir, progress, doc_variants,
-                        extra=bar_sweep.check_run)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.stop()
+    doc_variants, interrupted = run_interleaved(variants, images, settings, out_dir, total,
+                                                extra=bar_sweep.check_run)
     doc = suite.assemble(doc_variants, machine, settings, interrupted=interrupted)
     doc["bar_sweep"] = bar_sweep.section(doc_variants, variants, refused)
     _write_results(doc, out_dir)
     bar_report.write_all(doc, out_dir)
     print(bar_report.markdown(doc))
-    if interrupted:
-        print("interrupted: partial results written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    rc, why_lines = suite.verdict(doc)
-    for text in why_lines:
-        print(f"guestinit-bench bar-sweep: {text}", file=sys.stderr)
-    return EXIT_USAGE if refused else rc
+    rc = verdict(doc, interrupted, "bar-sweep")
+    return EXIT_USAGE if refused and rc != EXIT_INTERRUPTED else rc
 
 
 def host_description() -> dict[str, object]:
@@ -176,13 +157,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sw.add_argument("--out", metavar="DIR", help="result directory (default "
                     "bench/results/<date>-<accel>-<cores>c-bar-sweep)")
     sw.add_argument("--entropy", choices=ENTROPY, default="rdrand")
-    sw.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                    help="seconds from QEMU start to the ready frame, per boot (default 120)")
-    sw.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")
-    sw.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    sw.add_argument("--qemu", default="qemu-system-x86_64", metavar="PATH")
-    sw.add_argument("--keep-logs", action="store_true",
-                    help="keep every run's console log in DIR/logs (default: failed runs')")
+    from bench.cli import add_vmm_options
+
+    add_vmm_options(sw)
     sw.set_defaults(func=cmd_bar_sweep)
 
     bm = sub.add_parser("bar-map", help="map a PCI BAR read-only through sysfs and measure "

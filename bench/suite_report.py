@@ -221,15 +221,20 @@ class SuiteCollector:
         yield from (ready, ok, failed, metric, stage, ratio, target)
 
 
-def openmetrics(doc: Mapping[str, Any]) -> str:
-    """The suite as OpenMetrics text (ends with ``# EOF``)."""
+def exposition(collector: Any) -> str:
+    """One collector's families as OpenMetrics text (ends with ``# EOF``)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.openmetrics.exposition import generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SuiteCollector(doc))
+    registry.register(collector)
     text: bytes = generate_latest(registry)  # type: ignore[no-untyped-call]
     return text.decode("utf-8")
+
+
+def openmetrics(doc: Mapping[str, Any]) -> str:
+    """The suite as OpenMetrics text (ends with ``# EOF``)."""
+    return exposition(SuiteCollector(doc))
 
 
 def timeline_svg(doc: Mapping[str, Any], path: str | Path) -> Path:

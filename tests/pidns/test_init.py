@@ -170,3 +170,14 @@ def test_shutdown_sweeps_the_daemons_the_agent_left(ns_init: type[NsInit],
     assert audit.index(term) > next(i for i, a in enumerate(audit) if a.startswith("agent:"))
     assert audit.index(kill) < audit.index("sync")
     assert init.wait_exit() == POWERED_OFF
+
+
+def test_one_bad_line_in_the_baked_config_is_named_and_the_rest_still_counts(
+        ns_init: type[NsInit], tmp_path: Path) -> None:
+    # the config stage fails naming exactly the bad line, none of the good ones around it
+    init = ns_init(tmp_path, agent_arg(),
+                   conf="hostname=gpu-vm\nsyslog.kmsg_rate=7\nbogus=1\nlog=debug\n")
+    failed = init.wait_frame(FrameType.FAILED)
+    assert failed.get("stage") == "config"
+    assert failed.get("reason") == "bad setting /etc/guestinit.conf:3: bogus='1': unknown key"
+    assert init.wait_exit() == POWERED_OFF
