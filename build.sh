@@ -114,7 +114,9 @@ usage() {
 usage: ./build.sh COMMAND [ARGS]
   setup            install Debian packages and the Python venv (.venv); idempotent
   test [PYTEST]    lint, type-check and run every test tier (unit, pidns, vm)
-  image [PROFILE]  build out/PROFILE (default cpu) with guestinit-build
+  image [PROFILE]  build out/PROFILE (default cpu) with guestinit-build (never writes
+                   the lock file)
+  lock [PROFILE]   re-pin PROFILE's packages (default cpu) into its lock file
   demo             build the cpu image, boot it in QEMU, print the boot report
   bench ARGS       run guestinit-bench ARGS: suite and bar-sweep (build the images they
                    boot), boot, init, report, compare, listen, bar-map;
@@ -128,6 +130,7 @@ case "${1:-help}" in
   image) shift; cmd_image "$@" ;;
   demo) shift; cmd_demo "$@" ;;
   bench) shift; cmd_bench "$@" ;;
+  lock) shift; cmd_setup; "$VENV/bin/guestinit-build" lock "${1:-cpu}" ;;
   help|-h|--help) usage ;;
   *) usage >&2; die "unknown command '$1'" ;;
 esac

@@ -37,36 +37,33 @@ class Inputs:
     kernel_package: str
 
 
-def pin_inputs(prof: profile.Profile, progress: Progress, locked: bool) -> Inputs:
-    """Resolve what the lock lacks (unless ``locked``), then fetch every pinned input."""
-    lock = fetch.Lock.load(prof.lock)
-    changed = False
+def check_lock(prof: profile.Profile, lock: fetch.Lock) -> str:
+    """The kernel package the lock pins for ``prof``; BuildError naming every package the
+    profile asks for and the lock does not pin. A build never writes the lock: re-pinning
+    is ``./build.sh lock PROFILE`` (``guestinit-build lock``)."""
     meta = prof.kernel.package
-    if meta not in lock.kernel:
-        if locked:
-            raise BuildError(f"lock file {prof.lock}: no kernel pinned for {meta}; "
-                             f"run `guestinit-build lock {prof.name}`")
-        lock.kernel[meta] = fetch.kernel_abi_package(meta)
-        changed = True
-    kpkg = lock.kernel[meta]
+    kpkg = lock.kernel.get(meta)
+    missing = ([] if kpkg is not None else [f"kernel {meta}"])
+    missing += [f"deb {n}" for n in [*prof.debs, *([kpkg] if kpkg else [])]
+                if n not in lock.debs]
+    missing += [f"wheel {w}" for w in prof.wheels if w not in lock.wheels]
+    if missing or kpkg is None:
+        raise BuildError(f"lock file {prof.lock}: does not match profile {prof.name}: "
+                         f"{', '.join(missing)} not pinned; run `./build.sh lock {prof.name}` "
+                         "and commit the lock file")
+    return kpkg
+
+
+def pin_inputs(prof: profile.Profile, progress: Progress, locked: bool) -> Inputs:
+    """Fetch every input the lock pins (it must pin all the profile needs: ``check_lock``).
+
+    A pinned version Debian no longer serves (a security update replaced it) fails with
+    ``locked``; otherwise this build takes the archive's current version, says so, and
+    leaves the lock file as it is (``pins`` in the manifest records what was used).
+    """
+    lock = fetch.Lock.load(prof.lock)
+    kpkg = check_lock(prof, lock)
     names = [*prof.debs, kpkg]
-    missing = [n for n in names if n not in lock.debs]
-    if missing:
-        if locked:
-            raise BuildError(f"lock file {prof.lock}: {', '.join(missing)} not pinned; "
-                             f"run `guestinit-build lock {prof.name}`")
-        lock.debs.update(fetch.resolve_debs(missing))
-        changed = True
-    for w in prof.wheels:
-        if w not in lock.wheels:
-            if locked:
-                raise BuildError(f"lock file {prof.lock}: wheel {w} not pinned; "
-                                 f"run `guestinit-build lock {prof.name}`")
-            lock.wheels[w] = fetch.resolve_wheel(w)
-            changed = True
-    if changed:
-        lock.save()
-        progress.note(f"lock file {prof.lock.name} updated")
     updated = [False]
     debs = {}
     for name in names:
@@ -75,12 +72,11 @@ def pin_inputs(prof: profile.Profile, progress: Progress, locked: bool) -> Input
         except BuildError:
             if locked:
                 raise
-            # Debian dropped the pinned version (security update, new kernel ABI): re-pin
             fresh = fetch.resolve_debs([name])[name]
-            progress.note(f"{name} {lock.debs[name].version} is gone from the archive; "
-                          f"re-pinned to {fresh.version}")
-            lock.debs[name] = fresh
-            lock.save()
+            progress.note(f"warning: {name} {lock.debs[name].version} (pinned in "
+                          f"{prof.lock.name}) is gone from the archive; this build uses "
+                          f"{fresh.version}; run ./build.sh lock {prof.name} to pin it")
+            lock.debs[name] = fresh  # in memory only: the tracked lock stays as it is
             debs[name] = fetch.fetch_deb(fresh, updated=updated)
     wheels = {w: fetch.fetch_wheel(lock.wheels[w]) for w in prof.wheels}
     return Inputs(lock, debs, wheels, kpkg)

@@ -27,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
     img.add_argument("--append-config", type=_kv, action="append", default=[],
                      metavar="KEY=VALUE", help="extra /etc/guestinit.conf setting")
     img.add_argument("--locked", action="store_true",
-                     help="fail instead of re-pinning when the lock file is stale")
+                     help="fail when a pinned package version is gone from the archive "
+                     "(default: build with the current one and warn; the lock file is "
+                     "never written by a build)")
     img.add_argument("--compression", choices=("lz4", "zstd", "none"), default="lz4",
                      help="initramfs compression (default lz4: the guest kernel unpacks it "
                      "fastest; see docs/image.md)")
@@ -40,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check outputs, verity root hash and signature")
     vf.add_argument("out", type=Path)
     vf.add_argument("--key", type=Path, help="PEM public key to check the signature against")
+    vf.add_argument("--allow-unsigned", action="store_true",
+                    help="accept an image without manifest.json.sig (integrity only; "
+                    "says so loudly)")
     ins = sub.add_parser("inspect", help="size by component")
     ins.add_argument("out", type=Path)
     kc = sub.add_parser("kconfig", help="kernel config tools")
@@ -94,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "verify":
             from rootfs.sign import verify
 
-            for line in verify(args.out, args.key):
-                print(f"ok: {line}" if not line.startswith("warning") else line)
+            for line in verify(args.out, args.key, args.allow_unsigned):
+                print(line if line.lower().startswith("warning") else f"ok: {line}")
         elif args.cmd == "inspect":
             from rootfs.manifest import inspect_table
 

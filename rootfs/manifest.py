@@ -34,8 +34,13 @@ class Manifest:
     sbom: dict[str, Any]
 
     def write(self, out: Path) -> None:
+        """The SBOM, then the manifest, which lists the SBOM among the outputs it covers
+        (and so the signature over the manifest covers the SBOM too)."""
+        path = out / SBOM
+        path.write_text(dumps(self.sbom))
+        self.data["outputs"][SBOM] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        self.data["outputs"] = dict(sorted(self.data["outputs"].items()))
         (out / MANIFEST).write_text(dumps(self.data))
-        (out / SBOM).write_text(dumps(self.sbom))
 
     @classmethod
     def read(cls, out: Path) -> Manifest:

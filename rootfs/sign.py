@@ -107,8 +107,9 @@ def _check_initramfs(out: Path, man: dict[str, Any]) -> str:
     return f"{seen} initramfs entries match {MANIFEST}"
 
 
-def verify(out: Path, pub_path: Path | None) -> list[str]:
-    """Check outputs, initramfs contents, verity and signature; returns what was checked."""
+def verify(out: Path, pub_path: Path | None, allow_unsigned: bool = False) -> list[str]:
+    """Check outputs (the SBOM among them), initramfs contents, verity and signature;
+    returns what was checked. An unsigned image fails unless ``allow_unsigned``."""
     _read_manifest_bytes(out)  # a clear error when there is no manifest
     man = Manifest.read(out).data
     done = []
@@ -129,13 +130,17 @@ def verify(out: Path, pub_path: Path | None) -> list[str]:
             raise VerifyError(f"verify: roothash.txt ({recorded}) differs from {MANIFEST}")
         pack.verity_verify(out, man["roothash"])
         done.append("rootfs.erofs matches the dm-verity root hash")
-    if pub_path is None and (out / SIGNATURE).exists():
+    if not (out / SIGNATURE).exists():
+        if not allow_unsigned:
+            raise VerifyError(f"verify: {out / SIGNATURE} is missing: the image is not signed; "
+                              f"sign it (`guestinit-build sign --key KEY.pem {out}`) or pass "
+                              "--allow-unsigned to check integrity only")
+        return [*done, "WARNING: not signed (--allow-unsigned): the outputs match the "
+                       "manifest, but nothing proves who built them"]
+    if pub_path is None:
         pub_path = out / PUBLIC_KEY
         done.append(f"warning: no --key given; checked against {PUBLIC_KEY} shipped with the "
                     "image (integrity only, not authenticity)")
-    if pub_path is not None:
-        check_signature(out, pub_path)
-        done.append(f"signature valid for key {pub_path}")
-    else:
-        done.append("not signed (no manifest.json.sig)")
+    check_signature(out, pub_path)
+    done.append(f"signature valid for key {pub_path}")
     return done

@@ -114,7 +114,14 @@ def test_manifest_and_sbom(cpu_images: tuple[Path, Path]) -> None:
 
 def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
     out = cpu_copy
-    assert any("dm-verity" in line for line in verify(out, None))
+    with pytest.raises(VerifyError, match=r"manifest\.json\.sig is missing: the image is not "
+                       "signed; sign it"):
+        verify(out, None)  # unsigned: refused, unless asked to check integrity only
+    checked = verify(out, None, allow_unsigned=True)
+    assert any("dm-verity" in line for line in checked)
+    assert checked[-1].startswith("WARNING: not signed (--allow-unsigned)")
+    assert main(["verify", str(out)]) == 2
+    assert main(["verify", str(out), "--allow-unsigned"]) == 0
     pub = write_key(tmp_path / "key.pem")
     assert main(["sign", "--key", str(tmp_path / "key.pem"), str(out)]) == 0
     assert any("signature valid" in line for line in verify(out, pub))
@@ -129,6 +136,13 @@ def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(VerifyError, match="signature"):
         verify(out, pub)
     man.write_bytes(original)
+    # the SBOM is an output the signed manifest covers: an edited SBOM is named
+    sbom = out / "sbom.spdx.json"
+    listed = sbom.read_bytes()
+    sbom.write_bytes(listed.replace(b'"SPDX-2.3"', b'"SPDX-2.2"'))
+    with pytest.raises(VerifyError, match=r"output sbom\.spdx\.json was modified"):
+        verify(out, pub)
+    sbom.write_bytes(listed)
     # a changed output is named
     kernel = out / "vmlinuz"
     data = bytearray(kernel.read_bytes())
@@ -160,7 +174,7 @@ def test_verify_names_file_inside_initramfs(cpu_copy: Path) -> None:
                                 check=True).stdout
     (out / "initramfs.img").write_bytes(compressed)
     with pytest.raises(VerifyError, match="initramfs file /etc/passwd was modified"):
-        verify(out, None)
+        verify(out, None, allow_unsigned=True)
 
 
 def test_verify_detects_erofs_tamper(cpu_copy: Path) -> None:
@@ -169,7 +183,7 @@ def test_verify_detects_erofs_tamper(cpu_copy: Path) -> None:
     data[8192] ^= 0x01
     image.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match=r"output rootfs\.erofs was modified"):
-        verify(cpu_copy, None)
+        verify(cpu_copy, None, allow_unsigned=True)
 
 
 def test_inspect_table(cpu_images: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
