@@ -14,7 +14,7 @@ from guestinit import config as guest_config
 from guestinit import modinfo
 from rootfs import closure, fetch, kconfig, kernel, launcher, manifest, pack, profile, tree_extras
 from rootfs.closure import Origin, Pool, Tree
-from rootfs.steps import BuildError, Progress
+from rootfs.steps import BuildError, Progress, run
 
 PROJECT = Origin("guestinit", "0.1.0")
 GENERATED = Origin("guestinit-build", "0.1.0")
@@ -35,6 +35,35 @@ class Inputs:
     debs: dict[str, Path]  # package -> .deb
     wheels: dict[str, Path]
     kernel_package: str
+
+
+def guestinit_source() -> str:
+    """What guestinit was built from, for the SBOM: the git commit of its checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = run(["git", "-C", repo, "rev-parse", "HEAD"], what="git rev-parse").decode()
+    except BuildError:
+        return "no git checkout"
+    return f"git commit {commit.strip()}"
+
+
+# The Debian packages of the host tools whose output is in the image (manifest ``tools``)
+TOOL_PACKAGES = ("erofs-utils", "cryptsetup-bin", "lz4", "zstd", "gcc", "musl-tools")
+
+
+def host_tools() -> dict[str, str]:
+    """The versions of the host tools the image's bytes depend on; the cpio writer is
+    ours (rootfs/cpio.py), so Python's version stands for it."""
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in TOOL_PACKAGES:
+        try:
+            out[pkg] = run(["dpkg-query", "-W", "-f", "${Version}", pkg],
+                           what=f"{pkg} version").decode().strip() or "unknown"
+        except BuildError:
+            out[pkg] = "not installed"
+    return out
 
 
 def check_lock(prof: profile.Profile, lock: fetch.Lock) -> str:
@@ -153,12 +182,28 @@ def compile_python(tree: Tree, dirs: list[str], sourceless: bool = False) -> Non
             tree.origins[str(pyc.relative_to(tree.root))] = tree.origins.get(rel, GENERATED)
 
 
+BUILD_UMASK = 0o022  # whatever the caller's umask, the tree's modes are the same
+
+
 def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = None,
                 extra_config: dict[str, str] | None = None, locked: bool = False,
                 progress: Progress | None = None,
                 zstd_level: int = pack.ZSTD_LEVEL,
                 compression: str = pack.DEFAULT_COMPRESSION) -> manifest.Manifest:
-    progress = progress or Progress()
+    """Build ``out`` from ``prof``. Directories made along the way and the pycs the
+    compiler writes take the process umask, so the build sets BUILD_UMASK for its run
+    (and its tools') and puts the caller's back after."""
+    saved = os.umask(BUILD_UMASK)
+    try:
+        return _build_image(prof, out, driver_dir, extra_config, locked,
+                            progress or Progress(), zstd_level, compression)
+    finally:
+        os.umask(saved)
+
+
+def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
+                 extra_config: dict[str, str] | None, locked: bool, progress: Progress,
+                 zstd_level: int, compression: str) -> manifest.Manifest:
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
                          "use nvidia-gpu or nvidia-servicevm with --driver")
@@ -268,7 +313,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
             man = manifest.build(prof.name, kt.release, epoch, tree, outputs, inputs.lock,
                                  {**{n: inputs.lock.debs[n] for n in inputs.debs},
                                   **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},
-                                 bundle.origin if bundle else None, roothash)
+                                 bundle.origin if bundle else None, roothash,
+                                 guestinit_source(), host_tools())
             man.write(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,13 +6,12 @@ import hashlib
 import json
 import os
 import stat
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rootfs import cpio
+from rootfs import cpio, sbom
 from rootfs.closure import Origin, Tree, canonical
 from rootfs.fetch import Lock, Pin, sha256_file
 from rootfs.pack import SPECIAL_NODES
@@ -47,7 +46,18 @@ class Manifest:
         return cls(json.loads((out / MANIFEST).read_text()), {})
 
 
-def _file_entries(tree: Tree) -> list[dict[str, Any]]:
+def _digests(path: Path) -> tuple[str, str]:
+    """(SHA-256, SHA-1) of a file, read once."""
+    h256, h1 = hashlib.sha256(), hashlib.sha1()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h256.update(block)
+            h1.update(block)
+    return h256.hexdigest(), h1.hexdigest()
+
+
+def _file_entries(tree: Tree, sha1: dict[str, str]) -> list[dict[str, Any]]:
+    """The manifest's rows; fills ``sha1`` (path -> SHA-1) for the SBOM's file entries."""
     files: list[dict[str, Any]] = []
     unknown = Origin("unknown", "")
     for e in cpio.entries_from_dir(tree.root):
@@ -59,7 +69,8 @@ def _file_entries(tree: Tree) -> list[dict[str, Any]]:
             row.update(type="symlink", target=e.data.decode())
         else:
             assert e.source is not None
-            row.update(type="file", size=e.source.stat().st_size, sha256=sha256_file(e.source),
+            digest, sha1[row["path"]] = _digests(e.source)
+            row.update(type="file", size=e.source.stat().st_size, sha256=digest,
                        package=origin.package, version=origin.version)
         files.append(row)
     for node in SPECIAL_NODES:
@@ -70,8 +81,12 @@ def _file_entries(tree: Tree) -> list[dict[str, Any]]:
 
 def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str, Path],
           lock: Lock, pins: dict[str, Pin], driver: Origin | None,
-          roothash: str | None) -> Manifest:
-    files = _file_entries(tree)
+          roothash: str | None, source: str = "",
+          tools: dict[str, str] | None = None) -> Manifest:
+    """The manifest and its SBOM (rootfs.sbom); ``source`` says what guestinit was built
+    from (its git commit)."""
+    sha1: dict[str, str] = {}
+    files = _file_entries(tree, sha1)
     packages = []
     for key, pin in sorted(pins.items()):
         kind, _, name = key.rpartition(":")
@@ -89,64 +104,10 @@ def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str,
         "outputs": {name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
                     for name, p in sorted(outputs.items())},
         "packages": packages,
+        "tools": dict(sorted((tools or {}).items())),
         "files": files,
     }
-    return Manifest(data, spdx(data, lock))
-
-
-def _purl(pkg: dict[str, Any]) -> str:
-    if pkg["kind"] == "deb":
-        return f"pkg:deb/debian/{pkg['name']}@{pkg['version']}?arch=amd64&distro=bookworm"
-    if pkg["kind"] == "wheel":
-        return f"pkg:pypi/{pkg['name']}@{pkg['version']}"
-    return f"pkg:generic/{pkg['name']}@{pkg['version']}"
-
-
-def spdx(data: dict[str, Any], lock: Lock) -> dict[str, Any]:
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data["source_date_epoch"]))
-    digest = hashlib.sha256(dumps(data["outputs"]).encode()).hexdigest()[:16]
-    pkgs = [{
-        "SPDXID": "SPDXRef-image",
-        "name": f"guestinit-image-{data['profile']}",
-        "versionInfo": data["kernel_release"],
-        "downloadLocation": "NOASSERTION",
-        "filesAnalyzed": False,
-        "licenseConcluded": "NOASSERTION",
-        "licenseDeclared": "NOASSERTION",
-        "copyrightText": "NOASSERTION",
-        "primaryPackagePurpose": "OPERATING-SYSTEM",
-    }]
-    rels = [{"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
-             "relatedSpdxElement": "SPDXRef-image"}]
-    for i, pkg in enumerate(data["packages"], 1):
-        ref = f"SPDXRef-Package-{i}"
-        entry: dict[str, Any] = {
-            "SPDXID": ref,
-            "name": pkg["name"],
-            "versionInfo": pkg["version"],
-            "downloadLocation": "NOASSERTION",
-            "filesAnalyzed": False,
-            "licenseConcluded": "NOASSERTION",
-            "licenseDeclared": "NOASSERTION",
-            "copyrightText": "NOASSERTION",
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": _purl(pkg)}],
-        }
-        if pkg["sha256"]:
-            entry["checksums"] = [{"algorithm": "SHA256", "checksumValue": pkg["sha256"]}]
-        pkgs.append(entry)
-        rels.append({"spdxElementId": "SPDXRef-image", "relationshipType": "CONTAINS",
-                     "relatedSpdxElement": ref})
-    return {
-        "spdxVersion": "SPDX-2.3",
-        "dataLicense": "CC0-1.0",
-        "SPDXID": "SPDXRef-DOCUMENT",
-        "name": f"guestinit-image-{data['profile']}",
-        "documentNamespace": f"https://guestinit.invalid/spdx/{data['profile']}-{digest}",
-        "creationInfo": {"created": created, "creators": [f"Tool: {TOOL}"]},
-        "packages": pkgs,
-        "relationships": rels,
-    }
+    return Manifest(data, sbom.document(data, sha1, source or "no git checkout"))
 
 
 # --- inspect -----------------------------------------------------------------------------

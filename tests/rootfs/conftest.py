@@ -6,7 +6,9 @@ later runs and CI reruns with a warm cache are fast.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,12 +28,28 @@ def kernel_tree() -> kernel.KernelTree:
 
 @pytest.fixture(scope="session")
 def cpu_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The cpu image built twice from the same lock file into two directories."""
+    """The cpu image built twice from the same lock file: into two directories, the second
+    under another umask, TMPDIR and locale (a rebuild anywhere gives the same bytes)."""
     base = tmp_path_factory.mktemp("images")
     prof = profile.load("cpu")
-    outs = (base / "a" / "cpu", base / "b" / "cpu")
-    for out in outs:
-        build_image(prof, out, locked=True, progress=Progress(quiet=True))
+    outs = (base / "a" / "cpu", base / "other place" / "b" / "cpu")
+    build_image(prof, outs[0], locked=True, progress=Progress(quiet=True))
+    other_tmp = base / "tmp elsewhere"
+    other_tmp.mkdir()
+    saved_env = {k: os.environ.get(k) for k in ("TMPDIR", "LC_ALL", "LANG", "TZ")}
+    saved_umask = os.umask(0o027)
+    os.environ.update(TMPDIR=str(other_tmp), LC_ALL="C", LANG="C", TZ="Pacific/Kiritimati")
+    tempfile.tempdir = None  # tempfile caches TMPDIR
+    try:
+        build_image(prof, outs[1], locked=True, progress=Progress(quiet=True))
+    finally:
+        os.umask(saved_umask)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = None
     return outs
 
 

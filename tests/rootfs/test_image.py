@@ -7,15 +7,20 @@ import json
 import os
 import stat
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rootfs import cpio, pack
+from rootfs import cpio, fetch, pack, profile
+from rootfs.build import pin_inputs
 from rootfs.cli import main
+from rootfs.closure import canonical
+from rootfs.fetch import sha256_file
 from rootfs.sign import VerifyError, verify
+from rootfs.steps import Progress
 from tests.fixtures.tcg import tsc_word
 
 EARLY = "virtio_mmio,virtio_console,vsock,vmw_vsock_virtio_transport,button,evdev"
@@ -107,9 +112,51 @@ def test_manifest_and_sbom(cpu_images: tuple[Path, Path]) -> None:
     sbom = json.loads((out / "sbom.spdx.json").read_text())
     assert sbom["spdxVersion"] == "SPDX-2.3"
     names = {p["name"] for p in sbom["packages"]}
-    assert {"libc6", "python3.11-minimal", "psutil", "cffi"} <= names
+    assert {"libc6", "python3.11-minimal", "psutil", "cffi", "guestinit"} <= names
     assert not {"pyudev", "libudev1", "libc-bin"} & names
     assert any(n.startswith("linux-image-6.") for n in names)
+    assert man["outputs"]["sbom.spdx.json"]["sha256"] == sha256_file(out / "sbom.spdx.json")
+    assert set(man["tools"]) >= {"python", "erofs-utils", "cryptsetup-bin", "lz4", "zstd"}
+
+
+def test_sbom_validates_and_lists_exactly_what_ships(cpu_images: tuple[Path, Path]) -> None:
+    """spdx-tools finds nothing wrong; its packages are the packages whose files are in the
+    image, computed here from the packages' own contents, not from the builder's origins."""
+    from spdx_tools.spdx.parser.parse_anything import parse_file
+    from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
+
+    out = cpu_images[0]
+    assert validate_full_spdx_document(parse_file(str(out / "sbom.spdx.json"))) == []
+    sbom = json.loads((out / "sbom.spdx.json").read_text())
+    shipped = {r["path"].lstrip("/") for r in json.loads((out / "manifest.json").read_text())
+               ["files"] if r["type"] == "file"}
+    prof = profile.load("cpu")
+    inputs = pin_inputs(prof, Progress(quiet=True), locked=True)
+    expected = set()
+    for name, deb in inputs.debs.items():
+        root = fetch.extract_deb(deb)
+        paths = {canonical(str(p.relative_to(root))) for p in root.rglob("*") if p.is_file()}
+        # the stdlib ships as pycs compiled from the package's sources
+        paths |= {p + "c" for p in paths if p.endswith(".py")}
+        paths |= {f"{p.rsplit('/', 1)[0]}/__pycache__/{p.rsplit('/', 1)[1][:-3]}.cpython-311"
+                  ".pyc" for p in paths if p.endswith(".py") and "/" in p}
+        if paths & shipped:
+            expected.add(name)
+    for name, whl in inputs.wheels.items():
+        with zipfile.ZipFile(whl) as zf:
+            if {f"usr/lib/guestinit/{n}" for n in zf.namelist()} & shipped:
+                expected.add(name)
+    expected |= {"guestinit", "guestinit-build"}  # its package, and what the builder made
+    packages = {p["name"] for p in sbom["packages"] if p["SPDXID"] != "SPDXRef-image"}
+    assert packages == expected
+    assert len(sbom["files"]) == len(shipped)
+    assert all({c["algorithm"] for c in f["checksums"]} == {"SHA1", "SHA256"}
+               for f in sbom["files"])
+    libc = next(p for p in sbom["packages"] if p["name"] == "libc6")
+    locator = libc["externalRefs"][0]["referenceLocator"]
+    assert "+" not in locator and "%2B" in locator  # packageurl-python percent-encodes
+    contains = {(r["spdxElementId"], r["relationshipType"]) for r in sbom["relationships"]}
+    assert ("SPDXRef-image", "CONTAINS") in contains
 
 
 def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
