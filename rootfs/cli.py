@@ -97,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {sign(args.out, args.key)}")
         elif args.cmd == "verify":
-            from rootfs.sign import verify
+            from rootfs.sign import UnusableInput, VerifyError, verify
 
-            for line in verify(args.out, args.key, args.allow_unsigned):
+            try:
+                lines = verify(args.out, args.key, args.allow_unsigned)
+            except VerifyError as exc:  # a mismatch: 1; nothing to check against: 2
+                print(f"guestinit-build: error: {exc}", file=sys.stderr)
+                return 2 if isinstance(exc, UnusableInput) else 1
+            for line in lines:
                 print(line if line.lower().startswith("warning") else f"ok: {line}")
         elif args.cmd == "inspect":
             from rootfs.manifest import inspect_table

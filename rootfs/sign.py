@@ -28,7 +28,11 @@ PUBLIC_KEY = "signing-key.pub.pem"
 
 
 class VerifyError(BuildError):
-    """The output directory does not match its manifest or signature."""
+    """The output directory does not match its manifest or signature (exit 1)."""
+
+
+class UnusableInput(VerifyError):
+    """Nothing to verify against: no manifest, an unreadable key (exit 2)."""
 
 
 def _load_private(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -58,8 +62,8 @@ def _read_manifest_bytes(out: Path) -> bytes:
     try:
         return (out / MANIFEST).read_bytes()
     except OSError as exc:
-        raise VerifyError(f"{out / MANIFEST}: {exc.strerror}; is {out} an output of "
-                          "`guestinit-build image`?") from None
+        raise UnusableInput(f"{out / MANIFEST}: {exc.strerror}; is {out} an output of "
+                            "`guestinit-build image`?") from None
 
 
 def check_signature(out: Path, pub_path: Path) -> None:
@@ -67,9 +71,9 @@ def check_signature(out: Path, pub_path: Path) -> None:
     try:
         pub = serialization.load_pem_public_key(pub_path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise VerifyError(f"verify: cannot read public key {pub_path}: {exc}") from None
+        raise UnusableInput(f"verify: cannot read public key {pub_path}: {exc}") from None
     if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise VerifyError(f"verify: {pub_path} is not an EC public key")
+        raise UnusableInput(f"verify: {pub_path} is not an EC public key")
     try:
         sig = base64.b64decode((out / SIGNATURE).read_text().strip(), validate=True)
     except (OSError, ValueError) as exc:

@@ -167,8 +167,9 @@ def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
     checked = verify(out, None, allow_unsigned=True)
     assert any("dm-verity" in line for line in checked)
     assert checked[-1].startswith("WARNING: not signed (--allow-unsigned)")
-    assert main(["verify", str(out)]) == 2
+    assert main(["verify", str(out)]) == 1  # refused: the signature is missing
     assert main(["verify", str(out), "--allow-unsigned"]) == 0
+    assert main(["verify", str(tmp_path / "nothing-here")]) == 2  # no manifest: unusable
     pub = write_key(tmp_path / "key.pem")
     assert main(["sign", "--key", str(tmp_path / "key.pem"), str(out)]) == 0
     assert any("signature valid" in line for line in verify(out, pub))
@@ -197,7 +198,11 @@ def test_verify_sign_and_tamper(cpu_copy: Path, tmp_path: Path) -> None:
     kernel.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match="output vmlinuz was modified"):
         verify(out, pub)
-    assert main(["verify", str(out), "--key", str(pub)]) == 2
+    assert main(["verify", str(out), "--key", str(pub)]) == 1
+    data[-1] ^= 0xFF
+    kernel.write_bytes(bytes(data))  # put it back: now only the key is wrong
+    (tmp_path / "junk.pem").write_text("not a key\n")
+    assert main(["verify", str(out), "--key", str(tmp_path / "junk.pem")]) == 2
 
 
 def test_signature_checks_with_openssl(cpu_copy: Path, tmp_path: Path) -> None:
@@ -331,3 +336,24 @@ def test_erofs_cmdline_for_a_builtin_kernel(cpu_copy: Path) -> None:
     assert table[11] == roothash
     assert table[12] == pack.verity_field(dump, "Salt")
     assert "root=/dev/dm-0" in text.split()
+
+
+def test_every_output_tampered_is_named(cpu_copy: Path, tmp_path: Path) -> None:
+    """The tamper matrix: one flipped byte in any output, the SBOM included, fails verify
+    naming that output (signed image; initramfs and erofs have their own tests above)."""
+    out = cpu_copy
+    pub = write_key(tmp_path / "key.pem")
+    assert main(["sign", "--key", str(tmp_path / "key.pem"), str(out)]) == 0
+    outputs = json.loads((out / "manifest.json").read_text())["outputs"]
+    assert "sbom.spdx.json" in outputs
+    for name in sorted(set(outputs) - {"initramfs.img"}):
+        path = out / name
+        original = path.read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 0x20
+        path.write_bytes(bytes(changed))
+        with pytest.raises(VerifyError, match=rf"output {name.replace('.', '[.]')} was "
+                           "modified"):
+            verify(out, pub)
+        path.write_bytes(original)
+    assert any("signature valid" in line for line in verify(out, pub))
