@@ -128,7 +128,10 @@ class Reporter:
                     return False
                 time.sleep(0.01)  # the virtio port shows up shortly after its driver loads
         pending, self._pending = self._pending, []
-        for data in pending:
+        for i, data in enumerate(pending):
+            if self._fd < 0:  # the host side went away while we flushed: keep the rest
+                self._pending.extend(pending[i:])
+                break
             self._write(data)
         return self._fd >= 0
 

@@ -127,3 +127,31 @@ def test_unknown_transport_is_named(tmp_path: Path) -> None:
     with pytest.raises(report.TransportError, match="virtio port 'x' not found"):
         report.open_transport("virtio-port:x", str(tmp_path))
     assert not os.path.exists(tmp_path / "dev")
+
+
+def test_a_channel_the_host_closes_keeps_its_frames_for_the_console(tmp_path: Path) -> None:
+    """EPIPE keeps the frame (and, mid-flush, the rest) queued; at the end they go to the
+    console in order, where the host's harness also reads frames."""
+    path = tmp_path / "report.sock"
+    (tmp_path / "dev").mkdir()
+    console = tmp_path / "dev/console"
+    console.write_text("")
+    rep = reporter(tmp_path, f"unix:{path}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        assert rep.open(wait=1.0)
+        conn, _ = srv.accept()
+        conn.close()  # the host side goes away
+    rep.send(FrameType.PROGRESS, stage="agent", event="done")  # may still be buffered ...
+    rep.send(FrameType.SHUTDOWN, reason="power button", audit=["sync"], timeline=[])
+    deadline = time.monotonic() + 5
+    while rep.connected and time.monotonic() < deadline:  # ... until the peer's close shows
+        rep.send(FrameType.PROGRESS, stage="run", event="tick")
+    assert not rep.connected and rep._pending, "EPIPE should keep the frame queued"
+    queued = len(rep._pending)
+    assert rep.spill_to_console() == queued
+    got = [f for f in wire.iter_console(console.read_text()) if isinstance(f, wire.Frame)]
+    assert len(got) == queued and rep.dropped == 0
+    assert got[-1].type in (FrameType.PROGRESS, FrameType.SHUTDOWN)
+    assert rep.spill_to_console() == 0  # nothing left twice
