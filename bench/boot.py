@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 from bench import proc
 from bench.image import Image
@@ -29,10 +29,8 @@ from bench.qemu import (
     qemu_argv,
 )
 from bench.qmp import Qmp, QmpError
-from guestinit.wire import CONSOLE_MARKER, Frame, FrameError, FrameReader, FrameType, iter_console
-
-CONNECT_SECONDS = 15.0
-MAX_CONSOLE_LINE = 256 * 1024  # longer than any frame's marker line
+from bench.vmio import Console, Progress, accept, listen, peak_rss_kib, read_text, recv
+from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
 
 @dataclass
@@ -88,81 +86,10 @@ class BootResult:
         return "none yet"
 
 
-class _Progress:
-    """One status line while waiting: rewritten in place on a tty, every 5 s otherwise."""
-
-    def __init__(self, stream: TextIO | None) -> None:
-        self.stream = stream
-        self.tty = bool(stream is not None and stream.isatty())
-        self.next_at = 0.0
-
-    def show(self, elapsed: float, waiting_for: str, last: str) -> None:
-        if self.stream is None or elapsed < self.next_at:
-            return
-        line = f"  {elapsed:5.1f}s  waiting for {waiting_for}; last seen: {last}"
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self.next_at = elapsed + 0.5
-        else:
-            self.stream.write(line + "\n")
-            self.next_at = elapsed + 5.0
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.stream is not None and self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-def _listen(path: str) -> socket.socket:
-    if os.path.exists(path):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(1)
-    return sock
-
-
-def _accept(listener: socket.socket, child: subprocess.Popen[bytes], what: str) -> socket.socket:
-    deadline = time.monotonic() + CONNECT_SECONDS
-    listener.settimeout(0.1)
-    while True:
-        try:
-            conn, _ = listener.accept()
-            conn.settimeout(None)
-            return conn
-        except TimeoutError:
-            pass
-        if child.poll() is not None:
-            raise RuntimeError(f"QEMU exited (status {child.returncode}) before connecting {what}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"QEMU did not connect {what} within {CONNECT_SECONDS}s")
-
-
-def peak_rss_kib(pid: int, proc_dir: str = "/proc") -> int | None:
-    """A live process's peak resident set (``VmHWM``) in KiB; None once it is gone."""
-    try:
-        with open(os.path.join(proc_dir, str(pid), "status")) as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _note_rss(res: BootResult, pid: int) -> None:
     now = peak_rss_kib(pid)
     if now is not None:
         res.qemu_peak_rss_kib = max(now, res.qemu_peak_rss_kib or 0)
-
-
-def _read_text(path: str, limit: int = 4000) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()[-limit:]
-    except OSError:
-        return ""
 
 
 def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
@@ -195,9 +122,9 @@ def run(
     res: BootResult, spec: VmSpec, opts: BootOptions, progress: TextIO | None = None
 ) -> BootResult:
     """Run the boot ``prepare`` planned; QEMU is stopped and reaped before this returns."""
-    report_l = _listen(spec.report_socket)
-    qmp_l = _listen(spec.qmp_socket)
-    console_l = _listen(spec.console_socket) if spec.console_socket else None
+    report_l = listen(spec.report_socket)
+    qmp_l = listen(spec.qmp_socket)
+    console_l = listen(spec.console_socket) if spec.console_socket else None
     stderr_path = os.path.join(res.workdir, "qemu.stderr")
     child: subprocess.Popen[bytes] | None = None
     try:
@@ -205,10 +132,10 @@ def run(
             spawned = time.monotonic()
             child = proc.spawn(res.argv, stderr=err.fileno())
         try:
-            qmp_conn = _accept(qmp_l, child, "the QMP monitor")
-            console = (_accept(console_l, child, "the serial console")
+            qmp_conn = accept(qmp_l, child, "the QMP monitor")
+            console = (accept(console_l, child, "the serial console")
                        if console_l is not None else None)
-            report = _accept(report_l, child, f"the {spec.report_socket} report port")
+            report = accept(report_l, child, f"the {spec.report_socket} report port")
             qmp = Qmp(qmp_conn)
             qmp.handshake()
         except (RuntimeError, QmpError) as exc:
@@ -216,8 +143,8 @@ def run(
         else:
             watch = _Watch(res, opts, qmp, spawned, child.pid)
             with open(res.console_log, "wb") as log:
-                watch.console = _Console(console, log) if console is not None else None
-                watch.loop(child, report, _Progress(progress))
+                watch.console = Console(console, log) if console is not None else None
+                watch.loop(child, report, Progress(progress))
             report.close()
             qmp_conn.close()
             if console is not None:
@@ -235,33 +162,9 @@ def run(
         for path in (spec.report_socket, spec.qmp_socket, spec.console_socket):
             if path and os.path.exists(path):
                 os.unlink(path)
-        res.qemu_stderr = _read_text(stderr_path)
+        res.qemu_stderr = read_text(stderr_path)
     _judge(res)
     return res
-
-
-class _Console:
-    """The serial console, read from its socket into the log file as it arrives.
-
-    Reading it live (instead of QEMU writing a file) gives the host time of the
-    guest's first output and lets ``hold_until`` look at what has come so far.
-    """
-
-    def __init__(self, sock: socket.socket, log: BinaryIO) -> None:
-        self.sock, self.log = sock, log
-        self.seen = b""  # the tail kept for hold_until matches across reads
-        self.partial = b""  # a console line not yet ended
-        sock.setblocking(False)
-
-    def frames(self, data: bytes) -> list[Frame | FrameError]:
-        """Log ``data``; the frames of the marker lines it completes."""
-        self.log.write(data)
-        self.log.flush()
-        self.seen = (self.seen + data)[-8192:]
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()[-MAX_CONSOLE_LINE:]
-        marked = [line for line in lines if CONSOLE_MARKER.encode() in line]
-        return list(iter_console(b"\n".join(marked).decode("ascii", "replace"))) if marked else []
 
 
 class _Watch:
@@ -280,7 +183,7 @@ class _Watch:
         self.state = self.READY
         self.deadline = spawned + opts.timeout
         self.quit_sent = False
-        self.console: _Console | None = None
+        self.console: Console | None = None
         self.hold_seen = False
 
     def _at(self, now: float) -> float:
@@ -362,7 +265,7 @@ class _Watch:
         return False
 
     def loop(self, child: subprocess.Popen[bytes], report: socket.socket,
-             progress: _Progress) -> None:
+             progress: Progress) -> None:
         sel = selectors.DefaultSelector()
         report.setblocking(False)
         sel.register(report, selectors.EVENT_READ)
@@ -376,7 +279,7 @@ class _Watch:
                         break
                     continue
                 for key, _ev in sel.select(timeout=min(0.2, max(0.0, self.deadline - now))):
-                    data = _recv(key.fileobj)  # type: ignore[arg-type]
+                    data = recv(key.fileobj)  # type: ignore[arg-type]
                     if key.fileobj is report:
                         self.take(data)
                     else:
@@ -398,33 +301,22 @@ class _Watch:
             # QEMU is gone (or being stopped): whatever it had delivered is still readable.
             if child.poll() is not None:
                 self.res.timings["host_exit_s"] = self._at(time.monotonic())
-                while data := _recv(report):
+                while data := recv(report):
                     self.take(data)
                 self.take(b"")
                 if self.console is not None:
-                    while data := _recv(self.console.sock):
+                    while data := recv(self.console.sock):
                         self.take_console(data)
         finally:
             progress.done()
             sel.close()
 
 
-def _recv(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(65536)
-    except BlockingIOError:
-        return b""
-    except OSError:
-        return b""
-
-
-# What the image's launcher and its entry code print when guestinit cannot run at all
-# (rootfs/launcher.c): no frame can say it, the console does.
 START_FAILURES = ("guestinit-launcher: ", "guestinit: cannot start: ")
 
 
 def _init_could_not_start(console_log: str) -> str:
-    text = _read_text(console_log, limit=16384)
+    text = read_text(console_log, limit=16384)
     said = [line.strip() for line in text.splitlines() if line.startswith(START_FAILURES)]
     return said[-1][:300] if said else ""
 
