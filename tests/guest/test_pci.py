@@ -187,3 +187,19 @@ def test_real_root_lists_this_machines_pci_devices_without_pyudev() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_stand_in_profiles_discover_emulated_devices_as_gpus_and_switches(
+        tmp_path: pathlib.Path) -> None:
+    gpu = pci.PciDevice("0000:00:01.0", 0x1AF4, 0x1110, 0x050000)
+    switch = pci.PciDevice("0000:00:02.0", 0x1234, 0x11E8, 0x00FF00)
+    other = pci.PciDevice("0000:00:03.0", 0x1B36, 0x0008, 0x060000)
+    profiles = pci.profiles_from((), ["1af4:1110"], ["1234:11e8"])
+    found = pci.classify([gpu, switch, other], profiles)
+    assert [(a.dev.bdf, a.kind) for a in found] == [("0000:00:01.0", pci.Kind.GPU),
+                                                   ("0000:00:02.0", pci.Kind.NVSWITCH)]
+    assert pci.decide_mode(found) == Mode.GPU
+    with pytest.raises(ValueError, match=r"stand-in gpu id 'zz:1': expected vendor:device"):
+        pci.profiles_from((), ["zz:1"])
+    with pytest.raises(ValueError, match=r"stand-in nvswitch id '1:2:3'"):
+        pci.profiles_from((), (), ["1:2:3"])
