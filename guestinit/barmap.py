@@ -192,9 +192,9 @@ def _measure_open(path: str, size: int, span: int, proc: str) -> dict[str, objec
         try:
             mm = mmap.mmap(fd, span, mmap.MAP_SHARED, mmap.PROT_READ)
         except OSError as exc:
-            raise BarMapError(f"mmap {format_size(span)} of {path}: {exc.strerror} "
-                              "(kernel lockdown forbids it; a BAR behind an IOMMU-less "
-                              "VFIO device cannot be mapped here)") from None
+            raise BarMapError(f"mmap {format_size(span)} of {path}: {exc.strerror} (a "
+                              "kernel in lockdown mode refuses sysfs BAR mappings; try a "
+                              "smaller --span)") from None
         mmap_ns = time.perf_counter_ns() - t0
     finally:
         os.close(fd)
