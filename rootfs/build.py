@@ -314,7 +314,8 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                                  {**{n: inputs.lock.debs[n] for n in inputs.debs},
                                   **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},
                                  bundle.origin if bundle else None, roothash,
-                                 guestinit_source(), host_tools())
+                                 guestinit_source(), host_tools(),
+                                 {n: fetch.wheel_license(w) for n, w in inputs.wheels.items()})
             man.write(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +220,26 @@ def fetch_wheel(pin: Pin) -> Path:
 
 def wheel_version(path: Path) -> str:
     return path.name.split("-")[1]
+
+
+_LICENSE_ID = re.compile(r"^[A-Za-z0-9.+-]+(?: (?:AND|OR|WITH) [A-Za-z0-9.+-]+)*$")
+
+
+def wheel_license(path: Path) -> str:
+    """The wheel's declared license as an SPDX expression (its METADATA's
+    ``License-Expression``, or a ``License`` field that is one), else ""."""
+    with zipfile.ZipFile(path) as zf:
+        meta = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = zf.read(meta).decode("utf-8", "replace") if meta else ""
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():  # the headers, not the description
+        key, sep, value = line.partition(": ")
+        if sep and key in ("License-Expression", "License"):
+            fields.setdefault(key, value.strip())
+    for key in ("License-Expression", "License"):
+        if _LICENSE_ID.match(fields.get(key, "")):
+            return fields[key]
+    return ""
 
 
 # --- resolving (lock refresh) ------------------------------------------------------------

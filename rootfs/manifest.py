@@ -82,7 +82,8 @@ def _file_entries(tree: Tree, sha1: dict[str, str]) -> list[dict[str, Any]]:
 def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str, Path],
           lock: Lock, pins: dict[str, Pin], driver: Origin | None,
           roothash: str | None, source: str = "",
-          tools: dict[str, str] | None = None) -> Manifest:
+          tools: dict[str, str] | None = None,
+          licenses: dict[str, str] | None = None) -> Manifest:
     """The manifest and its SBOM (rootfs.sbom); ``source`` says what guestinit was built
     from (its git commit)."""
     sha1: dict[str, str] = {}
@@ -91,7 +92,8 @@ def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str,
     for key, pin in sorted(pins.items()):
         kind, _, name = key.rpartition(":")
         packages.append({"name": name, "version": pin.version, "kind": kind or "deb",
-                         "file": pin.filename, "sha256": pin.sha256})
+                         "file": pin.filename, "sha256": pin.sha256,
+                         "license": (licenses or {}).get(name, "")})
     if driver is not None:
         packages.append({"name": driver.package, "version": driver.version, "kind": "bundle",
                          "file": "", "sha256": ""})

@@ -7,8 +7,9 @@ guestinit itself (its modules, with the source it was built from) and guestinit-
 the profile whose files were all left out is not listed. Every regular file is an SPDX
 file with its SHA-1 and SHA-256, contained by its package; each package carries the
 verification code of its files and a purl made with packageurl-python (percent-encoded:
-``2.36-9+deb12u9`` becomes ``2.36-9%2Bdeb12u9``). The image CONTAINS each package. Licenses
-are NOASSERTION except guestinit's own (the images carry no Debian copyright files).
+``2.36-9+deb12u9`` becomes ``2.36-9%2Bdeb12u9``). The image CONTAINS each package. Declared
+licenses: guestinit's own and the wheels' (their METADATA's SPDX expression); the Debian
+packages' are NOASSERTION (the images carry no copyright files).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _package(ref: str, name: str, version: str, kind: str, files: list[dict[str,
         "packageVerificationCode": {"packageVerificationCodeValue":
                                     verification_code([f["sha1"] for f in files])},
         "licenseConcluded": NOASSERTION,
-        "licenseDeclared": PROJECT_LICENSE if kind == "project" else NOASSERTION,
+        "licenseDeclared": (PROJECT_LICENSE if kind == "project"
+                            else (pins.get(name) or {}).get("license") or NOASSERTION),
         "copyrightText": NOASSERTION,
         "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
                           "referenceLocator": purl(name, version, kind)}],

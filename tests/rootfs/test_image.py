@@ -142,10 +142,13 @@ def test_sbom_validates_and_lists_exactly_what_ships(cpu_images: tuple[Path, Pat
                   ".pyc" for p in paths if p.endswith(".py") and "/" in p}
         if paths & shipped:
             expected.add(name)
+    declared = {p["name"]: p["licenseDeclared"] for p in sbom["packages"]}
     for name, whl in inputs.wheels.items():
         with zipfile.ZipFile(whl) as zf:
             if {f"usr/lib/guestinit/{n}" for n in zf.namelist()} & shipped:
                 expected.add(name)
+                assert declared[name] == fetch.wheel_license(whl) != ""  # from its METADATA
+    assert declared["guestinit"] == "Apache-2.0" and declared["libc6"] == "NOASSERTION"
     expected |= {"guestinit", "guestinit-build"}  # its package, and what the builder made
     packages = {p["name"] for p in sbom["packages"] if p["SPDXID"] != "SPDXRef-image"}
     assert packages == expected
@@ -357,3 +360,18 @@ def test_every_output_tampered_is_named(cpu_copy: Path, tmp_path: Path) -> None:
             verify(out, pub)
         path.write_bytes(original)
     assert any("signature valid" in line for line in verify(out, pub))
+
+
+def test_wheel_license_takes_only_spdx_expressions(tmp_path: Path) -> None:
+    def wheel(headers: str) -> Path:
+        path = tmp_path / f"w{len(list(tmp_path.iterdir()))}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("w-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\n{headers}\n\n"
+                        "License: not a header here\n")
+        return path
+
+    assert fetch.wheel_license(wheel("License-Expression: MIT OR Apache-2.0")) == \
+        "MIT OR Apache-2.0"
+    assert fetch.wheel_license(wheel("License: BSD-3-Clause")) == "BSD-3-Clause"
+    assert fetch.wheel_license(wheel("License: The MIT License, see LICENSE.txt")) == ""
+    assert fetch.wheel_license(wheel("Name: w")) == ""
