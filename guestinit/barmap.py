@@ -93,10 +93,11 @@ def resource_path(bdf: str, bar: int, sysfs: str = "/sys") -> str:
                       if n.startswith("resource") and n[8:].isdigit())
         raise BarMapError(f"PCI device {bdf}: no BAR {bar} to map ({path} is missing; "
                           f"memory BARs it has: {', '.join(have) or 'none'})")
+    from guestinit.pci import parse_resource  # the discovery stage's reader of ``resource``
+
     with open(os.path.join(dev, "resource")) as fh:
-        lines = fh.read().splitlines()
-    flags = int(lines[bar].split()[2], 16) if len(lines) > bar else 0
-    if flags & 0x100:  # IORESOURCE_IO
+        bars = parse_resource(fh.read())
+    if any(b.index == bar and b.io for b in bars):
         raise BarMapError(f"PCI device {bdf}: BAR {bar} is an I/O port BAR, not memory")
     return path
 

@@ -310,7 +310,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 kcfg = kconfig.read_config(kt.config)
                 builtin = all(kcfg.get(o) == "y" for o in pack.VERITY_BUILTIN)
                 pack.write_erofs_cmdline(out, prof.cmdline(), roothash, builtin)
-            man = manifest.build(prof.name, kt.release, epoch, tree, outputs, inputs.lock,
+            man = manifest.build(prof.name, kt.release, epoch, tree, outputs,
                                  {**{n: inputs.lock.debs[n] for n in inputs.debs},
                                   **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},
                                  bundle.origin if bundle else None, roothash,

@@ -30,12 +30,18 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digests(path: Path, *algorithms: str) -> tuple[str, ...]:
+    """Hex digests of ``path`` in each of ``algorithms`` (hashlib names), read once."""
+    hashes = [hashlib.new(a) for a in algorithms]
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes:
+                h.update(block)
+    return tuple(h.hexdigest() for h in hashes)
+
+
+def sha256_file(path: Path) -> str:
+    return file_digests(path, "sha256")[0]
 
 
 @dataclass(frozen=True)

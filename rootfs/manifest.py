@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -13,13 +12,12 @@ from typing import Any
 
 from rootfs import cpio, sbom
 from rootfs.closure import Origin, Tree, canonical
-from rootfs.fetch import Lock, Pin, sha256_file
+from rootfs.fetch import Pin, file_digests, sha256_file
 from rootfs.pack import SPECIAL_NODES
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
 SBOM = "sbom.spdx.json"
-TOOL = "guestinit-build-0.1.0"
 
 
 def dumps(obj: object) -> str:
@@ -46,16 +44,6 @@ class Manifest:
         return cls(json.loads((out / MANIFEST).read_text()), {})
 
 
-def _digests(path: Path) -> tuple[str, str]:
-    """(SHA-256, SHA-1) of a file, read once."""
-    h256, h1 = hashlib.sha256(), hashlib.sha1()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h256.update(block)
-            h1.update(block)
-    return h256.hexdigest(), h1.hexdigest()
-
-
 def _file_entries(tree: Tree, sha1: dict[str, str]) -> list[dict[str, Any]]:
     """The manifest's rows; fills ``sha1`` (path -> SHA-1) for the SBOM's file entries."""
     files: list[dict[str, Any]] = []
@@ -69,7 +57,7 @@ def _file_entries(tree: Tree, sha1: dict[str, str]) -> list[dict[str, Any]]:
             row.update(type="symlink", target=e.data.decode())
         else:
             assert e.source is not None
-            digest, sha1[row["path"]] = _digests(e.source)
+            digest, sha1[row["path"]] = file_digests(e.source, "sha256", "sha1")
             row.update(type="file", size=e.source.stat().st_size, sha256=digest,
                        package=origin.package, version=origin.version)
         files.append(row)
@@ -80,7 +68,7 @@ def _file_entries(tree: Tree, sha1: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str, Path],
-          lock: Lock, pins: dict[str, Pin], driver: Origin | None,
+          pins: dict[str, Pin], driver: Origin | None,
           roothash: str | None, source: str = "",
           tools: dict[str, str] | None = None,
           licenses: dict[str, str] | None = None) -> Manifest:
