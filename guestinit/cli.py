@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from guestinit import config
+from guestinit import settings_doc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def main(argv: Sequence[str]) -> None:
         print(USAGE)
         return
     if argv[0] == "--help-config":
-        print(config.describe())
+        print(settings_doc.describe())
         return
     parser = argparse.ArgumentParser(prog="python -m guestinit status")
     parser.add_argument("status")

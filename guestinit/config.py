@@ -12,147 +12,42 @@ import builtins
 
 from guestinit.readiness import NONE as READY_NONE
 from guestinit.readiness import parse_ready
+from guestinit.values import (
+    MODE_ALIASES,
+    NVRC_PREFIX,
+    PREFIX,
+    ConfigError,
+    LogLevel,
+    Mode,
+    Restart,
+    _enum,
+    parse_bar_target,
+    parse_bool,
+    parse_clock,
+    parse_fm_mode,
+    parse_int,
+    parse_list,
+    parse_log,
+    parse_mode,
+    parse_mode_octal,
+    parse_port,
+    parse_rail_policy,
+    parse_report,
+    parse_seconds,
+    parse_size_text,
+    parse_srs,
+    parse_uint,
+    parse_watts,
+    parse_words,
+)
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
+if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
-    from enum import Enum, IntEnum, StrEnum
-else:
-    from guestinit.choice import IntChoice as IntEnum
-    from guestinit.choice import StrChoice as StrEnum
 
-PREFIX = "guestinit."
-NVRC_PREFIX = "nvrc."
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, value: str, why: str) -> None:
-        super().__init__(f"{key}={value!r}: {why}")
-        self.key = key
-        self.value = value
-
-
-class LogLevel(IntEnum):
-    """Syslog priorities (lower = more severe); ``off`` logs nothing."""
-
-    OFF = -1
-    ERROR = 3
-    WARN = 4
-    INFO = 6
-    DEBUG = 7
-
-
-class Mode(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    GPU = "gpu"
-    NVL4 = "nvl4"  # service VM: NVSwitches, nv-fabricmanager
-    NVL5 = "nvl5"  # service VM: Mellanox SW_MNG, nvlsm
-
-
-class Restart(StrEnum):
-    NEVER = "never"
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
-
-
-_TRUE = {"1", "y", "yes", "on", "true"}
-_FALSE = {"0", "n", "no", "off", "false"}
-
-
-def parse_bool(value: str) -> bool:
-    low = value.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError("expected one of 1/0, yes/no, on/off, true/false")
-
-
-def parse_int(value: str) -> int:
-    return int(value, 0)
-
-
-def parse_uint(value: str) -> int:
-    n = int(value, 0)
-    if n < 0:
-        raise ValueError("must not be negative")
-    return n
-
-
-def parse_seconds(value: str) -> float:
-    n = float(value.removesuffix("s"))
-    if not n >= 0 or n == float("inf"):
-        raise ValueError("expected a non-negative number of seconds")
-    return n
-
-
-def parse_log(value: str) -> LogLevel:
-    aliases = {"warning": "warn", "err": "error", "0": "off", "none": "off"}
-    name = aliases.get(value.lower(), value.lower())
-    try:
-        return LogLevel[name.upper()]
-    except KeyError:
-        raise ValueError("expected off, error, warn, info or debug") from None
-
-
-def parse_report(value: str) -> str:
-    kind, _, rest = value.partition(":")
-    if kind == "console" and not rest:
-        return value
-    if kind == "vsock":
-        cid, _, port = rest.partition(":")
-        if cid.isdigit() and port.isdigit() and 0 < int(port) < 2**32:
-            return value
-        raise ValueError("expected vsock:CID:PORT")
-    if kind in ("virtio-port", "unix") and rest:
-        return value
-    raise ValueError("expected vsock:CID:PORT, virtio-port:NAME, unix:PATH or console")
-
-
-def parse_words(value: str) -> tuple[str, ...]:
-    words = tuple(value.split())
-    if not words:
-        raise ValueError("must not be empty")
-    return words
-
-
-def parse_list(value: str) -> tuple[str, ...]:
-    return tuple(w for w in value.replace(",", " ").split() if w)
-
-
-def _enum(cls: type[Enum]) -> Callable[[str], object]:
-    def parse(value: str) -> object:
-        try:
-            return cls(value.lower())
-        except ValueError:
-            names = ", ".join(str(m.value) for m in cls)
-            raise ValueError(f"expected one of {names}") from None
-
-    return parse
-
-
-def parse_bar_target(value: str) -> str:
-    """``<bdf>:<bar>`` for the bench stage's bar-map, normalised (barmap only when given)."""
-    from guestinit.barmap import parse_target
-
-    bdf, bar = parse_target(value)
-    return f"{bdf}:{bar}"
-
-
-def parse_size_text(value: str) -> str:
-    from guestinit.barmap import parse_size
-
-    parse_size(value)
-    return value
-
-
-def parse_mode_octal(value: str) -> int:
-    n = int(value, 8)
-    if not 0 <= n <= 0o7777:
-        raise ValueError("expected an octal file mode like 0666")
-    return n
-
+__all__ = ["MODE_ALIASES", "NVRC_PREFIX", "PREFIX", "SETTINGS", "Config", "ConfigError",
+           "LogLevel", "Mode", "Restart", "Setting", "build", "parse_bool", "parse_list",
+           "parse_seconds", "parse_words", "split_cmdline"]
 
 class Setting:
     __slots__ = ("aliases", "default", "doc", "name", "parse")
@@ -178,8 +73,9 @@ SETTINGS: tuple[Setting, ...] = (
             ("log",)),
     Setting("report", parse_report, "vsock:2:1040",
             "where frames go: vsock:CID:PORT, virtio-port:NAME, unix:PATH, console"),
-    Setting("mode", _enum(Mode), Mode.AUTO, "auto (from the PCI inventory), cpu, gpu, nvl4, nvl5",
-            ("mode",)),
+    Setting("mode", parse_mode, Mode.AUTO,
+            "auto (from the PCI inventory), cpu, gpu, nvl4, nvl5 (service VMs; NVRC's "
+            "nvswitch-nvl4/nvswitch-nvl5 too)", ("mode",)),
     Setting("hostname", str, "localhost", "hostname set in the early stage"),
     Setting("agent", parse_words, ("/usr/bin/kata-agent",),
             "agent command line (space separated); none: start no agent"),
@@ -208,19 +104,43 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("readonly", parse_list, (), "mount points remounted read-only in the lockdown stage"),
     Setting("lockdown", parse_bool, True, "write modules_disabled=1 after the last module"),
     Setting("modules", parse_list, (), "extra kernel modules loaded early (names)"),
-    Setting("daemon.timeout", parse_seconds, 600.0, "seconds a daemon may take to become ready",
-            ("daemon.timeout",)),
+    Setting("daemon.timeout", parse_seconds, 0.0,
+            "seconds every daemon may take to become ready, unless it has its own "
+            "*.timeout; 0: each daemon's default"),
+    Setting("persistenced.timeout", parse_seconds, 600.0,
+            "seconds nvidia-persistenced may take to say it is ready (NVRC's 600 s: 4-8 "
+            "H200/B200 under TDX)"),
+    Setting("fabricmanager.timeout", parse_seconds, 300.0,
+            "seconds nv-fabricmanager may take to configure the NVSwitches"),
+    Setting("nvlsm.timeout", parse_seconds, 300.0, "seconds nvlsm may take to bring the "
+            "NVLink subnet up"),
+    Setting("hostengine.timeout", parse_seconds, 60.0,
+            "seconds nv-hostengine may take to listen on its port (5555)"),
+    Setting("exporter.timeout", parse_seconds, 60.0,
+            "seconds dcgm-exporter may take to listen on its port (9400)"),
+    Setting("hostengine.port", parse_port, 5555, "nv-hostengine's TCP port (-p)"),
+    Setting("exporter.port", parse_port, 9400, "dcgm-exporter's metrics port (-a :PORT)"),
     Setting("uvm.persistence", parse_bool, True,
             "run nvidia-persistenced with --uvm-persistence-mode",
             ("uvm.persistence.mode",)),
-    Setting("smi.lgc", str, "", "nvidia-smi --lock-gpu-clocks value", ("smi.lgc",)),
-    Setting("smi.lmc", str, "", "nvidia-smi --lock-memory-clocks value", ("smi.lmc",)),
-    Setting("smi.pl", str, "", "nvidia-smi --power-limit value", ("smi.pl",)),
-    Setting("smi.srs", str, "", "nvidia-smi conf-compute --set-ready-state value", ("smi.srs",)),
+    Setting("uvm.tools", parse_bool, False,
+            "create /dev/nvidia-uvm-tools (profiling/debugging; NVRC's default: off)",
+            ("uvm.tools",)),
+    Setting("smi.lgc", parse_clock, "", "nvidia-smi --lock-gpu-clocks (MHz or MIN,MAX)",
+            ("smi.lgc",)),
+    Setting("smi.lmc", parse_clock, "", "nvidia-smi --lock-memory-clocks (MHz or MIN,MAX)",
+            ("smi.lmc",)),
+    Setting("smi.pl", parse_watts, "", "nvidia-smi --power-limit (watts)", ("smi.pl",)),
+    Setting("smi.srs", parse_srs, "",
+            "nvidia-smi conf-compute --set-ready-state: enabled/1 or disabled/0",
+            ("smi.srs",)),
     Setting("dcgm", parse_bool, False, "run nv-hostengine and dcgm-exporter", ("dcgm",)),
-    Setting("fabricmanager.mode", parse_uint, 0, "FABRIC_MODE for nv-fabricmanager", ("fm.mode",)),
-    Setting("fabricmanager.rail_policy", str, "greedy", "PARTITION_RAIL_POLICY",
-            ("fm.rail",)),
+    Setting("fabricmanager.mode", parse_fm_mode, "auto",
+            "FABRIC_MODE for nv-fabricmanager: auto (1 in a service VM, 0 beside GPUs), 0-2",
+            ("fm.mode",)),
+    Setting("fabricmanager.rail_policy", parse_rail_policy, "auto",
+            "PARTITION_RAIL_POLICY: auto (symmetric on NVL5, greedy on NVL4), greedy, "
+            "symmetric", ("fm.rail.policy", "fm.rail")),
     Setting("device.mode", parse_mode_octal, 0o666, "mode of the NVIDIA device nodes"),
     Setting("device.gid", parse_uint, 0, "group of the NVIDIA device nodes"),
     Setting("standin.gpu", parse_list, (),
@@ -268,13 +188,14 @@ _Bool = builtins.bool
 class Config:
     """Typed values, read with ``cfg["agent.restart"]``; immutable once built."""
 
-    __slots__ = ("_values", "problems", "sources")
+    __slots__ = ("_values", "ignored", "problems", "sources")
 
     def __init__(self, values: Mapping[str, object], sources: Mapping[str, str],
-                 problems: Iterable[ConfigError] = ()) -> None:
+                 problems: Iterable[ConfigError] = (), ignored: Iterable[str] = ()) -> None:
         self._values = dict(values)
         self.sources = dict(sources)  # key -> "default" / "file" / "cmdline"
         self.problems = list(problems)  # the entries a lenient build skipped, in order
+        self.ignored = list(ignored)  # cmdline words under our prefixes that set nothing
 
     def __getitem__(self, key: str) -> object:
         return self._values[key]
@@ -308,14 +229,10 @@ class Config:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._values.items()}
 
 
-def split_cmdline(cmdline: str) -> list[tuple[str, str]]:
-    """Split a kernel cmdline into (key, value) like the kernel does.
-
-    Words are separated by whitespace; double quotes group spaces and are
-    removed (``key="a b"`` and ``"key=a b"`` both give ``a b``). A word with no
-    ``=`` has value ``""``. ``--`` ends the kernel's part (the rest is init's argv).
-    """
-    out: list[tuple[str, str]] = []
+def cmdline_words(cmdline: str) -> list[str]:
+    """The kernel's words of a cmdline: whitespace separated, double quotes group spaces and
+    are removed; ``--`` ends the kernel's part (the rest is init's argv)."""
+    out: list[str] = []
     i, n = 0, len(cmdline)
     while i < n:
         while i < n and cmdline[i].isspace():
@@ -334,6 +251,17 @@ def split_cmdline(cmdline: str) -> list[tuple[str, str]]:
         text = "".join(word)
         if text == "--":
             break
+        out.append(text)
+    return out
+
+
+def split_cmdline(cmdline: str) -> list[tuple[str, str]]:
+    """Split a kernel cmdline into (key, value) like the kernel does.
+
+    ``key="a b"`` and ``"key=a b"`` both give ``a b``; a word with no ``=`` has value ``""``.
+    """
+    out = []
+    for text in cmdline_words(cmdline):
         key, _, value = text.partition("=")
         out.append((key, value))
     return out
@@ -382,13 +310,24 @@ def parse_file(text: str, origin: str = "/etc/guestinit.conf",
     return out
 
 
-def parse_cmdline(cmdline: str) -> list[tuple[Setting, str, str]]:
-    """Our keys from the cmdline; unknown ``guestinit.*``/``nvrc.*`` keys are ignored."""
+def parse_cmdline(cmdline: str, unknown: list[str] | None = None
+                  ) -> list[tuple[Setting, str, str]]:
+    """Our keys from the cmdline.
+
+    Unknown ``guestinit.*``/``nvrc.*`` keys, and bare ``nvrc.*`` words (NVRC reads only
+    ``key=value``), are skipped; with ``unknown`` they are listed there, as typed.
+    """
     out = []
-    for key, value in split_cmdline(cmdline):
+    for text in cmdline_words(cmdline):
+        key, sep, value = text.partition("=")
+        if not key.startswith((PREFIX, NVRC_PREFIX)):
+            continue
         setting = _lookup(key)
-        if setting is not None:
-            out.append((setting, key, value))
+        if setting is None or (not sep and key.startswith(NVRC_PREFIX)):
+            if unknown is not None:
+                unknown.append(text)
+            continue
+        out.append((setting, key, value))
     return out
 
 
@@ -402,10 +341,11 @@ def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config
     values: dict[str, object] = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
     problems: list[ConfigError] = []
+    ignored: list[str] = []
     file_entries = parse_file(file_text, problems=None if strict else problems)
     layers: Iterable[tuple[str, list[tuple[Setting, str, str]]]] = (
         ("file", file_entries),
-        ("cmdline", parse_cmdline(cmdline)),
+        ("cmdline", parse_cmdline(cmdline, ignored)),
     )
     for origin, entries in layers:
         for setting, key, value in entries:
@@ -417,45 +357,4 @@ def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config
                 problems.append(exc)
                 continue
             sources[setting.name] = origin
-    return Config(values, sources, problems)
-
-
-def render_file(values: Mapping[str, str]) -> str:
-    """The baked config the image builder writes; rejects keys the init would."""
-    lines = ["# generated by guestinit-build; keys as in `python -m guestinit --help-config`"]
-    for key in sorted(values):
-        setting = BY_NAME.get(key)
-        if setting is None:
-            raise ConfigError(key, values[key], "unknown key")
-        _parse_one(setting, key, values[key])
-        lines.append(f"{key}={values[key]}")
-    return "\n".join(lines) + "\n"
-
-
-def show_default(setting: Setting) -> str:
-    """A default written the way a user would type it on the cmdline."""
-    value = setting.default
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, LogLevel):
-        return value.name.lower()
-    if isinstance(value, tuple):
-        sep = " " if setting.parse is parse_words else ","
-        return sep.join(value) or '""'
-    if setting.parse is parse_mode_octal and isinstance(value, int):
-        return f"{value:04o}"
-    if isinstance(value, float) and value.is_integer():
-        return f"{int(value)}s"
-    if isinstance(value, float):
-        return f"{value}s"
-    return str(value) or '""'
-
-
-def describe() -> str:
-    rows = []
-    for s in SETTINGS:
-        alias = f" (alias: {', '.join(NVRC_PREFIX + a for a in s.aliases)})" if s.aliases else ""
-        rows.append(f"  {PREFIX}{s.name}={show_default(s)}\n      {s.doc}{alias}")
-    return ("guestinit settings: kernel cmdline guestinit.KEY=VALUE, or KEY=VALUE lines in "
-            "/etc/guestinit.conf\n(the cmdline wins); shown with their defaults:\n"
-            + "\n".join(rows))
+    return Config(values, sources, problems, ignored)

@@ -118,6 +118,11 @@ def run_config(boot: Boot) -> None:
     cfg = boot.cfg
     boot.kmsg.set_level(cfg["log"])  # type: ignore[arg-type]
     boot.reporter.configure(cfg.str("report"))
+    if cfg.ignored:  # NVRC ignores unknown keys too; say so instead of failing the boot
+        words = " ".join(cfg.ignored)[:1024]
+        boot.kmsg.log(4, f"config: ignored (unknown key, or no value): {words}")
+        boot.reporter.progress("config", "warning", f"ignored cmdline words (unknown key, "
+                               f"or no value): {words}", ignored=len(cfg.ignored))
     boot.supervisor.max_restarts = cfg.int("restart.max")
     boot.supervisor.backoff = cfg.float("restart.backoff")
     boot.supervisor.backoff_max = cfg.float("restart.backoff_max")

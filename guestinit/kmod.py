@@ -249,10 +249,13 @@ def cmdline_params(cmdline: str, modules: Iterable[str]) -> list[str]:
 
 
 def accel_modules(mode: Mode, inventory: Sequence[Mapping[str, object]],
-                  nvidia_extra: Sequence[str]) -> list[str]:
-    """The modules the inventory needs: the mode's NVIDIA set plus each generic profile's."""
+                  nvidia_extra: Sequence[str], fabric: str = "") -> list[str]:
+    """The modules the inventory needs: the mode's NVIDIA set (with the NVL5 fabric's
+    InfiniBand drivers beside GPUs) plus each generic profile's."""
     out = list(MODE_MODULES[mode])
     if mode == Mode.GPU:
+        if fabric == "nvl5":
+            out.extend(m for m in MODE_MODULES[Mode.NVL5] if m not in out)
         out.extend(normalize(m) for m in nvidia_extra)
     for dev in inventory:
         mods = dev.get("modules", [])
@@ -461,7 +464,8 @@ def run_modules(boot: Boot, kernel_release: str | None = None) -> None:
     inventory = boot.facts.get("inventory", [])
     assert isinstance(inventory, list)
     early = [normalize(m) for m in cfg.words("modules")]
-    accel = accel_modules(mode, inventory, cfg.words("nvidia.modules"))
+    accel = accel_modules(mode, inventory, cfg.words("nvidia.modules"),
+                          str(boot.facts.get("fabric", "")))
     names = load_modules(boot, early, kernel_release=kernel_release)
     if accel:
         set_firmware_path(boot, cfg.str("firmware.path"))

@@ -1,20 +1,27 @@
 """NVIDIA daemons and settings: persistenced, fabric manager, nvlsm, DCGM, nvidia-smi.
 
-Readiness, per daemon, with the timeout ``daemon.timeout``:
+Every daemon runs under the supervisor (restart on failure) and is waited for in
+turn, by the signal in ``DAEMONS`` (one table: signal, timeout setting, default):
 
 - nvidia-persistenced (``--foreground --verbose``): its verbose syslog line
   ``Local RPC services initialized`` (logged once the RPC socket is up), or the
-  socket ``/var/run/nvidia-persistenced/socket``. While it works it logs
-  ``device <bdf> - registered`` per GPU; each new one becomes a ``progress``
+  socket ``/var/run/nvidia-persistenced/socket``. While it works it
+  logs ``device <bdf> - registered`` per GPU; each new one becomes a ``progress``
   frame (``gpus``/``of``), since confidential boots take 3-4 s per GPU.
 - nv-fabricmanager (config copied to /run with DAEMONIZE=0, LOG_USE_SYSLOG=1):
   ``Successfully configured all the available NVSwitches``.
-- nvlsm (nvl5, OpenSM based): ``SUBNET UP``.
-- nv-hostengine / dcgm-exporter: no marker; they must still be running at the
-  health check.
+- nvlsm (NVL5, OpenSM based): ``SUBNET UP``.
+- nv-hostengine / dcgm-exporter: their TCP port accepts a connection.
 
-Every daemon runs under the supervisor (restart on failure); a daemon that exits
-before it is ready, or never says so, fails the boot naming it.
+Syslog lines wake the wait at once (``select`` on the syslog socket); sockets, pid
+files and ports are checked every ``syslog.WAIT_ROUND`` (0.1 s), and a ``progress``
+frame says every ``PROGRESS_EVERY`` s what is still awaited. A daemon that exits
+before it is ready, or is not ready within its timeout, fails the boot naming it
+and the setting that bounds it.
+
+Order and defaults follow NVRC: the fabric first (nvlsm, then the fabric manager),
+then persistenced, the clock/power settings, then DCGM. FABRIC_MODE is 1 in a
+service VM and 0 beside GPUs; the rail policy is symmetric on NVL5, greedy on NVL4.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from guestinit.boot import Boot
+    from guestinit.config import Config
 
 PERSISTENCED = "nvidia-persistenced"
 FABRICMANAGER = "nv-fabricmanager"
@@ -46,6 +54,8 @@ NVLSM_CONFIG = "/usr/share/nvidia/nvlsm/nvlsm.conf"
 IB_CLASS = "sys/class/infiniband"
 IS_SM_DISABLED = 1 << 10  # port capability mask bit: SM disabled on this port
 SMI_TIMEOUT = 120.0
+PROGRESS_EVERY = 5.0  # seconds between "still waiting" frames
+NO_LINE = "\0"  # a needle no syslog line holds: wait on the other signals only
 
 
 def registered_gpus(lines: Sequence[str]) -> list[str]:
@@ -116,41 +126,96 @@ def port_guid(root: str) -> str | None:
     return None
 
 
+class Daemon:
+    """How one daemon says it is ready, and the setting that bounds the wait."""
+
+    __slots__ = ("files", "marker", "name", "port_key", "timeout_key")
+
+    def __init__(self, name: str, timeout_key: str, marker: str = "",
+                 files: tuple[str, ...] = (), port_key: str = "") -> None:
+        self.name = name
+        self.timeout_key = timeout_key
+        self.marker = marker  # a syslog line containing this
+        self.files = files  # or one of these paths (under the root) existing
+        self.port_key = port_key  # or 127.0.0.1:<this setting> accepting a connection
+
+    def signals(self, cfg: Config) -> str:
+        """The ready signal in words, for the waiting frame and the timeout message."""
+        out = [f"'{self.marker}' on syslog"] if self.marker else []
+        out += ["/" + f for f in self.files]
+        if self.port_key:
+            out.append(f"127.0.0.1:{cfg.int(self.port_key)} listening")
+        return " or ".join(out)
+
+
+DAEMONS: dict[str, Daemon] = {d.name: d for d in (
+    # not its pid file: persistenced writes that before the RPC socket is up
+    Daemon(PERSISTENCED, "persistenced.timeout", PERSISTENCED_MARKER, (PERSISTENCED_SOCKET,)),
+    Daemon(FABRICMANAGER, "fabricmanager.timeout", FM_MARKER),
+    Daemon(NVLSM, "nvlsm.timeout", NVLSM_MARKER),
+    Daemon(HOSTENGINE, "hostengine.timeout", port_key="hostengine.port"),
+    Daemon(EXPORTER, "exporter.timeout", port_key="exporter.port"),
+)}
+
+
+def timeout_for(cfg: Config, daemon: Daemon) -> tuple[float, str]:
+    """The daemon's timeout and the setting it came from: its own, unless only
+    ``daemon.timeout`` was set."""
+    if cfg.sources.get(daemon.timeout_key) == "default" and cfg.float("daemon.timeout") > 0:
+        return cfg.float("daemon.timeout"), "daemon.timeout"
+    return cfg.float(daemon.timeout_key), daemon.timeout_key
+
+
+def fabric_settings(service_vm: bool, nvl5: bool, fm_mode: str, rail_policy: str
+                    ) -> dict[str, str]:
+    """FABRIC_MODE and PARTITION_RAIL_POLICY with NVRC's defaults for ``auto``."""
+    return {"FABRIC_MODE": ("1" if service_vm else "0") if fm_mode == "auto" else fm_mode,
+            "PARTITION_RAIL_POLICY": ("symmetric" if nvl5 else "greedy")
+            if rail_policy == "auto" else rail_policy}
+
+
 class Plan:
-    """The daemons for a mode: (name, argv, marker or "") in start order."""
+    """The daemons for a mode: (name, argv) in start order, and the FM config keys."""
 
     __slots__ = ("daemons", "fm_settings")
 
     def __init__(self) -> None:
-        self.daemons: list[tuple[str, list[str], str]] = []
+        self.daemons: list[tuple[str, list[str]]] = []
         self.fm_settings: dict[str, str] = {}
 
 
-def plan_daemons(mode: Mode, fabric: bool, bin_dir: str, *, uvm: bool, user: str | None,
-                 fm_mode: int, rail_policy: str, dcgm: bool, guid: str | None) -> Plan:
+def plan_daemons(mode: Mode, fabric: str, bin_dir: str, *, uvm: bool, user: str | None,
+                 fm_mode: str = "auto", rail_policy: str = "auto", dcgm: bool = False,
+                 guid: str | None = None, ports: tuple[int, int] = (5555, 9400)) -> Plan:
+    """NVRC's order: nvlsm and the fabric manager (NVL5), or the fabric manager (NVL4),
+    then persistenced and DCGM (gpu mode). ``fabric`` is the GPU mode's NVLink fabric."""
     plan = Plan()
     if mode == Mode.CPU:
         return plan
-    if mode == Mode.GPU:
-        plan.daemons.append((PERSISTENCED, persistenced_argv(bin_dir, uvm, user),
-                             PERSISTENCED_MARKER))
-    if mode == Mode.NVL5:
+    nvl5 = mode == Mode.NVL5 or (mode == Mode.GPU and fabric == "nvl5")
+    nvl4 = mode == Mode.NVL4 or (mode == Mode.GPU and fabric == "nvl4")
+    if nvl5:
         if guid is None:
             raise ValueError("nvl5: no InfiniBand port with SM enabled under /sys/class/infiniband"
                              " (is mlx5_ib loaded and the SW_MNG port configured?)")
         plan.daemons.append((NVLSM, [os.path.join(bin_dir, NVLSM), "-F", NVLSM_CONFIG,
-                                     "-g", guid], NVLSM_MARKER))
-    if mode in (Mode.NVL4, Mode.NVL5) or fabric:
-        plan.fm_settings = {"FABRIC_MODE": str(fm_mode), "PARTITION_RAIL_POLICY": rail_policy,
-                            "DAEMONIZE": "0", "LOG_USE_SYSLOG": "1"}
+                                     "-g", guid]))
+    if nvl4 or nvl5:
+        plan.fm_settings = fabric_settings(mode != Mode.GPU, nvl5, fm_mode, rail_policy)
+        plan.fm_settings.update(DAEMONIZE="0", LOG_USE_SYSLOG="1")
         if guid is not None:
             plan.fm_settings["FM_SM_MGMT_PORT_GUID"] = guid
         plan.daemons.append((FABRICMANAGER, [os.path.join(bin_dir, FABRICMANAGER), "-c",
-                                             "/" + FM_RUN_CONFIG], FM_MARKER))
+                                             "/" + FM_RUN_CONFIG]))
+    if mode == Mode.GPU:
+        plan.daemons.append((PERSISTENCED, persistenced_argv(bin_dir, uvm, user)))
     if dcgm and mode == Mode.GPU:
         plan.daemons.append((HOSTENGINE, [os.path.join(bin_dir, HOSTENGINE), "-n",
-                                          "--service-account", "nvidia-dcgm"], ""))
-        plan.daemons.append((EXPORTER, [os.path.join(bin_dir, EXPORTER), "-k"], ""))
+                                          "--service-account", "nvidia-dcgm",
+                                          "--home-dir", "/tmp", "-p", str(ports[0])]))
+        plan.daemons.append((EXPORTER, [os.path.join(bin_dir, EXPORTER), "-k",
+                                        "-a", f":{ports[1]}",
+                                        "-r", f"127.0.0.1:{ports[0]}"]))
     return plan
 
 
@@ -186,62 +251,118 @@ def set_ready_state(boot: Boot) -> None:
         _smi(boot, ["conf-compute", "-srs", value], "srs", Stage.CDI)
 
 
+def port_open(port: int) -> bool:
+    """127.0.0.1:``port`` accepts a TCP connection (the daemon listens)."""
+    import _socket
+
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(0.2)
+        sock.connect(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 class _Watch:
-    """The abort hook of one readiness wait: death, socket, progress frames."""
+    """The abort hook of one readiness wait, run every round: stop requests, a daemon's
+    death, its file or port signals, progress frames."""
 
-    __slots__ = ("boot", "expected", "name", "reported", "socket", "socket_ready")
+    __slots__ = ("boot", "daemon", "expected", "files", "last_frame", "port", "ready_by",
+                 "reported", "started", "timeout")
 
-    def __init__(self, boot: Boot, name: str, socket: str, expected: int) -> None:
+    def __init__(self, boot: Boot, daemon: Daemon, expected: int, timeout: float) -> None:
         self.boot = boot
-        self.name = name
-        self.socket = socket
+        self.daemon = daemon
         self.expected = expected
+        self.timeout = timeout
+        self.files = [boot.path(f) for f in daemon.files]
+        self.port = boot.config().int(daemon.port_key) if daemon.port_key else 0
         self.reported = 0
-        self.socket_ready = False
+        self.ready_by = ""  # the signal other than a syslog line that said so
+        self.started = self.last_frame = boot.timeline.now()
 
     def __call__(self) -> str | None:
         stop = self.boot.stop_requested()
         if stop is not None:  # the host wants the VM down: do not sit out the timeout
             raise StopRequested(stop)
         self.boot.supervisor.tick()  # a crashed daemon gets its restart while we wait
-        service = self.boot.supervisor.service(self.name)
-        if self.socket and os.path.exists(self.socket):
-            self.socket_ready = True
-            return "socket"
+        name = self.daemon.name
+        service = self.boot.supervisor.service(name)
+        for path in self.files:
+            if os.path.exists(path):
+                self.ready_by = path
+                return "ready"
+        if self.port and service.running and port_open(self.port):
+            self.ready_by = f"127.0.0.1:{self.port}"
+            return "ready"
         if not service.running and service.next_start is None:
-            return f"{self.name} exited with status {service.last_status} before it was ready"
+            return f"{name} exited with status {service.last_status} before it was ready"
         self.progress()
         return None
 
     def progress(self) -> None:
-        """A ``progress`` frame for each GPU persistenced attached since the last call."""
-        if self.name == PERSISTENCED and self.boot.syslog is not None:
+        """A ``progress`` frame per GPU persistenced attached since the last call, and one
+        every PROGRESS_EVERY s while the wait goes on."""
+        name = self.daemon.name
+        now = self.boot.timeline.now()
+        if (now - self.last_frame) / 1e9 >= PROGRESS_EVERY:
+            self.last_frame = now
+            waited = (now - self.started) // 1_000_000
+            self.boot.reporter.progress(
+                "daemons", "wait", f"{name}: still waiting for "
+                f"{self.daemon.signals(self.boot.config())} ({waited / 1000:.0f}s of "
+                f"{self.timeout:g}s)", waited_ms=waited)
+        if name == PERSISTENCED and self.boot.syslog is not None:
             attached = registered_gpus(self.boot.syslog.recent(256))
             if len(attached) > self.reported:
                 self.reported = len(attached)
                 # the count is in ``detail`` too: hosts keep only the fields they know
                 self.boot.reporter.progress(
-                    "daemons", "gpu", f"{self.name}: {len(attached)}/{self.expected} GPUs "
+                    "daemons", "gpu", f"{name}: {len(attached)}/{self.expected} GPUs "
                     f"attached (last {attached[-1]})", gpus=len(attached), of=self.expected)
 
 
-def wait_ready(boot: Boot, name: str, marker: str, timeout: float, socket: str = "",
-               expected: int = 0) -> str:
-    """Block until ``name`` is ready; the line (or socket) that said so."""
-    watch = _Watch(boot, name, socket, expected)
-    if boot.syslog is None:
+def _poll(watch: _Watch, timeout: float) -> None:
+    """Without syslog: the abort hook's checks every round until one says or time is up."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        reason = watch()
+        if reason:
+            raise RuntimeError(reason)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(watch.daemon.name)
+        time.sleep(0.1)
+
+
+def wait_ready(boot: Boot, daemon: Daemon, expected: int = 0) -> str:
+    """Block until ``daemon`` is ready; the line (or path, or address) that said so."""
+    cfg = boot.config()
+    timeout, key = timeout_for(cfg, daemon)
+    watch = _Watch(boot, daemon, expected, timeout)
+    name = daemon.name
+    if boot.syslog is None and daemon.marker:
         raise BootError(Stage.DAEMONS, f"wait for {name}: syslog is off, so its readiness "
                         f"line cannot be seen (set guestinit.syslog=1)")
     try:
-        line = boot.syslog.wait_for(marker, timeout, abort=watch)
+        if boot.syslog is None:
+            _poll(watch, timeout)
+            line = ""
+        else:
+            line = boot.syslog.wait_for(daemon.marker or NO_LINE, timeout, abort=watch)
     except RuntimeError as exc:
-        if not watch.socket_ready:
+        if not watch.ready_by:
             raise BootError(Stage.DAEMONS, str(exc)) from None
-        line = socket
+        line = watch.ready_by
     except TimeoutError:
-        last = [x for x in boot.syslog.recent(256) if name in x][-1:]
-        raise BootError(Stage.DAEMONS, f"{name} not ready after {timeout:g}s (no '{marker}' on "
-                        f"syslog{', no ' + socket if socket else ''}); last line: "
+        recent = boot.syslog.recent(256) if boot.syslog is not None else []
+        last = [x for x in recent if name in x][-1:]
+        raise BootError(Stage.DAEMONS, f"{name} not ready after {timeout:g}s ({key}; no "
+                        f"{daemon.signals(cfg)}); last line: "
                         f"{last[0] if last else 'none'}") from None
     watch.progress()  # GPUs logged in the same breath as the marker
     return line
@@ -278,37 +399,37 @@ def run_daemons(boot: Boot) -> None:
     inventory = boot.facts.get("inventory", [])
     assert isinstance(inventory, list)
     gpus = [d for d in inventory if d.get("kind") == "gpu"]
+    fabric = str(boot.facts.get("fabric") or "")
     user = cfg.str("nvidia.user")
     ids = user_ids(boot.root, user) if user else None
-    guid = port_guid(boot.root) if mode == Mode.NVL5 else None
+    nvl5 = mode == Mode.NVL5 or fabric == "nvl5"
+    guid = port_guid(boot.root) if nvl5 else None
     try:
         plan = plan_daemons(
-            mode, bool(boot.facts.get("fabric")), cfg.str("nvidia.bin"),
+            mode, fabric, cfg.str("nvidia.bin"),
             uvm=cfg.bool("uvm.persistence"), user=user if ids else None,
-            fm_mode=cfg.int("fabricmanager.mode"),
-            rail_policy=cfg.str("fabricmanager.rail_policy"), dcgm=cfg.bool("dcgm"), guid=guid)
+            fm_mode=cfg.str("fabricmanager.mode"),
+            rail_policy=cfg.str("fabricmanager.rail_policy"), dcgm=cfg.bool("dcgm"), guid=guid,
+            ports=(cfg.int("hostengine.port"), cfg.int("exporter.port")))
     except ValueError as exc:
         raise BootError(Stage.DAEMONS, str(exc)) from None
     if plan.fm_settings:
         _prepare_fm(boot, plan.fm_settings)
-    timeout = cfg.float("daemon.timeout")
     names: list[str] = []
-    for name, argv, marker in plan.daemons:
-        socket = ""
+    for name, argv in plan.daemons:
+        daemon = DAEMONS[name]
         if name == PERSISTENCED:
             run_dir = boot.path(PERSISTENCED_RUN)
             boot.effects.makedirs(run_dir, 0o755)
             if ids is not None:
                 boot.effects.chown_chmod(run_dir, 0o755, *ids)
-            socket = boot.path(PERSISTENCED_SOCKET)
         start = boot.timeline.now()
         _start(boot, name, argv)
         names.append(name)
         boot.facts["daemons"] = list(names)
-        if marker:
-            boot.reporter.progress("daemons", "wait", f"{name}: waiting for '{marker}'")
-            line = wait_ready(boot, name, marker, timeout, socket, len(gpus))
-            boot.kmsg.log(6, f"daemons: {name} ready: {line}")
+        boot.reporter.progress("daemons", "wait", f"{name}: waiting for {daemon.signals(cfg)}")
+        line = wait_ready(boot, daemon, len(gpus))
+        boot.kmsg.log(6, f"daemons: {name} ready: {line}")
         boot.timeline.add(f"daemon:{name}", start, boot.timeline.now())
         if name == PERSISTENCED:
             values = {k: cfg.str(k) for k in ("smi.lgc", "smi.lmc", "smi.pl")}

@@ -283,33 +283,54 @@ def _summary(accels: Sequence[Accelerator]) -> str:
 
 
 _NEEDS = {Mode.GPU: "GPU", Mode.NVL4: "NVSwitch", Mode.NVL5: "SW_MNG bridge"}
+# NVRC's topologies: (GPUs, NVSwitches, SW_MNG bridges) present -> mode, fabric
+TOPOLOGIES = (
+    "GPUs alone -> gpu",
+    "GPUs + NVSwitches -> gpu with the NVL4 fabric (nv-fabricmanager, FABRIC_MODE 0)",
+    "GPUs + SW_MNG bridges -> gpu with the NVL5 fabric (nvlsm + nv-fabricmanager, "
+    "symmetric rails)",
+    "NVSwitches alone -> nvl4 service VM (FABRIC_MODE 1)",
+    "SW_MNG bridges alone -> nvl5 service VM (FABRIC_MODE 1, symmetric rails)",
+    "none of them -> cpu",
+)
 
 
-def decide_mode(accels: Sequence[Accelerator], forced: Mode = Mode.AUTO) -> Mode:
-    """The mode the inventory implies (like NVRC), or the forced one if the inventory allows it.
+def counts(accels: Sequence[Accelerator]) -> str:
+    n = {k: sum(1 for a in accels if a.kind == k) for k in (Kind.GPU, Kind.NVSWITCH,
+                                                             Kind.SW_MNG)}
+    return (f"{n[Kind.GPU]} GPUs, {n[Kind.NVSWITCH]} NVSwitches, "
+            f"{n[Kind.SW_MNG]} SW_MNG bridges")
 
-    Raises ValueError listing what was found when nothing fits.
+
+def decide_mode(accels: Sequence[Accelerator], forced: Mode = Mode.AUTO) -> tuple[Mode, str]:
+    """The mode and the NVLink fabric ("", "nvl4", "nvl5") the inventory implies (NVRC's
+    rules), or the forced mode if the inventory allows it.
+
+    Raises ValueError with the counts found and the topologies accepted when nothing fits.
     """
     kinds = {a.kind for a in accels}
     gpus, switches, swmng = Kind.GPU in kinds, Kind.NVSWITCH in kinds, Kind.SW_MNG in kinds
     if forced == Mode.CPU:
-        return Mode.CPU
+        return Mode.CPU, ""
+    if switches and swmng and forced in (Mode.AUTO, Mode.GPU):
+        # NVRC: a mixed management topology stops the boot; forcing nvl4/nvl5 picks one
+        raise ValueError(f"inventory fits no topology: NVSwitches and SW_MNG bridges together "
+                         f"(found {counts(accels)}: {_summary(accels)}); accepted: "
+                         + "; ".join(TOPOLOGIES))
+    fabric = "nvl4" if switches else "nvl5" if swmng else ""  # for a GPU mode
     need = {Mode.GPU: gpus, Mode.NVL4: switches, Mode.NVL5: swmng}
     if forced != Mode.AUTO:
         if not need[forced]:
             raise ValueError(f"mode {forced} was forced but the inventory has no "
-                             f"{_NEEDS[forced]} (found: {_summary(accels)})")
-        return forced
-    if gpus and not swmng:
-        return Mode.GPU  # NVSwitches beside GPUs: a full HGX board, fabric manager in the guest
-    if switches and not gpus and not swmng:
-        return Mode.NVL4
-    if swmng and not gpus and not switches:
-        return Mode.NVL5
-    if not (gpus or switches or swmng):
-        return Mode.CPU
-    raise ValueError(f"inventory fits no mode (GPUs with SW_MNG bridges, or NVSwitches with "
-                     f"SW_MNG bridges); found: {_summary(accels)}; force one with guestinit.mode=")
+                             f"{_NEEDS[forced]} (found {counts(accels)}: {_summary(accels)})")
+        return forced, fabric if forced == Mode.GPU else ""
+    if gpus:
+        return Mode.GPU, fabric
+    if switches:
+        return Mode.NVL4, ""
+    if swmng:
+        return Mode.NVL5, ""
+    return Mode.CPU, ""
 
 
 def profiles_from(accel_specs: Sequence[str], standin_gpus: Sequence[str] = (),
@@ -328,14 +349,15 @@ def run_discover(boot: Boot) -> None:
         devices = scan(boot.root)
         accels = classify(devices, profiles)
         boot.timeline.add("discover:pci", start, boot.timeline.now())
-        mode = decide_mode(accels, Mode(cfg.str("mode")))
+        mode, fabric = decide_mode(accels, Mode(cfg.str("mode")))
     except (ValueError, OSError) as exc:
         raise BootError(Stage.DISCOVER, str(exc)) from None
     boot.facts["inventory"] = [a.to_map() for a in accels]
     boot.facts["pci"] = [d.brief() for d in devices[:MAX_REPORTED]]
     boot.facts["mode"] = str(mode)
-    boot.facts["fabric"] = mode == Mode.GPU and any(a.kind == Kind.NVSWITCH for a in accels)
-    boot.kmsg.log(6, f"discover: mode {mode}: {_summary(accels)}")
+    boot.facts["fabric"] = fabric
+    boot.kmsg.log(6, f"discover: mode {mode}{' with the ' + fabric + ' fabric' if fabric else ''}"
+                  f" ({counts(accels)}): {_summary(accels)}")
 
 
 def inventory_kinds(boot: Boot) -> dict[str, list[dict[str, object]]]:

@@ -70,6 +70,8 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "error": _STR,
     "gpus": _INT,  # progress while daemons wait: GPUs attached so far ...
     "of": _INT,  # ... of how many
+    "ignored": _INT,  # progress/warning from config: cmdline words under our prefixes ignored
+    "waited_ms": _INT,  # progress while a daemon is waited for: how long so far
     "agent": _MAP,  # ready: argv, pid, ready (the condition), ready_by, wait_ms, listening_at
     "kernel": _MAP,  # shutdown: kernel marks (run_init_ns, crng_ready_ns) from the ring
     "bench": _MAP,  # ready: the bench stage's figures (bar-map), only when asked for

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import guestinit
 from guestinit import config as guest_config
-from guestinit import modinfo
+from guestinit import modinfo, settings_doc
 from rootfs import closure, fetch, kconfig, kernel, launcher, manifest, pack, profile, tree_extras
 from rootfs.closure import Origin, Pool, Tree
 from rootfs.steps import BuildError, Progress, run
@@ -259,7 +259,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 tree.add_symlink("usr/bin/python3", "python3.11")
                 cfg = {"modules": ",".join(early), **prof.config, **(extra_config or {})}
                 try:
-                    text = guest_config.render_file(cfg)
+                    text = settings_doc.render_file(cfg)
                 except guest_config.ConfigError as exc:
                     raise BuildError(f"--append-config / profile config: {exc}") from None
                 tree.add_bytes("etc/guestinit.conf", text.encode(), GENERATED)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from guestinit import config as guest_config
+from guestinit import settings_doc
 
 E = TypeVar("E", bound=enum.StrEnum)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -198,7 +199,7 @@ def load(name_or_path: str) -> Profile:
     cfg = {key: str(v).lower() if isinstance(v, bool) else str(v)
            for key, v in data.get("config", {}).items()}
     try:
-        guest_config.render_file(cfg)
+        settings_doc.render_file(cfg)
     except guest_config.ConfigError as exc:
         raise ProfileError(f"{where}: key config.{exc.key}: {exc}") from None
     formats = tuple(_enum(where, "formats", f, Format)

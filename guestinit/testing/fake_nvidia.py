@@ -1,4 +1,4 @@
-"""Stand-ins for NVIDIA's userspace: nvidia-persistenced, nvidia-smi, nv-fabricmanager.
+"""Stand-ins for NVIDIA's userspace: persistenced, nvidia-smi, fabric manager, DCGM.
 
 One file, installed under each program's name (``nvidia_bundle.install``); it acts
 as the program it was started as. Stdlib only: it runs as ``python3 -IS`` from a
@@ -17,10 +17,16 @@ behave like the real ones:
 - nv-fabricmanager: ``-c CFG``; honours DAEMONIZE, LOG_USE_SYSLOG/LOG_FILE_NAME,
   FABRIC_MODE; needs ``/dev/nvidia-nvswitch*``; logs "Successfully configured all
   the available NVSwitches ..." when done.
+- nv-hostengine: ``-n`` (stay in the foreground, else detach), ``--service-account``,
+  ``--home-dir``, ``-p PORT``; needs the driver; listens on 127.0.0.1:PORT and prints
+  "Started host engine version ... using port number: PORT".
+- dcgm-exporter: ``-k``, ``-a [HOST]:PORT``, ``-r HOST:PORT``; exits 1 when the remote
+  host engine does not answer; serves ``GET /metrics`` (DCGM_FI_DEV_* gauges per GPU,
+  Prometheus text) on PORT.
 
 The root (a tmp dir in tests, "/" in a VM) is the nearest ancestor of this file
 holding ``etc/fake-nvidia``. ``etc/fake-nvidia/behaviour`` (``key=value`` lines)
-injects faults: ``persistenced=hang|crash``, ``fabricmanager=hang``,
+injects faults: ``persistenced=hang|crash``, ``fabricmanager=hang``, ``hostengine=hang``,
 ``smi=fail``, ``gpu_delay=SECONDS`` (per GPU registration). Every start is
 appended to ``etc/fake-nvidia/calls.log``.
 """
@@ -225,7 +231,9 @@ BAD_ARGS = "Invalid combination of input arguments. Please run 'nvidia-smi -h' f
 
 def _pair(value: str) -> tuple[int, int] | None:
     lo, sep, hi = value.partition(",")
-    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+    if not sep:  # one clock: locked at it
+        hi = lo
+    if not lo.strip().isdigit() or not hi.strip().isdigit():
         return None
     return (int(lo), int(hi)) if int(lo) <= int(hi) else None
 
@@ -338,8 +346,97 @@ def fabricmanager(args: list[str]) -> int:
     return 0
 
 
+# -- DCGM: nv-hostengine and dcgm-exporter -----------------------------------------------
+
+
+def _options(args: list[str], with_value: tuple[str, ...], flags: tuple[str, ...],
+             prog: str) -> dict[str, str] | None:
+    opts: dict[str, str] = {}
+    it = iter(args)
+    for arg in it:
+        if arg in flags:
+            opts[arg] = "1"
+        elif arg in with_value:
+            value = next(it, None)
+            if value is None:
+                print(f"{prog}: option {arg} needs a value", file=sys.stderr)
+                return None
+            opts[arg] = value
+        else:
+            print(f"{prog}: unknown option {arg}", file=sys.stderr)
+            return None
+    return opts
+
+
+def _listen(port: int) -> socket.socket:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(16)
+    return server
+
+
+def hostengine(args: list[str]) -> int:
+    opts = _options(args, ("--service-account", "--home-dir", "-p", "--port"), ("-n",),
+                    "nv-hostengine")
+    if opts is None:
+        return 1
+    if not driver_ok():
+        print("Err: Failed to start DCGM Server: -16 (the NVIDIA driver is not loaded)")
+        return 255
+    port = int(opts.get("-p", opts.get("--port", "5555")))
+    if "-n" not in opts:
+        detach()
+    if behaviour().get("hostengine") == "hang":
+        sleep_forever([], Syslog("nv-hostengine"), False)
+    server = _listen(port)
+    print(f"Started host engine version 3.3.5 using port number: {port}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    while True:
+        conn, _ = server.accept()
+        conn.close()
+
+
+def exporter(args: list[str]) -> int:
+    opts = _options(args, ("-a", "--address", "-r", "--remote-hostengine-info", "-f"),
+                    ("-k", "--kubernetes"), "dcgm-exporter")
+    if opts is None:
+        return 1
+    remote = opts.get("-r", opts.get("--remote-hostengine-info", ""))
+    if remote:
+        host, _, rport = remote.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(rport)), timeout=2).close()
+        except (OSError, ValueError):
+            print(f'level=fatal msg="Error connecting to nv-hostengine at {remote}"',
+                  file=sys.stderr)
+            return 1
+    address = opts.get("-a", opts.get("--address", ":9400"))
+    port = int(address.rpartition(":")[2])
+    found = gpus() if driver_ok() else []
+    server = _listen(port)
+    print(f'level=info msg="Starting webserver" address="{address}"', flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    lines = ["# HELP DCGM_FI_DEV_GPU_TEMP GPU temperature (in C).",
+             "# TYPE DCGM_FI_DEV_GPU_TEMP gauge"]
+    for i, (bdf, info) in enumerate(found):
+        lines.append(f'DCGM_FI_DEV_GPU_TEMP{{gpu="{i}",UUID="{info.get("GPU UUID", "")}",'
+                     f'pci_bus_id="{bdf}"}} 31')
+    body = ("\n".join(lines) + "\n").encode()
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            request = conn.recv(4096)
+            ok = request.startswith(b"GET /metrics ")
+            head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    if ok else b"HTTP/1.1 404 Not Found\r\n")
+            payload = body if ok else b""
+            conn.sendall(head + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+
+
 PROGRAMS = {"nvidia-persistenced": persistenced, "nvidia-smi": smi,
-            "nv-fabricmanager": fabricmanager}
+            "nv-fabricmanager": fabricmanager, "nv-hostengine": hostengine,
+            "dcgm-exporter": exporter}
 
 
 def main() -> int:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROGRAMS = ("nvidia-persistenced", "nvidia-smi", "nv-fabricmanager")
+PROGRAMS = ("nvidia-persistenced", "nvidia-smi", "nv-fabricmanager", "nv-hostengine",
+            "dcgm-exporter")
 INTERPRETER = "/usr/bin/python3 -IS"
 FM_TEMPLATE = """\
 # NVIDIA Fabric Manager configuration file (stand-in template)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from guestinit import config
+from guestinit import config, settings_doc
 from guestinit.config import ConfigError, LogLevel, Mode, Restart
 
 
@@ -33,14 +33,50 @@ def test_cmdline_overrides_file_and_types_values() -> None:
 
 def test_nvrc_aliases() -> None:
     cfg = config.build(cmdline="nvrc.log=debug nvrc.smi.lgc=1500 nvrc.smi.lmc=2600 "
-                               "nvrc.smi.pl=300 nvrc.smi.srs=1 nvrc.uvm.persistence.mode=off "
-                               "nvrc.dcgm=on")
+                               "nvrc.smi.pl=300 nvrc.smi.srs=enabled nvrc.uvm.persistence.mode=off "
+                               "nvrc.dcgm=on nvrc.uvm.tools=yes nvrc.fm.mode=1 "
+                               "nvrc.fm.rail.policy=Symmetric")
     assert cfg["log"] is LogLevel.DEBUG
     assert (cfg.str("smi.lgc"), cfg.str("smi.lmc"), cfg.str("smi.pl"), cfg.str("smi.srs")) == (
         "1500", "2600", "300", "1")
     assert cfg.bool("uvm.persistence") is False
-    assert cfg.bool("dcgm") is True
+    assert cfg.bool("dcgm") is True and cfg.bool("uvm.tools") is True
+    assert cfg.str("fabricmanager.mode") == "1"
+    assert cfg.str("fabricmanager.rail_policy") == "symmetric"
     assert cfg.sources["dcgm"] == "cmdline"
+    assert cfg.ignored == []
+
+
+@pytest.mark.parametrize(("value", "level"), [
+    ("trace", LogLevel.DEBUG), ("", LogLevel.OFF), ("0", LogLevel.OFF), ("off", LogLevel.OFF),
+    ("error", LogLevel.ERROR), ("warn", LogLevel.WARN), ("INFO", LogLevel.INFO),
+    ("debug", LogLevel.DEBUG)])
+def test_every_nvrc_log_level(value: str, level: LogLevel) -> None:
+    assert config.build(cmdline=f"nvrc.log={value}")["log"] is level
+
+
+@pytest.mark.parametrize(("value", "mode"), [
+    ("cpu", Mode.CPU), ("GPU", Mode.GPU), ("nvswitch-nvl4", Mode.NVL4),
+    ("NVSWITCH-NVL5", Mode.NVL5), ("servicevm-nvl4", Mode.NVL4), ("nvl5", Mode.NVL5)])
+def test_nvrc_mode_names(value: str, mode: Mode) -> None:
+    assert config.build(cmdline=f"nvrc.mode={value}")["mode"] is mode
+
+
+@pytest.mark.parametrize(("key", "value", "want"), [
+    ("smi.lgc", "1500,1980", "1500,1980"), ("smi.lmc", "5001", "5001"),
+    ("smi.srs", "disabled", "0"), ("smi.srs", "1", "1"), ("fm.mode", "0", "0"),
+    ("fm.rail", "greedy", "greedy")])
+def test_nvrc_values_normalised(key: str, value: str, want: str) -> None:
+    cfg = config.build(cmdline=f"nvrc.{key}={value}")
+    name = config.BY_ALIAS[key].name
+    assert cfg.str(name) == want
+
+
+def test_unknown_and_bare_nvrc_keys_are_listed_not_fatal() -> None:
+    cfg = config.build(cmdline="nvrc.uvm.options=a=1 nvrc.dcgm guestinit.nosuch=1 "
+                               "nvrc.log=info root=/dev/vda nvidia.NVreg_X=1")
+    assert cfg.ignored == ["nvrc.uvm.options=a=1", "nvrc.dcgm", "guestinit.nosuch=1"]
+    assert cfg.bool("dcgm") is False and cfg["log"] is LogLevel.INFO
 
 
 @pytest.mark.parametrize(
@@ -54,6 +90,14 @@ def test_nvrc_aliases() -> None:
         ("guestinit.report=vsock:x:1", "guestinit.report"),
         ("guestinit.agent.restart=sometimes", "guestinit.agent.restart"),
         ("nvrc.dcgm=maybe", "nvrc.dcgm"),
+        ("nvrc.mode=nvswitch-nvl6", "nvrc.mode"),
+        ("nvrc.fm.mode=3", "nvrc.fm.mode"),
+        ("nvrc.fm.rail.policy=random", "nvrc.fm.rail.policy"),
+        ("nvrc.smi.lgc=fast", "nvrc.smi.lgc"),
+        ("nvrc.smi.lgc=2000,1000", "nvrc.smi.lgc"),
+        ("nvrc.smi.pl=300.5", "nvrc.smi.pl"),
+        ("nvrc.smi.srs=maybe", "nvrc.smi.srs"),
+        ("nvrc.uvm.tools=2", "nvrc.uvm.tools"),
         ("guestinit.shutdown.grace=nan", "guestinit.shutdown.grace"),
         ('guestinit.agent=""', "guestinit.agent"),
         ("guestinit.device.mode=999", "guestinit.device.mode"),
@@ -89,17 +133,17 @@ def test_split_cmdline_like_the_kernel() -> None:
 
 
 def test_render_file_round_trips_and_validates() -> None:
-    text = config.render_file({"modules": "virtio_console,vsock", "log": "debug"})
+    text = settings_doc.render_file({"modules": "virtio_console,vsock", "log": "debug"})
     cfg = config.build(text)
     assert cfg.words("modules") == ("virtio_console", "vsock")
     with pytest.raises(ConfigError, match="unknown key"):
-        config.render_file({"nope": "1"})
+        settings_doc.render_file({"nope": "1"})
     with pytest.raises(ConfigError, match="log"):
-        config.render_file({"log": "loud"})
+        settings_doc.render_file({"log": "loud"})
 
 
 def test_describe_lists_every_setting() -> None:
-    text = config.describe()
+    text = settings_doc.describe()
     for setting in config.SETTINGS:
         assert f"guestinit.{setting.name}=" in text
     assert "nvrc.smi.lgc" in text
@@ -108,7 +152,7 @@ def test_describe_lists_every_setting() -> None:
 def test_shown_defaults_read_back_as_the_defaults() -> None:
     """--help-config shows each default as a user would type it; typing it gives it back."""
     for setting in config.SETTINGS:
-        shown = config.show_default(setting)
+        shown = settings_doc.show_default(setting)
         if shown == '""':
             assert setting.default in ("", ())
             continue
@@ -126,7 +170,7 @@ def test_one_bad_line_of_the_file_costs_only_that_line() -> None:
     assert [str(p) for p in cfg.problems] == [
         "/etc/guestinit.conf:2: bogus='1': unknown key",
         "/etc/guestinit.conf:4: not a setting='': expected key=value",
-        "log='loud': expected off, error, warn, info or debug",
+        "log='loud': expected off, error, warn, info, debug or trace",
     ]
     with pytest.raises(ConfigError, match="bogus"):  # the config stage stays strict
         config.build(text)
@@ -145,3 +189,17 @@ def test_the_config_stage_names_every_bad_entry(tmp_path: Path) -> None:
         run_config(boot)
     assert err.value.reason == ("bad settings /etc/guestinit.conf:1: bogus='1': unknown key; "
                                 "guestinit.restart.max='-1': must not be negative")
+
+
+def test_the_config_stage_warns_of_ignored_words(tmp_path: Path) -> None:
+    from guestinit.early import run_config
+    from tests.fixtures.accel import frames, kmsg_text, make_boot
+
+    boot = make_boot(tmp_path)
+    boot.cmdline = "nvrc.log=info nvrc.future.key=1 nvrc.dcgm guestinit.report=console"
+    run_config(boot)
+    warning = [f for f in frames(boot) if f.get("event") == "warning"]
+    assert len(warning) == 1 and warning[0]["stage"] == "config"
+    assert warning[0]["ignored"] == 2
+    assert "nvrc.future.key=1 nvrc.dcgm" in str(warning[0]["detail"])
+    assert "ignored (unknown key, or no value): nvrc.future.key=1 nvrc.dcgm" in kmsg_text(tmp_path)

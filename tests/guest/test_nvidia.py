@@ -15,7 +15,7 @@ from guestinit.config import Mode
 from guestinit.effects import Effects
 from guestinit.stages import BootError
 from guestinit.testing import nvidia_bundle
-from tests.fixtures.accel import fake_nvidia_proc, frames, gpu_bdfs, make_boot
+from tests.fixtures.accel import fake_nvidia_proc, frames, gpu_bdfs, kmsg_text, make_boot
 
 BIN = "/usr/bin"
 
@@ -69,26 +69,66 @@ def test_port_guid_skips_ports_with_sm_disabled(tmp_path: pathlib.Path) -> None:
     assert nvidia.port_guid(str(tmp_path)) == "0x1111222233334444"
 
 
-def plan(mode: Mode, fabric: bool = False, dcgm: bool = False,
+def plan(mode: Mode, fabric: str = "", dcgm: bool = False,
          guid: str | None = None) -> list[str]:
-    p = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, fm_mode=1,
-                            rail_policy="symmetric", dcgm=dcgm, guid=guid)
-    return [name for name, _, _ in p.daemons]
+    p = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, dcgm=dcgm, guid=guid)
+    return [name for name, _ in p.daemons]
 
 
-def test_daemon_plans_per_mode() -> None:
+def test_daemon_plans_per_mode_in_nvrcs_order() -> None:
     assert plan(Mode.CPU, dcgm=True) == []
     assert plan(Mode.GPU) == ["nvidia-persistenced"]
-    assert plan(Mode.GPU, fabric=True, dcgm=True) == [
-        "nvidia-persistenced", "nv-fabricmanager", "nv-hostengine", "dcgm-exporter"]
-    assert plan(Mode.NVL4) == ["nv-fabricmanager"]
+    assert plan(Mode.GPU, fabric="nvl4", dcgm=True) == [
+        "nv-fabricmanager", "nvidia-persistenced", "nv-hostengine", "dcgm-exporter"]
+    assert plan(Mode.GPU, fabric="nvl5", guid="0x2") == [
+        "nvlsm", "nv-fabricmanager", "nvidia-persistenced"]
+    assert plan(Mode.NVL4, dcgm=True) == ["nv-fabricmanager"]
     assert plan(Mode.NVL5, guid="0x1") == ["nvlsm", "nv-fabricmanager"]
-    p = nvidia.plan_daemons(Mode.NVL5, False, BIN, uvm=True, user=None, fm_mode=0,
-                            rail_policy="greedy", dcgm=False, guid="0x1111")
+    p = nvidia.plan_daemons(Mode.NVL5, "", BIN, uvm=True, user=None, guid="0x1111")
     assert p.daemons[0][1] == ["/usr/bin/nvlsm", "-F", nvidia.NVLSM_CONFIG, "-g", "0x1111"]
     assert p.fm_settings["FM_SM_MGMT_PORT_GUID"] == "0x1111"
     with pytest.raises(ValueError, match="nvl5: no InfiniBand port with SM enabled"):
         plan(Mode.NVL5)
+    with pytest.raises(ValueError, match="nvl5: no InfiniBand port"):
+        plan(Mode.GPU, fabric="nvl5")
+
+
+@pytest.mark.parametrize(("mode", "fabric", "fm", "rail"), [
+    (Mode.NVL4, "", "1", "greedy"),  # NVRC: service VM NVL4, FABRIC_MODE_SHARED, greedy
+    (Mode.NVL5, "", "1", "symmetric"),  # service VM NVL5: shared, symmetric
+    (Mode.GPU, "nvl4", "0", "greedy"),  # HGX H100 with GPUs: FABRIC_MODE_FULL, greedy
+    (Mode.GPU, "nvl5", "0", "symmetric"),  # HGX B200 with GPUs: full, symmetric
+])
+def test_fabric_defaults_are_nvrcs(mode: Mode, fabric: str, fm: str, rail: str) -> None:
+    p = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, guid="0x1")
+    assert (p.fm_settings["FABRIC_MODE"], p.fm_settings["PARTITION_RAIL_POLICY"]) == (fm, rail)
+    forced = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, guid="0x1",
+                                 fm_mode="2", rail_policy="greedy")
+    assert forced.fm_settings["FABRIC_MODE"] == "2"
+    assert forced.fm_settings["PARTITION_RAIL_POLICY"] == "greedy"
+
+
+def test_dcgm_argv_points_the_exporter_at_the_host_engine() -> None:
+    p = nvidia.plan_daemons(Mode.GPU, "", BIN, uvm=False, user=None, dcgm=True,
+                            ports=(6000, 9500))
+    argv = dict(p.daemons)
+    assert argv["nv-hostengine"] == ["/usr/bin/nv-hostengine", "-n", "--service-account",
+                                     "nvidia-dcgm", "--home-dir", "/tmp", "-p", "6000"]
+    assert argv["dcgm-exporter"] == ["/usr/bin/dcgm-exporter", "-k", "-a", ":9500",
+                                     "-r", "127.0.0.1:6000"]
+
+
+def test_each_daemon_has_its_own_timeout_unless_only_daemon_timeout_is_set() -> None:
+    from guestinit import config
+
+    cfg = config.build()
+    assert [nvidia.timeout_for(cfg, d) for d in nvidia.DAEMONS.values()] == [
+        (600.0, "persistenced.timeout"), (300.0, "fabricmanager.timeout"),
+        (300.0, "nvlsm.timeout"), (60.0, "hostengine.timeout"), (60.0, "exporter.timeout")]
+    cfg = config.build(cmdline="guestinit.daemon.timeout=30 guestinit.nvlsm.timeout=90")
+    got = {d.name: nvidia.timeout_for(cfg, d) for d in nvidia.DAEMONS.values()}
+    assert got["nvidia-persistenced"] == (30.0, "daemon.timeout")
+    assert got["nvlsm"] == (90.0, "nvlsm.timeout")
 
 
 def test_smi_settings_in_order() -> None:
@@ -114,7 +154,7 @@ def gpu_root(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, list[Boot]]
 
 
 def gpu_boot(root: pathlib.Path, boots: list[Boot], cmdline: str = "", gpus: int = 4,
-             fabric: bool = False, effects: Effects | None = None) -> Boot:
+             fabric: str = "", effects: Effects | None = None) -> Boot:
     boot = make_boot(root, cmdline=cmdline, syslog=True, effects=effects)
     boot.facts.update(mode="gpu", fabric=fabric, inventory=[
         {"kind": "gpu", "bdf": bdf} for bdf in gpu_bdfs(gpus)])
@@ -163,14 +203,15 @@ def test_marker_never_logged_fails_after_the_timeout_naming_the_daemon(
 ) -> None:
     root, boots = gpu_root
     nvidia_bundle.install(root, behaviour={"persistenced": "hang"})
-    boot = gpu_boot(root, boots, "guestinit.daemon.timeout=1.5")
+    boot = gpu_boot(root, boots, "guestinit.persistenced.timeout=1.5")
     start = time.monotonic()
     with pytest.raises(BootError) as err:
         nvidia.run_daemons(boot)
     took = time.monotonic() - start
     assert err.value.stage == "daemons"
-    assert err.value.reason.startswith("nvidia-persistenced not ready after 1.5s (no 'Local RPC "
-                                       "services initialized' on syslog, no ")
+    assert err.value.reason.startswith(
+        "nvidia-persistenced not ready after 1.5s (persistenced.timeout; no 'Local RPC "
+        "services initialized' on syslog or /var/run/nvidia-persistenced/socket)")
     assert "last line: nvidia-persistenced[" in err.value.reason
     assert 1.5 <= took < 5
     assert len([f for f in frames(boot) if f.get("event") == "gpu"]) == 4
@@ -217,9 +258,9 @@ def test_fabric_manager_with_rewritten_config(gpu_root: tuple[pathlib.Path, list
     nvidia_bundle.install(root)
     for i in range(4):
         (root / f"dev/nvidia-nvswitch{i}").touch()
-    boot = gpu_boot(root, boots, "nvrc.fm.mode=1 nvrc.fm.rail=symmetric", fabric=True)
+    boot = gpu_boot(root, boots, "nvrc.fm.mode=1 nvrc.fm.rail.policy=symmetric", fabric="nvl4")
     nvidia.run_daemons(boot)
-    assert boot.facts["daemons"] == ["nvidia-persistenced", "nv-fabricmanager"]
+    assert boot.facts["daemons"] == ["nv-fabricmanager", "nvidia-persistenced"]
     cfg = (root / nvidia.FM_RUN_CONFIG).read_text()
     assert "FABRIC_MODE=1\n" in cfg and "PARTITION_RAIL_POLICY=symmetric\n" in cfg
     assert "DAEMONIZE=0\n" in cfg and "LOG_USE_SYSLOG=1\n" in cfg
@@ -244,3 +285,77 @@ def test_cpu_mode_starts_nothing(tmp_path: pathlib.Path) -> None:
     boot.facts.update(mode="cpu", inventory=[])
     nvidia.run_daemons(boot)
     assert boot.facts["daemons"] == [] and boot.supervisor.services == {}
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_dcgm_daemons_are_ready_when_their_ports_listen(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    import urllib.request
+
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    engine, metrics = free_ports(2)
+    boot = gpu_boot(root, boots, f"nvrc.dcgm=on guestinit.hostengine.port={engine} "
+                                 f"guestinit.exporter.port={metrics}")
+    nvidia.run_daemons(boot)
+    assert boot.facts["daemons"] == ["nvidia-persistenced", "nv-hostengine", "dcgm-exporter"]
+    assert [s[0] for s in boot.timeline.spans] == [
+        "daemon:nvidia-persistenced", "daemon:nv-hostengine", "daemon:dcgm-exporter"]
+    waits = [f["detail"] for f in frames(boot) if f.get("event") == "wait"]
+    assert f"nv-hostengine: waiting for 127.0.0.1:{engine} listening" in waits
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
+        body = resp.read().decode()
+    assert body.count("DCGM_FI_DEV_GPU_TEMP{") == 4  # one gauge per GPU the driver has
+    assert f"daemons: nv-hostengine ready: 127.0.0.1:{engine}" in kmsg_text(root)
+    nvidia.check_daemons(boot)
+
+
+def test_a_host_engine_that_never_listens_fails_naming_it_and_its_timeout(
+    gpu_root: tuple[pathlib.Path, list[Boot]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root, behaviour={"hostengine": "hang"})
+    monkeypatch.setattr(nvidia, "PROGRESS_EVERY", 0.4)
+    engine, metrics = free_ports(2)
+    boot = gpu_boot(root, boots, f"nvrc.dcgm=1 guestinit.hostengine.port={engine} "
+                                 f"guestinit.exporter.port={metrics} "
+                                 "guestinit.hostengine.timeout=1.5")
+    with pytest.raises(BootError) as err:
+        nvidia.run_daemons(boot)
+    assert err.value.reason.startswith(
+        f"nv-hostengine not ready after 1.5s (hostengine.timeout; no 127.0.0.1:{engine} "
+        "listening)")
+    still = [f for f in frames(boot) if "still waiting" in str(f.get("detail"))]
+    assert len(still) >= 2  # a frame every PROGRESS_EVERY s while it waits
+    assert all(f["stage"] == "daemons" and isinstance(f["waited_ms"], int) for f in still)
+    assert still[-1]["waited_ms"] >= 800  # type: ignore[operator]
+    assert "dcgm-exporter" not in boot.facts["daemons"]  # type: ignore[operator]
+
+
+def test_an_exporter_without_its_host_engine_fails_naming_its_status(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    _, metrics = free_ports(2)
+    boot = gpu_boot(root, boots, f"guestinit.exporter.port={metrics} "
+                                 "guestinit.restart.max=0")
+    boot.supervisor.max_restarts = 0
+    boot.facts["daemons"] = []
+    with pytest.raises(BootError, match=r"dcgm-exporter exited with status 1 before it was "
+                                        r"ready"):
+        nvidia._start(boot, "dcgm-exporter", ["/usr/bin/dcgm-exporter", "-k", "-a",
+                                              f":{metrics}", "-r", "127.0.0.1:1"])
+        nvidia.wait_ready(boot, nvidia.DAEMONS["dcgm-exporter"])

@@ -57,7 +57,7 @@ def test_single_h100_is_gpu_mode_with_its_bars(tmp_path: pathlib.Path) -> None:
     assert gpu["iommu_group"] == 10 and gpu["numa_node"] == 0
     assert [(b["index"], b["size"], b["prefetch"]) for b in gpu["bars"]] == [  # type: ignore[union-attr]
         (0, 16 << 20, False), (1, 128 << 30, True), (3, 32 << 20, True)]
-    assert pci.decide_mode(found) == Mode.GPU
+    assert pci.decide_mode(found) == (Mode.GPU, "")
 
 
 def test_hgx_board_is_gpu_mode_with_fabric(tmp_path: pathlib.Path) -> None:
@@ -68,20 +68,43 @@ def test_hgx_board_is_gpu_mode_with_fabric(tmp_path: pathlib.Path) -> None:
     assert isinstance(inventory, list)
     kinds = [d["kind"] for d in inventory]
     assert kinds.count("gpu") == 8 and kinds.count("nvswitch") == 4
-    assert boot.facts["mode"] == "gpu" and boot.facts["fabric"] is True
+    assert boot.facts["mode"] == "gpu" and boot.facts["fabric"] == "nvl4"
     assert {d["numa_node"] for d in inventory if d["kind"] == "gpu"} == {0, 1}
     assert any(span[0] == "discover:pci" for span in boot.timeline.spans)
-    assert "discover: mode gpu" in kmsg_text(root)
+    assert ("discover: mode gpu with the nvl4 fabric (8 GPUs, 4 NVSwitches, 0 SW_MNG bridges)"
+            in kmsg_text(root))
 
 
-def test_switches_alone_are_a_service_vm(tmp_path: pathlib.Path) -> None:
-    assert pci.decide_mode(accels(tree(tmp_path, "nvswitch4"))) == Mode.NVL4
+@pytest.mark.parametrize(("fixture", "mode", "fabric"), [
+    ("empty", Mode.CPU, ""),
+    ("h100x1", Mode.GPU, ""),
+    ("h100x8_nvswitch4", Mode.GPU, "nvl4"),  # HGX H100: GPU + NVL4
+    ("b200x8_sw_mng4", Mode.GPU, "nvl5"),  # HGX B200: GPU + NVL5 through ConnectX SW_MNG
+    ("nvswitch4", Mode.NVL4, ""),  # service VM, NVL4
+    ("sw_mng2", Mode.NVL5, ""),  # service VM, NVL5
+])
+def test_nvrc_topologies_give_nvrc_modes(tmp_path: pathlib.Path, fixture: str, mode: Mode,
+                                        fabric: str) -> None:
+    assert pci.decide_mode(accels(tree(tmp_path, fixture))) == (mode, fabric)
 
 
 def test_sw_mng_bridges_alone_are_nvl5(tmp_path: pathlib.Path) -> None:
     found = accels(tree(tmp_path, "sw_mng2"))
     assert [a.kind for a in found] == [pci.Kind.SW_MNG] * 2
-    assert pci.decide_mode(found) == Mode.NVL5
+    assert pci.decide_mode(found) == (Mode.NVL5, "")
+
+
+@pytest.mark.parametrize(("forced", "want"), [
+    (Mode.GPU, (Mode.GPU, "nvl5")), (Mode.NVL5, (Mode.NVL5, "")), (Mode.CPU, (Mode.CPU, ""))])
+def test_forced_modes_on_a_b200_board(tmp_path: pathlib.Path, forced: Mode,
+                                      want: tuple[Mode, str]) -> None:
+    assert pci.decide_mode(accels(tree(tmp_path, "b200x8_sw_mng4")), forced) == want
+
+
+def test_forcing_a_mode_the_inventory_lacks_names_the_counts(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match=r"mode nvl4 was forced but the inventory has no "
+                       r"NVSwitch \(found 1 GPUs, 0 NVSwitches, 0 SW_MNG bridges"):
+        pci.decide_mode(accels(tree(tmp_path, "h100x1")), Mode.NVL4)
 
 
 def test_mellanox_without_sw_mng_vpd_is_not_an_accelerator(tmp_path: pathlib.Path) -> None:
@@ -128,9 +151,14 @@ def test_mixed_topology_fails_listing_what_was_found(tmp_path: pathlib.Path) -> 
     with pytest.raises(BootError) as err:
         pci.run_discover(boot)
     assert err.value.stage == "discover"
-    assert "fits no mode" in err.value.reason
-    assert "gpu 0000:18:00.0 [10de:2330]" in err.value.reason
-    assert "sw_mng 0000:80:00.0 [15b3:1021]" in err.value.reason
+    reason = err.value.reason
+    assert "NVSwitches and SW_MNG bridges together" in reason
+    assert "found 0 GPUs, 1 NVSwitches, 1 SW_MNG bridges" in reason
+    assert "0000:50:00.0" in reason and "0000:80:00.0" in reason
+    for accepted in pci.TOPOLOGIES:  # the explanation lists every topology that would boot
+        assert accepted in reason
+    assert "nvswitch 0000:50:00.0 [10de:22a3]" in reason
+    assert "sw_mng 0000:80:00.0 [15b3:1021]" in reason
 
 
 def test_forced_mode_needs_matching_devices(tmp_path: pathlib.Path) -> None:
@@ -143,10 +171,10 @@ def test_forced_mode_needs_matching_devices(tmp_path: pathlib.Path) -> None:
     assert boot.facts["mode"] == "cpu"
 
 
-def test_forced_mode_overrides_an_invalid_topology(tmp_path: pathlib.Path) -> None:
-    boot = make_boot(tree(tmp_path, "mixed_invalid"), cmdline="guestinit.mode=gpu")
+def test_forcing_a_service_vm_mode_picks_one_of_a_mixed_topology(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tree(tmp_path, "mixed_invalid"), cmdline="nvrc.mode=nvswitch-nvl4")
     pci.run_discover(boot)
-    assert boot.facts["mode"] == "gpu"
+    assert boot.facts["mode"] == "nvl4" and boot.facts["fabric"] == ""
 
 
 def test_bad_sysfs_attribute_names_the_file(tmp_path: pathlib.Path) -> None:
@@ -198,7 +226,7 @@ def test_stand_in_profiles_discover_emulated_devices_as_gpus_and_switches(
     found = pci.classify([gpu, switch, other], profiles)
     assert [(a.dev.bdf, a.kind) for a in found] == [("0000:00:01.0", pci.Kind.GPU),
                                                    ("0000:00:02.0", pci.Kind.NVSWITCH)]
-    assert pci.decide_mode(found) == Mode.GPU
+    assert pci.decide_mode(found) == (Mode.GPU, "nvl4")
     with pytest.raises(ValueError, match=r"stand-in gpu id 'zz:1': expected vendor:device"):
         pci.profiles_from((), ["zz:1"])
     with pytest.raises(ValueError, match=r"stand-in nvswitch id '1:2:3'"):

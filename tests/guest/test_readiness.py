@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guestinit import config
+from guestinit import config, settings_doc
 from guestinit.config import LogLevel
 from guestinit.kmsg import Kmsg
 from guestinit.readiness import (
@@ -59,11 +59,11 @@ def test_config_key_typed_defaulted_and_documented() -> None:
     assert cfg.float("agent.ready_timeout") == 2.5
     defaults = config.build()
     assert defaults["agent.ready"] == NONE and defaults.float("agent.ready_timeout") == 30.0
-    assert "guestinit.agent.ready=none" in config.describe()
-    assert "guestinit.agent.ready_timeout=30s" in config.describe()
+    assert "guestinit.agent.ready=none" in settings_doc.describe()
+    assert "guestinit.agent.ready_timeout=30s" in settings_doc.describe()
     with pytest.raises(config.ConfigError, match=r"guestinit\.agent\.ready='tcp:1'"):
         config.build("", "guestinit.agent.ready=tcp:1")
-    assert config.render_file({"agent.ready": "unix:/run/a.sock"}).endswith(
+    assert settings_doc.render_file({"agent.ready": "unix:/run/a.sock"}).endswith(
         "agent.ready=unix:/run/a.sock\n")
 
 

@@ -78,8 +78,10 @@ def test_gpu_mode_on_eight_gpus_reaches_ready_with_daemons_supervised(
     assert spec["cdiVersion"] == "0.7.0" and len(spec["devices"]) == 17
     assert (root / "proc/sys/kernel/modules_disabled").read_text().startswith("1")
     calls = nvidia_bundle.calls(root)
-    assert calls[0] == ("nvidia-persistenced --foreground --verbose --uvm-persistence-mode "
-                        "--user nvidia-persistenced")
+    assert calls[:2] == [  # NVRC's order: the fabric, then persistenced
+        "nv-fabricmanager -c /run/nvidia-fabricmanager/fabricmanager.cfg",
+        "nvidia-persistenced --foreground --verbose --uvm-persistence-mode "
+        "--user nvidia-persistenced"]
     assert "nvidia-smi -lgc 1500,1980" in calls and "nvidia-smi conf-compute -srs 1" in calls
     assert init.errors == []
 
@@ -92,8 +94,8 @@ def test_persistenced_without_its_marker_fails_naming_the_daemon(
     failed = init.wait_frame(FrameType.FAILED, timeout=60)
     assert failed.get("stage") == "daemons"
     reason = str(failed.get("reason"))
-    assert reason.startswith("nvidia-persistenced not ready after 2s (no 'Local RPC services "
-                             "initialized' on syslog")
+    assert reason.startswith("nvidia-persistenced not ready after 2s (daemon.timeout; no "
+                             "'Local RPC services initialized' on syslog")
     progress = [f for f in init.frames if f.type == FrameType.PROGRESS and f.get("event") == "gpu"]
     assert len(progress) == 8  # it attached every GPU, then never said it was ready
     stages = [name for name, _, _ in failed.timeline()]

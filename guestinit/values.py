@@ -1,0 +1,219 @@
+"""The value types and parsers of the settings (``config.SETTINGS``).
+
+Parsers are pure: they return a value or raise ValueError saying what was expected;
+``config`` turns that into a ``ConfigError`` naming the key and the value. NVRC's
+spellings are accepted where they differ from ours (``nvrc.log=trace``,
+``nvrc.mode=nvswitch-nvl4``, ``nvrc.smi.srs=enabled``).
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
+    from collections.abc import Callable
+    from enum import Enum, IntEnum, StrEnum
+else:
+    from guestinit.choice import IntChoice as IntEnum
+    from guestinit.choice import StrChoice as StrEnum
+
+PREFIX = "guestinit."
+NVRC_PREFIX = "nvrc."
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, value: str, why: str) -> None:
+        super().__init__(f"{key}={value!r}: {why}")
+        self.key = key
+        self.value = value
+
+
+class LogLevel(IntEnum):
+    """Syslog priorities (lower = more severe); ``off`` logs nothing."""
+
+    OFF = -1
+    ERROR = 3
+    WARN = 4
+    INFO = 6
+    DEBUG = 7
+
+
+class Mode(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "gpu"
+    NVL4 = "nvl4"  # service VM: NVSwitches, nv-fabricmanager
+    NVL5 = "nvl5"  # service VM: Mellanox SW_MNG, nvlsm
+
+
+class Restart(StrEnum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+_TRUE = {"1", "y", "yes", "on", "true"}
+_FALSE = {"0", "n", "no", "off", "false"}
+
+
+def parse_bool(value: str) -> bool:
+    low = value.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("expected one of 1/0, yes/no, on/off, true/false")
+
+
+def parse_int(value: str) -> int:
+    return int(value, 0)
+
+
+def parse_uint(value: str) -> int:
+    n = int(value, 0)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+def parse_seconds(value: str) -> float:
+    n = float(value.removesuffix("s"))
+    if not n >= 0 or n == float("inf"):
+        raise ValueError("expected a non-negative number of seconds")
+    return n
+
+
+def parse_log(value: str) -> LogLevel:
+    """NVRC's levels too: ``trace`` logs as ``debug``, an empty value (``nvrc.log=``) is off."""
+    aliases = {"warning": "warn", "err": "error", "0": "off", "none": "off", "": "off",
+               "trace": "debug"}
+    name = aliases.get(value.lower(), value.lower())
+    try:
+        return LogLevel[name.upper()]
+    except KeyError:
+        raise ValueError("expected off, error, warn, info, debug or trace") from None
+
+
+# NVRC's names for the modes (``nvrc.mode``, older releases) beside ours
+MODE_ALIASES = {"nvswitch-nvl4": "nvl4", "nvswitch-nvl5": "nvl5", "servicevm-nvl4": "nvl4",
+                "servicevm-nvl5": "nvl5"}
+
+
+def parse_mode(value: str) -> Mode:
+    low = value.lower()
+    try:
+        return Mode(MODE_ALIASES.get(low, low))
+    except ValueError:
+        names = ", ".join([*(str(m.value) for m in Mode), *MODE_ALIASES])
+        raise ValueError(f"expected one of {names}") from None
+
+
+def parse_fm_mode(value: str) -> str:
+    """FABRIC_MODE: auto (NVRC's: 1 in a service VM, 0 beside GPUs), 0, 1 or 2."""
+    if value.lower() == "auto":
+        return "auto"
+    if value in ("0", "1", "2"):
+        return value
+    raise ValueError("expected auto, 0 (bare metal / full passthrough), 1 (shared NVSwitch "
+                     "service VM) or 2 (vGPU)")
+
+
+def parse_rail_policy(value: str) -> str:
+    """PARTITION_RAIL_POLICY: auto (NVRC's: symmetric on NVL5, greedy on NVL4) or a policy."""
+    low = value.lower()
+    if low in ("auto", "greedy", "symmetric"):
+        return low
+    raise ValueError("expected auto, greedy or symmetric")
+
+
+def parse_clock(value: str) -> str:
+    """A clock lock for nvidia-smi: MHz (NVRC's form) or MIN,MAX in MHz."""
+    parts = value.split(",")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        nums = [int(p) for p in parts]
+        if nums[0] <= nums[-1] and nums[-1] > 0:
+            return ",".join(str(n) for n in nums)
+    raise ValueError("expected MHz (like 1500) or MIN,MAX (like 1500,1980)")
+
+
+def parse_watts(value: str) -> str:
+    if value.isdigit() and int(value) > 0:
+        return value
+    raise ValueError("expected a power limit in whole watts (like 300)")
+
+
+SRS = {"0": "0", "1": "1", "disabled": "0", "enabled": "1"}
+
+
+def parse_srs(value: str) -> str:
+    """``nvidia-smi conf-compute -srs``: 0/1, or NVRC's documented disabled/enabled."""
+    try:
+        return SRS[value.lower()]
+    except KeyError:
+        raise ValueError("expected enabled, disabled, 1 or 0") from None
+
+
+
+
+def parse_report(value: str) -> str:
+    kind, _, rest = value.partition(":")
+    if kind == "console" and not rest:
+        return value
+    if kind == "vsock":
+        cid, _, port = rest.partition(":")
+        if cid.isdigit() and port.isdigit() and 0 < int(port) < 2**32:
+            return value
+        raise ValueError("expected vsock:CID:PORT")
+    if kind in ("virtio-port", "unix") and rest:
+        return value
+    raise ValueError("expected vsock:CID:PORT, virtio-port:NAME, unix:PATH or console")
+
+
+def parse_words(value: str) -> tuple[str, ...]:
+    words = tuple(value.split())
+    if not words:
+        raise ValueError("must not be empty")
+    return words
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    return tuple(w for w in value.replace(",", " ").split() if w)
+
+
+def _enum(cls: type[Enum]) -> Callable[[str], object]:
+    def parse(value: str) -> object:
+        try:
+            return cls(value.lower())
+        except ValueError:
+            names = ", ".join(str(m.value) for m in cls)
+            raise ValueError(f"expected one of {names}") from None
+
+    return parse
+
+
+def parse_bar_target(value: str) -> str:
+    """``<bdf>:<bar>`` for the bench stage's bar-map, normalised (barmap only when given)."""
+    from guestinit.barmap import parse_target
+
+    bdf, bar = parse_target(value)
+    return f"{bdf}:{bar}"
+
+
+def parse_size_text(value: str) -> str:
+    from guestinit.barmap import parse_size
+
+    parse_size(value)
+    return value
+
+
+def parse_port(value: str) -> int:
+    n = int(value, 10)
+    if not 0 < n < 65536:
+        raise ValueError("expected a TCP port, 1-65535")
+    return n
+
+
+def parse_mode_octal(value: str) -> int:
+    n = int(value, 8)
+    if not 0 <= n <= 0o7777:
+        raise ValueError("expected an octal file mode like 0666")
+    return n
