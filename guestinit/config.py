@@ -69,7 +69,7 @@ class Setting:
 
 # name (after "guestinit."), parser, default, doc, NVRC aliases (after "nvrc.")
 SETTINGS: tuple[Setting, ...] = (
-    Setting("log", parse_log, LogLevel.INFO, "kmsg log level: off/error/warn/info/debug",
+    Setting("log", parse_log, LogLevel.INFO, "kmsg log level: off/error/warn/info/debug (NVRC's trace: debug; empty: off)",
             ("log",)),
     Setting("report", parse_report, "vsock:2:1040",
             "where frames go: vsock:CID:PORT, virtio-port:NAME, unix:PATH, console"),

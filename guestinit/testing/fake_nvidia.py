@@ -17,6 +17,9 @@ behave like the real ones:
 - nv-fabricmanager: ``-c CFG``; honours DAEMONIZE, LOG_USE_SYSLOG/LOG_FILE_NAME,
   FABRIC_MODE; needs ``/dev/nvidia-nvswitch*``; logs "Successfully configured all
   the available NVSwitches ..." when done.
+- nvlsm: ``-F CFG -g GUID``; the GUID must be port 1 of a device under
+  /sys/class/infiniband; logs "SUBNET UP". nv-fabricmanager with
+  ``FM_SM_MGMT_PORT_GUID`` (NVL5) needs no NVSwitch nodes.
 - nv-hostengine: ``-n`` (stay in the foreground, else detach), ``--service-account``,
   ``--home-dir``, ``-p PORT``; needs the driver; listens on 127.0.0.1:PORT and prints
   "Started host engine version ... using port number: PORT".
@@ -333,6 +336,10 @@ def fabricmanager(args: list[str]) -> int:
     log(f"FABRIC_MODE : {cfg.get('FABRIC_MODE', '0')}")
     switches = [n for n in os.listdir(rooted("/dev"))
                 if n.startswith("nvidia-nvswitch") and n[15:].isdigit()]
+    guid = cfg.get("FM_SM_MGMT_PORT_GUID", "")
+    if guid:  # NVL5: the fabric is reached through the SW_MNG port nvlsm manages
+        log(f"FM_SM_MGMT_PORT_GUID : {guid}")
+        switches = [guid]
     if not switches:
         log("request to query NVSwitch device information from NVSwitch driver failed with "
             "error: NVSwitch devices not found", pri=3)
@@ -343,6 +350,30 @@ def fabricmanager(args: list[str]) -> int:
             "traffic. NVLink Peer-to-Peer support will be enabled once the GPUs are "
             "successfully registered with the NVLink fabric.")
     sleep_forever([], syslog, False)
+    return 0
+
+
+# -- nvlsm (NVL5 subnet manager) ---------------------------------------------------------
+
+
+def nvlsm(args: list[str]) -> int:
+    opts = _options(args, ("-F", "-g"), (), "nvlsm")
+    if opts is None or "-g" not in opts:
+        print("nvlsm: usage: nvlsm -F CONFIG -g PORT_GUID", file=sys.stderr)
+        return 1
+    log = Syslog("nvlsm")
+    ports = rooted("/sys/class/infiniband")
+    known = []
+    for name in sorted(os.listdir(ports)) if os.path.isdir(ports) else []:
+        with contextlib.suppress(OSError):
+            with open(os.path.join(ports, name, "ports", "1", "gids", "0")) as f:
+                known.append("0x" + "".join(f.read().strip().split(":")[4:]))
+    if opts["-g"] not in known:
+        log(f"ERR: port GUID {opts['-g']} not found", pri=3)
+        return 1
+    log(f"Using port GUID {opts['-g']}")
+    log("SUBNET UP")
+    sleep_forever([], log, False)
     return 0
 
 
@@ -435,7 +466,7 @@ def exporter(args: list[str]) -> int:
 
 
 PROGRAMS = {"nvidia-persistenced": persistenced, "nvidia-smi": smi,
-            "nv-fabricmanager": fabricmanager, "nv-hostengine": hostengine,
+            "nv-fabricmanager": fabricmanager, "nvlsm": nvlsm, "nv-hostengine": hostengine,
             "dcgm-exporter": exporter}
 
 

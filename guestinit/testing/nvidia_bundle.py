@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROGRAMS = ("nvidia-persistenced", "nvidia-smi", "nv-fabricmanager", "nv-hostengine",
+PROGRAMS = ("nvidia-persistenced", "nvidia-smi", "nv-fabricmanager", "nvlsm", "nv-hostengine",
             "dcgm-exporter")
 INTERPRETER = "/usr/bin/python3 -IS"
 FM_TEMPLATE = """\

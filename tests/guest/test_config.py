@@ -203,3 +203,10 @@ def test_the_config_stage_warns_of_ignored_words(tmp_path: Path) -> None:
     assert warning[0]["ignored"] == 2
     assert "nvrc.future.key=1 nvrc.dcgm" in str(warning[0]["detail"])
     assert "ignored (unknown key, or no value): nvrc.future.key=1 nvrc.dcgm" in kmsg_text(tmp_path)
+
+
+def test_the_docs_nvrc_table_is_the_settings_table() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs/guest.md").read_text()
+    assert settings_doc.nvrc_table() in doc
+    for key, _, _ in settings_doc.NVRC_KEYS:  # every NVRC key reaches a setting
+        assert key in config.BY_ALIAS

@@ -359,3 +359,22 @@ def test_an_exporter_without_its_host_engine_fails_naming_its_status(
         nvidia._start(boot, "dcgm-exporter", ["/usr/bin/dcgm-exporter", "-k", "-a",
                                               f":{metrics}", "-r", "127.0.0.1:1"])
         nvidia.wait_ready(boot, nvidia.DAEMONS["dcgm-exporter"])
+
+
+def test_gpus_with_sw_mng_start_nvlsm_then_the_fabric_manager_then_persistenced(
+    gpu_root: tuple[pathlib.Path, list[Boot]]
+) -> None:
+    """HGX B200 in one VM (NVRC's GPU + NVL5): the port GUID goes to nvlsm and the FM."""
+    root, boots = gpu_root
+    nvidia_bundle.install(root)
+    ib_port(root, "mlx5_0", "0x00000200", "fe80:0000:0000:0000:0002:c903:00ab:cdef")
+    boot = gpu_boot(root, boots, fabric="nvl5")
+    nvidia.run_daemons(boot)
+    assert boot.facts["daemons"] == ["nvlsm", "nv-fabricmanager", "nvidia-persistenced"]
+    calls = nvidia_bundle.calls(root)
+    assert calls[0] == f"nvlsm -F {nvidia.NVLSM_CONFIG} -g 0x0002c90300abcdef"
+    cfg = (root / nvidia.FM_RUN_CONFIG).read_text()
+    assert "FABRIC_MODE=0\n" in cfg and "PARTITION_RAIL_POLICY=symmetric\n" in cfg
+    assert "FM_SM_MGMT_PORT_GUID=0x0002c90300abcdef\n" in cfg
+    assert "daemons: nvlsm ready: " in kmsg_text(root) and "SUBNET UP" in kmsg_text(root)
+    nvidia.check_daemons(boot)
