@@ -1,16 +1,21 @@
-"""The CDI spec for the GPUs found (``/var/run/cdi/nvidia.json``, cdiVersion 0.7.0).
+"""The CDI specs for the GPUs found: ``/var/run/cdi/nvidia.json`` (kind ``nvidia.com/gpu``)
+and, when ``imex.channels`` asks for IMEX channels, ``/var/run/cdi/nvidia-imex.json`` (kind
+``nvidia.com/imex-channel``), on par with ``nvidia-ctk cdi generate`` (``features()``
+says what is produced and what is not, and why).
 
-One device per GPU by index and, when the driver reported one, by UUID, plus
-``all``; the control nodes (nvidiactl, nvidia-uvm, nvidia-uvm-tools) go in the
-spec-wide container edits, with ``additionalGids`` (new in 0.7.0) when the
-nodes belong to a group. Written atomically (tmp + rename) so a reader never
-sees half a spec.
+Devices: each GPU by index and by UUID, each MIG GPU instance as ``<gpu>:<gi>``, and
+``all``. The spec-wide edits carry ``NVIDIA_VISIBLE_DEVICES=void``, the control nodes,
+``additionalGids`` when the nodes belong to a group, the driver's userspace as bind mounts
+and the ``nvidia-cdi-hook`` hooks (``guestinit.driver_files``). ``cdiVersion`` is the
+lowest version the spec's features need (``minimum_version``, CDI's own rules). Written
+atomically (tmp + rename) so a reader never sees half a spec.
 """
 
 from __future__ import annotations
 
 import os
 
+from guestinit import driver_files
 from guestinit.stages import BootError, Stage
 
 TYPE_CHECKING = False
@@ -19,20 +24,100 @@ if TYPE_CHECKING:
 
     from guestinit.boot import Boot
 
-CDI_VERSION = "0.7.0"
 KIND = "nvidia.com/gpu"
+IMEX_KIND = "nvidia.com/imex-channel"
 SPEC_PATH = "var/run/cdi/nvidia.json"
+IMEX_SPEC_PATH = "var/run/cdi/nvidia-imex.json"
+# the released versions of the CDI specification (specs-go/version.go); 0.3.0 is the
+# earliest CDI still accepts
+VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0")
+
+# (nvidia-ctk spec feature, produced here, how or why not): the table of docs/guest.md
+FEATURES: tuple[tuple[str, bool, str], ...] = (
+    ("device nodes per GPU index, per UUID, and `all`", True,
+     "from the driver's procfs; `fileMode` from `device.mode`, no `hostPath`"),
+    ("device name strategies", True, "index and uuid, both at once"),
+    ("MIG devices", True, "`<gpu>:<gi>` per GPU instance with a compute instance: "
+     "/dev/nvidiaN + the GI and CI access caps; no MIG UUID names (they come from NVML)"),
+    ("IMEX channels", True, "a second spec, kind `nvidia.com/imex-channel`, one device per "
+     "channel node, `imex.channels` of them (the driver creates none itself)"),
+    ("control nodes", True, "nvidiactl, nvidia-uvm, nvidia-uvm-tools (with `uvm.tools`), "
+     "nvidia-modeset (when loaded)"),
+    ("library mounts", True, "every regular `lib*.so.<driver version>` of the library dir"),
+    ("binary mounts", True, "nvidia-smi, nvidia-debugdump, nvidia-persistenced, "
+     "nvidia-cuda-mps-control, nvidia-cuda-mps-server, those in `nvidia.bin`"),
+    ("GSP firmware mounts", True, "the files of /lib/firmware/nvidia/<driver version>/"),
+    ("IPC: persistenced socket", True, "/run/nvidia-persistenced/socket when it exists"),
+    ("IPC: fabric manager socket", True, "/run/nvidia-fabricmanager/socket when it exists "
+     "(fabric manager talks TCP on 127.0.0.1 unless configured for a socket)"),
+    ("IPC: MPS pipe directory", False, "the spec is written at boot, before any MPS "
+     "control daemon could make /tmp/nvidia-mps; the init does not start one"),
+    ("hook create-symlinks", True, "soname links (read from each library's ELF DT_SONAME) "
+     "and libcuda.so / libnvidia-opticalflow.so, when nvidia-cdi-hook is in the image"),
+    ("hook update-ldcache", True, "`--folder <library dir>`, when nvidia-cdi-hook is there"),
+    ("hook enable-cuda-compat", False, "the image's driver is the one the kernel runs: "
+     "there is no older host driver for a forward-compat CUDA to stand in for"),
+    ("hook chmod, DRI nodes", False, "a headless guest has no DRM render nodes"),
+    ("graphics libraries and configs (Vulkan, EGL, GLX, Xorg)", False,
+     "headless compute guest; only what the `lib*.so.<version>` rule picks up"),
+)
+
+
+def features() -> tuple[tuple[str, bool, str], ...]:
+    """What of ``nvidia-ctk cdi generate``'s output these specs have (``FEATURES``)."""
+    return FEATURES
+
+
+def _maps(value: object) -> list[Mapping[str, object]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def minimum_version(spec: Mapping[str, object]) -> str:
+    """The lowest cdiVersion whose features ``spec`` uses, by CDI's rules
+    (``MinimumRequiredVersion`` in specs-go/version.go)."""
+    devices = _maps(spec.get("devices"))
+    common = spec.get("containerEdits")
+    edits = [e for e in [common, *(d.get("containerEdits") for d in devices)]
+             if isinstance(e, dict)]
+    if any(e.get("intelRdt") is not None or e.get("additionalGids") for e in edits):
+        return "0.7.0"
+    vendor, slash, cls = str(spec.get("kind", "")).partition("/")
+    if (spec.get("annotations") or any(d.get("annotations") for d in devices)
+            or (vendor and slash and "." in cls)):
+        return "0.6.0"
+    names = [str(d.get("name", "")) for d in devices]
+    nodes = [n for e in edits for n in _maps(e.get("deviceNodes"))]
+    if (any(n and not (n[0].isascii() and n[0].isalpha()) for n in names)
+            or any(n.get("hostPath") for n in nodes)):
+        return "0.5.0"
+    if any(m.get("type") for e in edits for m in _maps(e.get("mounts"))):
+        return "0.4.0"
+    return VERSIONS[0]
 
 
 def _node(node: Mapping[str, object]) -> dict[str, object]:
-    return {"path": node["path"], "type": "c", "major": node["major"], "minor": node["minor"],
-            "permissions": "rw"}
+    out = {"path": node["path"], "type": "c", "major": node["major"], "minor": node["minor"],
+           "permissions": "rw"}
+    if "mode" in node:
+        out["fileMode"] = node["mode"]
+    return out
+
+
+def _with_version(kind: str, devices: list[dict[str, object]],
+                  common: dict[str, object]) -> dict[str, object]:
+    spec: dict[str, object] = {"cdiVersion": "", "kind": kind, "devices": devices}
+    if common:
+        spec["containerEdits"] = common
+    spec["cdiVersion"] = minimum_version(spec)
+    return spec
 
 
 def plan_spec(gpus: Sequence[Mapping[str, object]], control: Sequence[Mapping[str, object]],
-              gid: int = 0) -> dict[str, object]:
-    """The spec as a dict; ``gpus`` as ``boot.facts["gpus"]``, ``control`` as device maps."""
+              gid: int = 0, files: driver_files.Userspace | None = None) -> dict[str, object]:
+    """The GPU spec; ``gpus`` as ``boot.facts["gpus"]``, ``control`` as device maps,
+    ``files`` as ``driver_files.read_userspace`` found them (none: no mounts, no hooks)."""
     devices: list[dict[str, object]] = []
+    every: list[dict[str, object]] = []
     for gpu in gpus:
         node = gpu["node"]
         assert isinstance(node, dict)
@@ -40,13 +125,37 @@ def plan_spec(gpus: Sequence[Mapping[str, object]], control: Sequence[Mapping[st
         devices.append({"name": str(gpu["index"]), "containerEdits": edits})
         if gpu.get("uuid"):
             devices.append({"name": str(gpu["uuid"]), "containerEdits": edits})
-    all_nodes = [_node(g["node"]) for g in gpus]  # type: ignore[arg-type]
-    devices.append({"name": "all", "containerEdits": {"deviceNodes": all_nodes}})
-    common: dict[str, object] = {"deviceNodes": [_node(n) for n in control]}
+        every.append(_node(node))
+    # MIG devices by "<gpu index>:<gi>": nvidia-ctk names them by NVML's MIG index and
+    # adds their MIG UUIDs, both of which need NVML; a GPU instance made with
+    # `nvidia-smi mig -cgi ... -C` has one compute instance, so a GI is the MIG device
+    for gpu in gpus:
+        node = gpu["node"]
+        assert isinstance(node, dict)
+        for instance in _maps(gpu.get("mig")):
+            nodes = [_node(node), *(_node(n) for n in _maps(instance.get("nodes")))]
+            devices.append({"name": f"{gpu['index']}:{instance['gi']}",
+                            "containerEdits": {"deviceNodes": nodes}})
+            every += [n for n in nodes if n not in every]
+    devices.append({"name": "all", "containerEdits": {"deviceNodes": every}})
+    common: dict[str, object] = {"env": ["NVIDIA_VISIBLE_DEVICES=void"],
+                                 "deviceNodes": [_node(n) for n in control]}
     if gid:
         common["additionalGids"] = [gid]
-    return {"cdiVersion": CDI_VERSION, "kind": KIND, "devices": devices,
-            "containerEdits": common}
+    if files is not None:
+        if mounts := driver_files.mounts(files):
+            common["mounts"] = mounts
+        if hooks := driver_files.hooks(files):
+            common["hooks"] = hooks
+    return _with_version(KIND, devices, common)
+
+
+def plan_imex_spec(channels: Sequence[Mapping[str, object]], gid: int = 0) -> dict[str, object]:
+    """The IMEX channel spec: one device per channel node, named by its number (minor)."""
+    devices: list[dict[str, object]] = [
+        {"name": str(c["minor"]), "containerEdits": {"deviceNodes": [_node(c)]}}
+        for c in channels]
+    return _with_version(IMEX_KIND, devices, {"additionalGids": [gid]} if gid else {})
 
 
 def write_spec(path: str, spec: Mapping[str, object]) -> None:
@@ -61,21 +170,45 @@ def write_spec(path: str, spec: Mapping[str, object]) -> None:
     os.rename(tmp, path)
 
 
-def run_cdi(boot: Boot) -> None:
-    """Write the spec in gpu mode (other modes have no GPUs to describe), then ``smi.srs``."""
+def _warn_about(boot: Boot, files: driver_files.Userspace) -> None:
+    if not files.version:
+        boot.kmsg.log(4, "cdi: no driver version in /proc/driver/nvidia/version: the spec "
+                      "mounts no driver libraries or firmware")
+    elif files.libraries and not files.hook:
+        boot.kmsg.log(4, f"cdi: {driver_files.HOOK} is not in the image: the spec "
+                      "has no hooks (containers get no soname links or ld cache entries "
+                      "for the driver's libraries)")
+
+
+def run_cdi(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
+    """Write the specs in gpu mode (other modes have no GPUs to describe), then
+    ``smi.srs``."""
     gpus = boot.facts.get("gpus", [])
     nodes = boot.facts.get("device_nodes", {})
     assert isinstance(gpus, list) and isinstance(nodes, dict)
     if boot.facts.get("mode") != "gpu" or not gpus:
         return
-    spec = plan_spec(gpus, nodes.get("control", []), boot.config().int("device.gid"))
-    path = boot.path(SPEC_PATH)
+    cfg = boot.config()
+    gid = cfg.int("device.gid")
     try:
-        write_spec(path, spec)
+        files = driver_files.read_userspace(boot.root, libdir, cfg.str("nvidia.bin"))
     except OSError as exc:
-        raise BootError(Stage.CDI, f"write CDI spec {path}: {exc.strerror or exc}") from None
-    boot.facts["cdi"] = "/" + SPEC_PATH
-    boot.kmsg.log(6, f"cdi: {len(gpus)} GPUs described in /{SPEC_PATH}")
+        raise BootError(Stage.CDI, f"read {exc.filename}: {exc.strerror or exc}") from None
+    _warn_about(boot, files)
+    specs = [(SPEC_PATH, plan_spec(gpus, nodes.get("control", []), gid, files))]
+    if nodes.get("imex"):
+        specs.append((IMEX_SPEC_PATH, plan_imex_spec(nodes["imex"], gid)))
+    for rel, spec in specs:
+        path = boot.path(rel)
+        try:
+            write_spec(path, spec)
+        except OSError as exc:
+            raise BootError(Stage.CDI, f"write CDI spec {path}: {exc.strerror or exc}") from None
+    boot.facts["cdi"] = ["/" + rel for rel, _ in specs]
+    boot.kmsg.log(6, f"cdi: {len(gpus)} GPUs, {len(files.libraries)} libraries in "
+                  f"/{SPEC_PATH} (cdiVersion {specs[0][1]['cdiVersion']})"
+                  + (f"; {len(nodes['imex'])} IMEX channels in /{IMEX_SPEC_PATH}"
+                     if len(specs) > 1 else ""))
     from guestinit import nvidia
 
     nvidia.set_ready_state(boot)

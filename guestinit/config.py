@@ -69,7 +69,8 @@ class Setting:
 
 # name (after "guestinit."), parser, default, doc, NVRC aliases (after "nvrc.")
 SETTINGS: tuple[Setting, ...] = (
-    Setting("log", parse_log, LogLevel.INFO, "kmsg log level: off/error/warn/info/debug (NVRC's trace: debug; empty: off)",
+    Setting("log", parse_log, LogLevel.INFO,
+            "kmsg log level: off/error/warn/info/debug (NVRC's trace: debug; empty: off)",
             ("log",)),
     Setting("report", parse_report, "vsock:2:1040",
             "where frames go: vsock:CID:PORT, virtio-port:NAME, unix:PATH, console"),
@@ -141,6 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fabricmanager.rail_policy", parse_rail_policy, "auto",
             "PARTITION_RAIL_POLICY: auto (symmetric on NVL5, greedy on NVL4), greedy, "
             "symmetric", ("fm.rail.policy", "fm.rail")),
+    Setting("imex.channels", parse_uint, 0,
+            "IMEX channel nodes to create and describe in nvidia-imex.json (0-N, at most the "
+            "driver's ImexChannelCount; the driver creates none itself)"),
     Setting("device.mode", parse_mode_octal, 0o666, "mode of the NVIDIA device nodes"),
     Setting("device.gid", parse_uint, 0, "group of the NVIDIA device nodes"),
     Setting("standin.gpu", parse_list, (),

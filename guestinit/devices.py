@@ -1,11 +1,14 @@
 """Device nodes the NVIDIA driver does not create (no udev, no nvidia-modprobe in the guest).
 
 ``/dev/nvidiactl`` (195:255), ``/dev/nvidia<N>`` with N the "Device Minor" from
-``/proc/driver/nvidia/gpus/<bdf>/information``, ``/dev/nvidia-uvm`` and
-``/dev/nvidia-uvm-tools`` (major from ``/proc/devices``), the NVSwitch nodes in
-service-VM or fabric mode, and ``/dev/nvidia-caps/nvidia-cap<N>`` from
-``/proc/driver/nvidia-caps/mig-minors`` when MIG is present. Mode and group come
-from ``device.mode``/``device.gid``. Applying a plan twice changes nothing.
+``/proc/driver/nvidia/gpus/<bdf>/information``, ``/dev/nvidia-uvm`` and, with
+``uvm.tools``, ``/dev/nvidia-uvm-tools`` (major from ``/proc/devices``), the NVSwitch
+nodes in service-VM or fabric mode, ``imex.channels`` IMEX channels
+``/dev/nvidia-caps-imex-channels/channel<N>`` (at most ``ImexChannelCount`` of
+``/proc/driver/nvidia/params``), and the MIG capabilities that exist
+(``guestinit.mig``: ``/dev/nvidia-caps/nvidia-cap<N>``, with the driver's modes and group
+0). Mode and group of the others come from ``device.mode``/``device.gid``. Applying a
+plan twice changes nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 
+from guestinit import mig
 from guestinit.config import Mode
 from guestinit.stages import BootError, Stage
 
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
 NVIDIA_MAJOR = 195  # fixed by the driver (nvidia-frontend)
 CTL_MINOR = 255
 MODESET_MINOR = 254
-CAPS_MODE = 0o444
+IMEX_DIR = "nvidia-caps-imex-channels"
 
 
 class Node:
@@ -39,7 +43,8 @@ class Node:
         self.gid = gid
 
     def to_map(self) -> dict[str, object]:
-        return {"path": f"/dev/{self.path}", "major": self.major, "minor": self.minor}
+        return {"path": f"/dev/{self.path}", "major": self.major, "minor": self.minor,
+                "mode": self.mode}
 
     def __repr__(self) -> str:
         return f"Node(/dev/{self.path} {self.major}:{self.minor} 0{self.mode:o} gid {self.gid})"
@@ -103,19 +108,19 @@ def read_gpus(root: str) -> list[Gpu]:
     return sorted(gpus, key=lambda g: g.minor)
 
 
-def parse_mig_minors(text: str) -> list[tuple[str, int]]:
-    """``name minor`` lines of ``/proc/driver/nvidia-caps/mig-minors``."""
-    out = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) == 2 and fields[1].isdigit():
-            out.append((fields[0], int(fields[1])))
-    return out
+def imex_channel_count(root: str) -> int:
+    """``ImexChannelCount`` of ``/proc/driver/nvidia/params``; 0 when absent."""
+    params = parse_information(_read(os.path.join(root, "proc/driver/nvidia/params")) or "")
+    count = params.get("ImexChannelCount", "")
+    return int(count) if count.isdigit() else 0
 
 
 def plan_nodes(root: str, mode: Mode, gpus: Sequence[Gpu], switches: int,
-               node_mode: int, gid: int, modeset: bool = False) -> list[Node]:
-    """The nodes to create for this mode; majors from ``<root>/proc/devices``."""
+               node_mode: int, gid: int, *, modeset: bool = False, uvm_tools: bool = False,
+               caps: Sequence[mig.Cap] = (), imex_channels: int = 0) -> list[Node]:
+    """The nodes to create for this mode; majors from ``<root>/proc/devices``, ``caps``
+    as ``mig.read_caps`` found them, ``imex_channels`` IMEX channels (``imex.channels``:
+    the driver makes none itself, and its ImexChannelCount defaults to 2048)."""
     if mode == Mode.CPU:
         return []
     majors = parse_proc_devices(_read(os.path.join(root, "proc", "devices")) or "")
@@ -128,17 +133,25 @@ def plan_nodes(root: str, mode: Mode, gpus: Sequence[Gpu], switches: int,
         uvm = majors.get("nvidia-uvm")
         if uvm is None:
             raise ValueError("nvidia-uvm has no major in /proc/devices (did nvidia_uvm load?)")
-        nodes += [Node("nvidia-uvm", uvm, 0, node_mode, gid),
-                  Node("nvidia-uvm-tools", uvm, 1, node_mode, gid)]
+        nodes.append(Node("nvidia-uvm", uvm, 0, node_mode, gid))
+        if uvm_tools:  # profiling and debugging only: NVRC leaves it out by default
+            nodes.append(Node("nvidia-uvm-tools", uvm, 1, node_mode, gid))
+        if imex_channels:
+            imex, count = majors.get(IMEX_DIR), imex_channel_count(root)
+            if imex is None or imex_channels > count:
+                raise ValueError(f"imex.channels={imex_channels}, but the driver has "
+                                 f"{count if imex is not None else 'no'} IMEX channels "
+                                 f"(ImexChannelCount in /proc/driver/nvidia/params, {IMEX_DIR} "
+                                 "in /proc/devices; set nvidia.NVreg_ImexChannelCount)")
+            nodes += [Node(f"{IMEX_DIR}/channel{n}", imex, n, node_mode, gid)
+                      for n in range(imex_channels)]
     if switches and "nvidia-nvswitch" in majors:
         sw = majors["nvidia-nvswitch"]
         nodes.append(Node("nvidia-nvswitchctl", sw, CTL_MINOR, node_mode, gid))
         nodes += [Node(f"nvidia-nvswitch{i}", sw, i, node_mode, gid) for i in range(switches)]
-    mig = _read(os.path.join(root, "proc", "driver", "nvidia-caps", "mig-minors"))
-    if mig is not None and "nvidia-caps" in majors:
-        caps = majors["nvidia-caps"]
-        nodes += [Node(f"nvidia-caps/nvidia-cap{minor}", caps, minor, CAPS_MODE, gid)
-                  for _, minor in parse_mig_minors(mig)]
+    if "nvidia-caps" in majors:
+        # the driver's own mode per capability, group root: what nvidia-modprobe -f makes
+        nodes += [Node(c.node, majors["nvidia-caps"], c.minor, c.mode, 0) for c in caps]
     return nodes
 
 
@@ -175,6 +188,24 @@ def _inventory(boot: Boot, kind: str) -> list[Mapping[str, object]]:
     return [d for d in inventory if d.get("kind") == kind]
 
 
+CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+
+
+def _gpu_facts(index: int, gpu: Gpu, by_path: Mapping[str, Node],
+               caps: Sequence[mig.Cap]) -> dict[str, object]:
+    """What the cdi stage needs of one GPU: its node and, with MIG, each GPU instance's
+    access caps (the GI's, then its CIs')."""
+    facts: dict[str, object] = {"index": index, "bdf": gpu.bdf, "uuid": gpu.uuid,
+                                "model": gpu.model,
+                                "node": by_path[f"nvidia{gpu.minor}"].to_map()}
+    instances = [{"gi": gi, "nodes": [by_path[c.node].to_map() for c in group]}
+                 for gi, group in mig.instances(caps, gpu.minor)
+                 if all(c.node in by_path for c in group)]
+    if instances:
+        facts["mig"] = instances
+    return facts
+
+
 def run_devices(boot: Boot) -> None:
     mode = Mode(str(boot.facts.get("mode", Mode.CPU)))
     if mode == Mode.CPU:
@@ -193,23 +224,23 @@ def run_devices(boot: Boot) -> None:
     loaded = boot.facts.get("modules", [])
     assert isinstance(loaded, list)
     modeset = any(str(m).split()[0] == "nvidia_modeset" for m in loaded)
+    caps = mig.read_caps(boot.root)
     try:
         nodes = plan_nodes(boot.root, mode, gpus, len(_inventory(boot, "nvswitch")),
-                           cfg.int("device.mode"), cfg.int("device.gid"), modeset)
+                           cfg.int("device.mode"), cfg.int("device.gid"), modeset=modeset,
+                           uvm_tools=cfg.bool("uvm.tools"), caps=caps,
+                           imex_channels=cfg.int("imex.channels"))
     except ValueError as exc:
         raise BootError(Stage.DEVICES, str(exc)) from None
     created = apply_nodes(boot, nodes)
-    by_minor = {n.minor: n for n in nodes if n.path.startswith("nvidia") and n.path[6:].isdigit()}
-    control = [n.to_map() for n in nodes if n.path in
-               ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")]
-    boot.facts["gpus"] = [
-        {"index": i, "bdf": g.bdf, "uuid": g.uuid, "model": g.model,
-         "node": by_minor[g.minor].to_map()}
-        for i, g in enumerate(gpus)
-    ]
-    boot.facts["device_nodes"] = {"control": control,
-                                  "other": [n.to_map() for n in nodes
-                                            if n.path.startswith(("nvidia-caps/", "nvidia-nvs"))]}
+    by_path = {n.path: n for n in nodes}
+    control = [by_path[p].to_map() for p in CONTROL if p in by_path]
+    boot.facts["gpus"] = [_gpu_facts(i, g, by_path, caps) for i, g in enumerate(gpus)]
+    boot.facts["device_nodes"] = {
+        "control": control,
+        "imex": [n.to_map() for n in nodes if n.path.startswith(IMEX_DIR + "/")],
+        "other": [n.to_map() for n in nodes if n.path.startswith(("nvidia-caps/", "nvidia-nvs"))],
+    }
     for i, g in enumerate(gpus):
         boot.audit_event(f"assign gpu{i} {g.bdf} {g.uuid or '(no uuid)'} {g.model} "
                          f"as /dev/nvidia{g.minor}")

@@ -365,9 +365,9 @@ def nvlsm(args: list[str]) -> int:
     ports = rooted("/sys/class/infiniband")
     known = []
     for name in sorted(os.listdir(ports)) if os.path.isdir(ports) else []:
-        with contextlib.suppress(OSError):
-            with open(os.path.join(ports, name, "ports", "1", "gids", "0")) as f:
-                known.append("0x" + "".join(f.read().strip().split(":")[4:]))
+        with contextlib.suppress(OSError), open(
+                os.path.join(ports, name, "ports", "1", "gids", "0")) as f:
+            known.append("0x" + "".join(f.read().strip().split(":")[4:]))
     if opts["-g"] not in known:
         log(f"ERR: port GUID {opts['-g']} not found", pri=3)
         return 1

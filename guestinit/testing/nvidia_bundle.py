@@ -3,7 +3,10 @@
 ``install(root)`` copies the stand-in under each program's name into
 ``<root>/usr/bin`` (``#!/usr/bin/python3 -IS``, Debian's interpreter, as in the
 image), writes the fabric manager config template and the ``etc/fake-nvidia``
-directory the stand-ins find their root by, with an optional ``behaviour``.
+directory the stand-ins find their root by, with an optional ``behaviour``. It also lays
+down what the CDI spec mounts and links: tiny stand-in libraries
+``usr/lib/x86_64-linux-gnu/lib*.so.<DRIVER_VERSION>`` (ELF objects with only a
+DT_SONAME, ``elf_with_soname``) and ``usr/bin/nvidia-cdi-hook`` (exits 0).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 PROGRAMS = ("nvidia-persistenced", "nvidia-smi", "nv-fabricmanager", "nvlsm", "nv-hostengine",
             "dcgm-exporter")
 INTERPRETER = "/usr/bin/python3 -IS"
+DRIVER_VERSION = "550.54.15"  # as tests/fixtures/standin_bundle.py's VERSION
+LIBDIR = "usr/lib/x86_64-linux-gnu"
+LIBRARIES = {"libcuda": "libcuda.so.1", "libnvidia-ml": "libnvidia-ml.so.1",
+             "libnvidia-ptxjitcompiler": "libnvidia-ptxjitcompiler.so.1"}  # name -> soname
+CDI_HOOK = "usr/bin/nvidia-cdi-hook"
 FM_TEMPLATE = """\
 # NVIDIA Fabric Manager configuration file (stand-in template)
 LOG_LEVEL=4
@@ -33,6 +41,31 @@ FABRIC_MODE_RESTART=0
 STATE_FILE_NAME=/tmp/fabricmanager.state
 PARTITION_RAIL_POLICY=greedy
 """
+
+
+def elf_with_soname(soname: str) -> bytes:
+    """The smallest x86_64 ELF shared object ldconfig would read ``soname`` from: an ELF
+    header, one PT_LOAD over the whole file, one PT_DYNAMIC with DT_STRTAB, DT_STRSZ,
+    DT_SONAME and DT_NULL, and the string table. No code, no section headers."""
+    strtab = b"\0" + soname.encode() + b"\0"
+    dyn_off = 64 + 2 * 56
+    str_off = dyn_off + 4 * 16
+    size = str_off + len(strtab)
+
+    def q(*values: int) -> bytes:
+        return b"".join(v.to_bytes(8, "little") for v in values)
+
+    def phdr(kind: int, flags: int, offset: int, filesz: int, align: int) -> bytes:
+        return (kind.to_bytes(4, "little") + flags.to_bytes(4, "little")
+                + q(offset, offset, offset, filesz, filesz, align))
+
+    header = (b"\x7fELF\x02\x01\x01" + bytes(9)
+              + (3).to_bytes(2, "little") + (62).to_bytes(2, "little")  # ET_DYN, x86_64
+              + (1).to_bytes(4, "little") + q(0, 64, 0) + bytes(4)  # entry, phoff, shoff
+              + b"".join(v.to_bytes(2, "little") for v in (64, 56, 2, 64, 0, 0)))
+    dynamic = q(5, str_off, 10, len(strtab), 14, 1, 0, 0)  # STRTAB, STRSZ, SONAME, NULL
+    return (header + phdr(1, 4, 0, size, 0x1000) + phdr(2, 4, dyn_off, 4 * 16, 8)
+            + dynamic + strtab)
 
 
 def install(root: str | os.PathLike[str], bin_dir: str = "usr/bin",
@@ -55,6 +88,14 @@ def install(root: str | os.PathLike[str], bin_dir: str = "usr/bin",
     template = root / "usr/share/nvidia/nvswitch/fabricmanager.cfg"
     template.parent.mkdir(parents=True, exist_ok=True)
     template.write_text(FM_TEMPLATE)
+    libdir = root / LIBDIR
+    libdir.mkdir(parents=True, exist_ok=True)
+    for name, soname in LIBRARIES.items():
+        (libdir / f"{name}.so.{DRIVER_VERSION}").write_bytes(elf_with_soname(soname))
+    hook = root / CDI_HOOK
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(f"#!{INTERPRETER}\nraise SystemExit(0)\n")
+    hook.chmod(0o755)
     return installed
 
 

@@ -28,13 +28,18 @@ pytestmark = pytest.mark.vm
 MIB = 1 << 20
 TWO_GPUS = BarDevice(64 * MIB, count=2)
 FOUR_SWITCHES = BarDevice(0, edu=4)
-WORDS = "guestinit.agent=none"
+WORDS = ""  # the images bake agent=none: these guests have no kata-agent
+# a Kata cmdline written for NVRC, unchanged: every key NVRC reads, and one it does not
+NVRC_WORDS = ("nvrc.log=trace nvrc.uvm.persistence.mode=on nvrc.uvm.tools=on nvrc.dcgm=on "
+              "nvrc.smi.lgc=1500 nvrc.smi.lmc=5001 nvrc.smi.pl=300 nvrc.smi.srs=enabled "
+              "nvrc.fm.rail.policy=greedy nvrc.some.future.key=1")
 
 
 def _image(profile: str, bundle: Path, out: Path, standin: str) -> str:
     try:
         proc.run([_builder(), "image", profile, "--driver", str(bundle), "--out", str(out),
-                  "--append-config", standin], timeout=1800, cwd=str(REPO))
+                  "--append-config", standin, "--append-config", "agent=none"],
+                 timeout=1800, cwd=str(REPO))
     except proc.RunError as exc:
         pytest.fail(f"building {profile} with the stand-in bundle failed:\n{exc}")
     return str(out)
@@ -63,10 +68,11 @@ def _ready(res: BootResult) -> dict[str, object]:
     return ready.fields
 
 
-@pytest.mark.parametrize("erofs", [False, True], ids=["initramfs", "verity-root"])
+@pytest.mark.parametrize(("erofs", "words"), [(False, NVRC_WORDS), (True, WORDS)],
+                         ids=["initramfs-nvrc-cmdline", "verity-root"])
 def test_gpu_image_runs_every_gpu_stage_on_the_stand_in_driver(
-        gpu_images: dict[str, str], tmp_path: Path, erofs: bool) -> None:
-    res = boot_vm(gpu_images["gpu"], tmp_path, erofs=erofs, append=WORDS, bar=TWO_GPUS)
+        gpu_images: dict[str, str], tmp_path: Path, erofs: bool, words: str) -> None:
+    res = boot_vm(gpu_images["gpu"], tmp_path, erofs=erofs, append=words, bar=TWO_GPUS)
     ready = _ready(res)
     assert ready["mode"] == "gpu"
     devices = ready["inventory"]["devices"]  # type: ignore[index]
@@ -85,6 +91,14 @@ def test_gpu_image_runs_every_gpu_stage_on_the_stand_in_driver(
     assert "release gpu0 0000:00:01.0 GPU-00000000-" in audit  # the stand-in driver's UUID
     assert "release gpu1 0000:00:02.0 GPU-00000001-" in audit
     assert "nvidia-persistenced: pid" in audit and "stopped (status 0)" in audit
+    if words == NVRC_WORDS:  # NVRC's keys took effect, the unknown one only warned
+        for name in ("nv-hostengine", "dcgm-exporter"):
+            assert daemons[name]["running"], daemons
+        assert "smi:lgc" in stages and "smi:lmc" in stages and "smi:pl" in stages
+        assert "smi:srs" in stages
+        warnings = [r.frame.fields for r in res.frames if r.frame.type == FrameType.PROGRESS
+                    and r.frame.fields.get("event") == "warning"]
+        assert len(warnings) == 1 and "nvrc.some.future.key=1" in str(warnings[0]["detail"])
 
 
 def test_service_vm_detects_its_nvswitches_and_runs_the_fabric_manager(
