@@ -436,12 +436,16 @@ def exporter(args: list[str]) -> int:
     remote = opts.get("-r", opts.get("--remote-hostengine-info", ""))
     if remote:
         host, _, rport = remote.rpartition(":")
-        try:
-            socket.create_connection((host or "127.0.0.1", int(rport)), timeout=2).close()
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:  # not create_connection: getaddrinfo wants the idna codec the image leaves out
+            probe.settimeout(2)
+            probe.connect((host or "127.0.0.1", int(rport)))
         except (OSError, ValueError):
             print(f'level=fatal msg="Error connecting to nv-hostengine at {remote}"',
                   file=sys.stderr)
             return 1
+        finally:
+            probe.close()
     address = opts.get("-a", opts.get("--address", ":9400"))
     port = int(address.rpartition(":")[2])
     found = gpus() if driver_ok() else []
