@@ -13,8 +13,8 @@ turn, by the signal in ``DAEMONS`` (one table: signal, timeout setting, default)
 - nvlsm (NVL5, OpenSM based): ``SUBNET UP``.
 - nv-hostengine / dcgm-exporter: their TCP port accepts a connection.
 
-Syslog lines wake the wait at once (``select`` on the syslog socket); sockets, pid
-files and ports are checked every ``syslog.WAIT_ROUND`` (0.1 s), and a ``progress``
+Syslog lines wake the wait at once (``select`` on the syslog socket); sockets
+and ports are checked every ``syslog.WAIT_ROUND`` (0.1 s), and a ``progress``
 frame says every ``PROGRESS_EVERY`` s what is still awaited. A daemon that exits
 before it is ready, or is not ready within its timeout, fails the boot naming it
 and the setting that bounds it.

@@ -111,6 +111,10 @@ def test_mode_module_sets() -> None:
                                                                  "nvidia_drm"]
     assert kmod.accel_modules(Mode.NVL4, [], ["nvidia-drm"]) == ["nvidia"]
     assert kmod.accel_modules(Mode.NVL5, [], []) == ["nvidia", "ib_umad", "mlx5_ib"]
+    # GPUs with SW_MNG bridges (HGX B200): the NVL5 fabric's InfiniBand drivers too
+    assert kmod.accel_modules(Mode.GPU, gpu, [], fabric="nvl5") == [
+        "nvidia", "nvidia_uvm", "ib_umad", "mlx5_ib"]
+    assert kmod.accel_modules(Mode.GPU, gpu, [], fabric="nvl4") == ["nvidia", "nvidia_uvm"]
     fpga = [{"kind": "generic", "modules": ["xdma", "qdma"]}]
     assert kmod.accel_modules(Mode.CPU, fpga, []) == ["xdma", "qdma"]
 
