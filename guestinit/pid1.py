@@ -288,7 +288,8 @@ def ready_fields(boot: Boot) -> dict[str, object]:
     modules = facts.get("modules", [])
     out: dict[str, object] = {
         "timeline": boot.timeline.snapshot(),
-        "inventory": {"devices": facts.get("inventory", []), "pci": facts.get("pci", [])},
+        "inventory": {"devices": facts.get("inventory", []), "pci": facts.get("pci", []),
+                      "fabric": facts.get("fabric") or ""},
         "mode": str(facts.get("mode", "cpu")),
         "modules": list(modules) if isinstance(modules, list | tuple) else [],
         "daemons": [s.status() for s in boot.supervisor.services.values()],

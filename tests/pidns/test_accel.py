@@ -122,3 +122,44 @@ def test_sigterm_while_waiting_for_a_daemon_shuts_down_at_once(
     assert any(a.startswith("nvidia-persistenced: pid") for a in audit), audit
     assert not [f for f in init.frames if f.type == FrameType.FAILED]
     assert init.errors == []
+
+
+def b200_root(root: Path) -> None:
+    """HGX B200 in one VM: 8 GPUs and 4 SW_MNG ConnectX bridges, one IB port with SM on."""
+    materialize(load("b200x8_sw_mng4"), root)
+    for name in ("nvidia", "nvidia_uvm", "ib_umad", "mlx5_ib"):
+        (root / "sys/module" / name).mkdir(parents=True)
+    port = root / "sys/class/infiniband/mlx5_0/ports/1"
+    (port / "gids").mkdir(parents=True)
+    (port / "cap_mask").write_text("0x00000200\n")
+    (port / "gids/0").write_text("fe80:0000:0000:0000:0002:c903:00ab:cdef\n")
+    fake_nvidia_proc(root, gpu_bdfs(8))
+    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel/modules_disabled").write_text("0\n")
+    nvidia_bundle.install(root, behaviour={"gpu_delay": "0.02"})
+
+
+def test_gpus_with_sw_mng_bridges_boot_gpu_mode_with_the_nvl5_fabric(
+    ns_init: type[NsInit], tmp_path: Path
+) -> None:
+    """NVRC's GPU + NVL5 topology, from PCI alone: IB modules, nvlsm, the FM, persistenced."""
+    init = ns_init(tmp_path, agent_arg() + AGENT, root_setup=b200_root)
+    ready = init.wait_frame(FrameType.READY, timeout=60)
+    assert ready.get("mode") == "gpu"
+    inventory = ready.get("inventory")
+    assert isinstance(inventory, dict) and inventory["fabric"] == "nvl5"
+    assert [d["kind"] for d in inventory["devices"]].count("sw_mng") == 4
+    assert ready.get("modules") == [f"{m} (already loaded)" for m in
+                                    ("nvidia", "nvidia_uvm", "ib_umad", "mlx5_ib")]
+    daemons = {d["name"]: d for d in ready.get("daemons")}  # type: ignore[union-attr]
+    for name in ("nvlsm", "nv-fabricmanager", "nvidia-persistenced"):
+        assert daemons[name]["running"], daemons
+    calls = nvidia_bundle.calls(init.root)
+    assert [c.split()[0] for c in calls[:3]] == ["nvlsm", "nv-fabricmanager",
+                                                 "nvidia-persistenced"]
+    # /run is the init's private tmpfs: read it through the init's mount namespace
+    run = Path(f"/proc/{init.init_pid()}/root{init.root}/run")
+    fm = (run / "nvidia-fabricmanager/fabricmanager.cfg").read_text()
+    assert "FABRIC_MODE=0\n" in fm and "PARTITION_RAIL_POLICY=symmetric\n" in fm
+    assert "FM_SM_MGMT_PORT_GUID=0x0002c90300abcdef\n" in fm
+    assert init.errors == []
