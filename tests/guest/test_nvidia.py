@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from guestinit import nvidia
+from guestinit import daemon_ready, nvidia
 from guestinit.boot import Boot
 from guestinit.config import Mode
 from guestinit.effects import Effects
@@ -27,7 +27,7 @@ def test_registered_gpus_from_persistenced_lines() -> None:
              "other[1]: device 0000:99:00.0 - registered",
              "nvidia-persistenced[7]: device 0000:19:00.0 - registered",
              "nvidia-persistenced[9]: device 0000:18:00.0 - registered"]
-    assert nvidia.registered_gpus(lines) == ["0000:18:00.0", "0000:19:00.0"]
+    assert daemon_ready.registered_gpus(lines) == ["0000:18:00.0", "0000:19:00.0"]
 
 
 def test_persistenced_argv() -> None:
@@ -122,11 +122,11 @@ def test_each_daemon_has_its_own_timeout_unless_only_daemon_timeout_is_set() -> 
     from guestinit import config
 
     cfg = config.build()
-    assert [nvidia.timeout_for(cfg, d) for d in nvidia.DAEMONS.values()] == [
+    assert [daemon_ready.timeout_for(cfg, d) for d in daemon_ready.DAEMONS.values()] == [
         (600.0, "persistenced.timeout"), (300.0, "fabricmanager.timeout"),
         (300.0, "nvlsm.timeout"), (60.0, "hostengine.timeout"), (60.0, "exporter.timeout")]
     cfg = config.build(cmdline="guestinit.daemon.timeout=30 guestinit.nvlsm.timeout=90")
-    got = {d.name: nvidia.timeout_for(cfg, d) for d in nvidia.DAEMONS.values()}
+    got = {d.name: daemon_ready.timeout_for(cfg, d) for d in daemon_ready.DAEMONS.values()}
     assert got["nvidia-persistenced"] == (30.0, "daemon.timeout")
     assert got["nvlsm"] == (90.0, "nvlsm.timeout")
 
@@ -327,7 +327,7 @@ def test_a_host_engine_that_never_listens_fails_naming_it_and_its_timeout(
 ) -> None:
     root, boots = gpu_root
     nvidia_bundle.install(root, behaviour={"hostengine": "hang"})
-    monkeypatch.setattr(nvidia, "PROGRESS_EVERY", 0.4)
+    monkeypatch.setattr(daemon_ready, "PROGRESS_EVERY", 0.4)
     engine, metrics = free_ports(2)
     boot = gpu_boot(root, boots, f"nvrc.dcgm=1 guestinit.hostengine.port={engine} "
                                  f"guestinit.exporter.port={metrics} "
@@ -358,7 +358,7 @@ def test_an_exporter_without_its_host_engine_fails_naming_its_status(
                                         r"ready"):
         nvidia._start(boot, "dcgm-exporter", ["/usr/bin/dcgm-exporter", "-k", "-a",
                                               f":{metrics}", "-r", "127.0.0.1:1"])
-        nvidia.wait_ready(boot, nvidia.DAEMONS["dcgm-exporter"])
+        daemon_ready.wait_ready(boot, daemon_ready.DAEMONS["dcgm-exporter"])
 
 
 def test_gpus_with_sw_mng_start_nvlsm_then_the_fabric_manager_then_persistenced(
