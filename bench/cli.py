@@ -267,7 +267,8 @@ def parser() -> argparse.ArgumentParser:
                     "guestinit,guestinit-erofs,busybox,systemd; also guestinit-agent)")
     su.add_argument("--append", action="append", default=[], metavar="NAME=ARGS",
                     help="a cmdline variant: guestinit plus ARGS (BASE+NAME=ARGS starts "
-                    "from variant BASE); repeatable, e.g. --append quiet7=loglevel=7")
+                    "from variant BASE, built in or --image); repeatable, e.g. --append "
+                    "quiet7=loglevel=7")
     su.add_argument("--image", action="append", default=[], metavar="NAME=DIR",
                     help="another build of a guestinit image as a variant (agent=none), "
                     "e.g. --image before=out/cpu-main; BASE+NAME=DIR boots DIR like "

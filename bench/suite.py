@@ -13,7 +13,7 @@ import datetime
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -63,23 +63,25 @@ class SuiteError(ValueError):
     """Bad input to the suite (unknown variant, missing image): one line, exit 2."""
 
 
-def _split_spec(option: str, spec: str, usage: str) -> tuple[str, Variant, str]:
+def _split_spec(option: str, spec: str, usage: str,
+                known: Mapping[str, Variant] = BUILTIN) -> tuple[str, Variant, str]:
     """``NAME=VALUE`` (based on guestinit) or ``BASE+NAME=VALUE``: (name, base, value)."""
     name, sep, value = spec.partition("=")
     if not sep or not name or not value.strip():
         raise SuiteError(f"{option} {spec!r}: {usage}")
     base_name, plus, _ = name.partition("+")
-    base = BUILTIN.get(base_name if plus else "guestinit")
+    base = known.get(base_name if plus else "guestinit")
     if base is None:
         raise SuiteError(f"{option} {spec!r}: unknown base variant {base_name!r} "
-                         f"(known: {', '.join(BUILTIN)})")
+                         f"(known: {', '.join(known)})")
     return name, base, value
 
 
-def parse_append(spec: str) -> Variant:
-    """``NAME=ARGS`` (a guestinit variant plus ARGS) or ``BASE+NAME=ARGS`` (BASE plus ARGS)."""
+def parse_append(spec: str, known: Mapping[str, Variant] = BUILTIN) -> Variant:
+    """``NAME=ARGS`` (a guestinit variant plus ARGS) or ``BASE+NAME=ARGS`` (BASE plus ARGS;
+    BASE may be an ``--image`` variant)."""
     name, base, args = _split_spec("--append", spec, "use NAME=ARGS, e.g. quiet7='loglevel=7', "
-                                   "or BASE+NAME=ARGS to start from another variant")
+                                   "or BASE+NAME=ARGS to start from another variant", known)
     return Variant(name, base.profile, base.init, base.erofs,
                    f"{base.append} {args}".strip(), base.entropy)
 
@@ -101,8 +103,10 @@ def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool,
             raise SuiteError(f"unknown variant {name!r} (known: {', '.join(BUILTIN)}; "
                              "add cmdline variants with --append NAME=ARGS)")
         out.append(BUILTIN[name])
-    out.extend(parse_append(spec) for spec in appends)
-    out.extend(parse_image(spec) for spec in images)
+    built = [parse_image(spec) for spec in images]
+    known = {**BUILTIN, **{v.name: v for v in built}}  # --append may start from an image
+    out.extend(parse_append(spec, known) for spec in appends)
+    out.extend(built)
     if no_entropy_twins:
         out.extend(Variant(v.name + NO_ENTROPY, v.profile, v.init, v.erofs, v.append, "none")
                    for v in list(out))

@@ -48,6 +48,15 @@ def test_another_build_is_a_guestinit_variant(tmp_path: Path) -> None:
         suite.select([], [], False, ["nodir"])
 
 
+def test_a_cmdline_variant_can_start_from_an_image_variant(tmp_path: Path) -> None:
+    gpu, nvrc = suite.select([], ["gpu+nvrc=nvrc.dcgm=on"], False, [f"gpu={tmp_path}"])[::-1]
+    assert (gpu.name, gpu.profile) == ("gpu", str(tmp_path))
+    assert (nvrc.name, nvrc.profile, nvrc.init) == ("gpu+nvrc", str(tmp_path), "guestinit")
+    assert nvrc.append == f"{gpu.append} nvrc.dcgm=on"
+    with pytest.raises(suite.SuiteError, match=r"unknown base variant 'gpu' \(known: .*"):
+        suite.select([], ["gpu+nvrc=x=1"], False, [])
+
+
 @pytest.mark.parametrize(("names", "appends", "message"), [
     (["nope"], [], "unknown variant 'nope'"),
     (["guestinit", "guestinit"], [], "given twice"),
