@@ -279,7 +279,8 @@ def _lookup(key: str) -> Setting | None:
     return None
 
 
-def _parse_one(setting: Setting, key: str, value: str) -> object:
+def parse_value(setting: Setting, key: str, value: str) -> object:
+    """``setting``'s value from ``value``; ConfigError names the key and the value."""
     try:
         return setting.parse(value)
     except ValueError as exc:
@@ -354,7 +355,7 @@ def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config
     for origin, entries in layers:
         for setting, key, value in entries:
             try:
-                values[setting.name] = _parse_one(setting, key, value)
+                values[setting.name] = parse_value(setting, key, value)
             except ConfigError as exc:
                 if strict:
                     raise

@@ -109,6 +109,14 @@ def port_guid(root: str) -> str | None:
     return None
 
 
+def managed_fabric(mode: Mode, fabric: str) -> str:
+    """The NVLink fabric this boot manages: a service VM's own ("nvl4", "nvl5"), the GPU
+    mode's ``fabric`` from discovery, or ""."""
+    if mode in (Mode.NVL4, Mode.NVL5):
+        return str(mode)
+    return fabric if mode == Mode.GPU else ""
+
+
 def fabric_settings(service_vm: bool, nvl5: bool, fm_mode: str, rail_policy: str
                     ) -> dict[str, str]:
     """FABRIC_MODE and PARTITION_RAIL_POLICY with NVRC's defaults for ``auto``."""
@@ -135,15 +143,15 @@ def plan_daemons(mode: Mode, fabric: str, bin_dir: str, *, uvm: bool, user: str 
     plan = Plan()
     if mode == Mode.CPU:
         return plan
-    nvl5 = mode == Mode.NVL5 or (mode == Mode.GPU and fabric == "nvl5")
-    nvl4 = mode == Mode.NVL4 or (mode == Mode.GPU and fabric == "nvl4")
+    managed = managed_fabric(mode, fabric)
+    nvl5 = managed == "nvl5"
     if nvl5:
         if guid is None:
             raise ValueError("nvl5: no InfiniBand port with SM enabled under /sys/class/infiniband"
                              " (is mlx5_ib loaded and the SW_MNG port configured?)")
         plan.daemons.append((NVLSM, [os.path.join(bin_dir, NVLSM), "-F", NVLSM_CONFIG,
                                      "-g", guid]))
-    if nvl4 or nvl5:
+    if managed:
         plan.fm_settings = fabric_settings(mode != Mode.GPU, nvl5, fm_mode, rail_policy)
         plan.fm_settings.update(DAEMONIZE="0", LOG_USE_SYSLOG="1")
         if guid is not None:
@@ -228,8 +236,7 @@ def run_daemons(boot: Boot) -> None:
     fabric = str(boot.facts.get("fabric") or "")
     user = cfg.str("nvidia.user")
     ids = user_ids(boot.root, user) if user else None
-    nvl5 = mode == Mode.NVL5 or fabric == "nvl5"
-    guid = port_guid(boot.root) if nvl5 else None
+    guid = port_guid(boot.root) if managed_fabric(mode, fabric) == "nvl5" else None
     try:
         plan = plan_daemons(
             mode, fabric, cfg.str("nvidia.bin"),

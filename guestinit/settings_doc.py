@@ -8,7 +8,16 @@ the two equal).
 
 from __future__ import annotations
 
-from guestinit.config import BY_NAME, NVRC_PREFIX, PREFIX, SETTINGS, ConfigError, Setting
+from guestinit.config import (
+    BY_ALIAS,
+    BY_NAME,
+    NVRC_PREFIX,
+    PREFIX,
+    SETTINGS,
+    ConfigError,
+    Setting,
+    parse_value,
+)
 from guestinit.values import LogLevel, parse_mode_octal, parse_words
 
 TYPE_CHECKING = False
@@ -23,10 +32,7 @@ def render_file(values: Mapping[str, str]) -> str:
         setting = BY_NAME.get(key)
         if setting is None:
             raise ConfigError(key, values[key], "unknown key")
-        try:
-            setting.parse(values[key])
-        except ValueError as exc:
-            raise ConfigError(key, values[key], str(exc) or "bad value") from None
+        parse_value(setting, key, values[key])
         lines.append(f"{key}={values[key]}")
     return "\n".join(lines) + "\n"
 
@@ -78,11 +84,10 @@ NVRC_KEYS: tuple[tuple[str, str, str], ...] = (
 
 def nvrc_table() -> str:
     """Markdown: NVRC key -> guestinit key -> NVRC's values and default -> ours -> effect."""
-    by_alias = {a: s for s in SETTINGS for a in s.aliases}
     rows = ["| NVRC key | guestinit key | NVRC values | NVRC default | guestinit default "
             "| effect |", "|---|---|---|---|---|---|"]
     for key, values, default in NVRC_KEYS:
-        setting = by_alias[key]
+        setting = BY_ALIAS[key]
         rows.append(f"| `{NVRC_PREFIX}{key}` | `{PREFIX}{setting.name}` | {values} | {default} "
                     f"| `{show_default(setting)}` | {setting.doc} |")
     return "\n".join(rows) + "\n"

@@ -299,6 +299,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def dcgm_boot(root: pathlib.Path, boots: list[Boot], extra: str = "",
+              ) -> tuple[Boot, int, int]:
+    """A gpu boot with DCGM on free ports: (boot, host engine port, exporter port)."""
+    engine, metrics = free_ports(2)
+    boot = gpu_boot(root, boots, f"nvrc.dcgm=on guestinit.hostengine.port={engine} "
+                                 f"guestinit.exporter.port={metrics} {extra}")
+    return boot, engine, metrics
+
+
 def test_dcgm_daemons_are_ready_when_their_ports_listen(
     gpu_root: tuple[pathlib.Path, list[Boot]]
 ) -> None:
@@ -306,9 +315,7 @@ def test_dcgm_daemons_are_ready_when_their_ports_listen(
 
     root, boots = gpu_root
     nvidia_bundle.install(root)
-    engine, metrics = free_ports(2)
-    boot = gpu_boot(root, boots, f"nvrc.dcgm=on guestinit.hostengine.port={engine} "
-                                 f"guestinit.exporter.port={metrics}")
+    boot, engine, metrics = dcgm_boot(root, boots)
     nvidia.run_daemons(boot)
     assert boot.facts["daemons"] == ["nvidia-persistenced", "nv-hostengine", "dcgm-exporter"]
     assert [s[0] for s in boot.timeline.spans] == [
@@ -328,10 +335,7 @@ def test_a_host_engine_that_never_listens_fails_naming_it_and_its_timeout(
     root, boots = gpu_root
     nvidia_bundle.install(root, behaviour={"hostengine": "hang"})
     monkeypatch.setattr(daemon_ready, "PROGRESS_EVERY", 0.4)
-    engine, metrics = free_ports(2)
-    boot = gpu_boot(root, boots, f"nvrc.dcgm=1 guestinit.hostengine.port={engine} "
-                                 f"guestinit.exporter.port={metrics} "
-                                 "guestinit.hostengine.timeout=1.5")
+    boot, engine, _ = dcgm_boot(root, boots, "guestinit.hostengine.timeout=1.5")
     with pytest.raises(BootError) as err:
         nvidia.run_daemons(boot)
     assert err.value.reason.startswith(
