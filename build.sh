@@ -119,7 +119,7 @@ usage: ./build.sh COMMAND [ARGS]
   lock [PROFILE]   re-pin PROFILE's packages (default cpu) into its lock file
   demo             build the cpu image, boot it in QEMU, print the boot report
   bench ARGS       run guestinit-bench ARGS: suite and bar-sweep (build the images they
-                   boot), boot, init, report, compare, listen, bar-map;
+                   boot), optimize, boot, init, report, compare, listen, bar-map;
                    e.g. ./build.sh bench suite --runs 5
 USAGE
 }

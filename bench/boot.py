@@ -9,6 +9,7 @@ reaped on the way out, whatever happened.
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -48,6 +49,8 @@ class BootOptions:
     qemu: str = QEMU
     entropy: str = "rdrand"  # bench.qemu.ENTROPY: the guest's early entropy source
     bar: BarDevice | None = None  # PCIe and a large-BAR device (bar-sweep)
+    # Replaces the image's cmdline words (cmdline.txt); an erofs boot keeps its root words.
+    cmdline: str | None = None
 
 
 @dataclass
@@ -86,6 +89,27 @@ class BootResult:
         return "none yet"
 
 
+# Words of an erofs boot's cmdline that mount the verity root (rootfs/pack.py writes them):
+# a replaced cmdline keeps them, or the kernel would boot without its root.
+ROOT_KEYS = ("dm-mod.create", "root", "rootfstype", "rootflags", "rootwait", "ro", "init",
+             "guestinit.verity.roothash")
+_WORD = re.compile(r'(?:[^\s"]+|"[^"]*")+')
+
+
+def kernel_words(text: str) -> list[str]:
+    """The parameters of a kernel cmdline; ``a="b c"`` is one parameter, as the kernel reads it."""
+    return _WORD.findall(text)
+
+
+def replace_cmdline(image: Image, words: str) -> str:
+    """``words`` instead of the image's cmdline; for an erofs boot, plus the image's root words."""
+    if image.erofs is None:
+        return " ".join(kernel_words(words))
+    root = [w for w in kernel_words(image.cmdline) if w.split("=", 1)[0] in ROOT_KEYS]
+    given = kernel_words(words)
+    return " ".join([*given, *(w for w in root if w not in given)])
+
+
 def _note_rss(res: BootResult, pid: int) -> None:
     now = peak_rss_kib(pid)
     if now is not None:
@@ -100,7 +124,8 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
     res.console_log = os.path.join(res.workdir, "console.log")
     res.accel, res.accel_why = choose_accel(opts.accel, image.kernel, opts.qemu)
     tsc = host_tsc_khz() if res.accel == "tcg" else None
-    res.cmdline = kernel_cmdline(image.cmdline, opts.append, tsc_khz=tsc)
+    base = image.cmdline if opts.cmdline is None else replace_cmdline(image, opts.cmdline)
+    res.cmdline = kernel_cmdline(base, opts.append, tsc_khz=tsc)
     spec = VmSpec(
         kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),

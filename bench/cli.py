@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bench import cli_bar, cli_reports
+from bench import cli_bar, cli_optimize, cli_reports
 from bench.qemu import ENTROPY
 
 EXIT_FAILED = 1
@@ -303,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
     ini.set_defaults(func=_cmd_init)
     cli_reports.add_commands(sub)
     cli_bar.add_commands(sub)
+    cli_optimize.add_commands(sub)
     return top
 
 

@@ -43,6 +43,7 @@ class Variant:
     append: str = ""
     entropy: str | None = None  # None: the suite's --entropy
     bar: BarDevice | None = None  # PCIe and a large-BAR device (bar-sweep)
+    cmdline: str | None = None  # replaces the image's cmdline words (BootOptions.cmdline)
 
 
 # The baselines do the same work as guestinit does with agent=none (mount, load the
@@ -193,7 +194,7 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
                                    erofs=v.erofs, memory_mib=settings.memory_mib,
                                    accel=accel, workdir=workdir, qemu=settings.qemu,
                                    entropy=v.entropy or settings.entropy,
-                                   bar=v.bar or settings.bar)
+                                   bar=v.bar or settings.bar, cmdline=v.cmdline)
                 res, spec = prepare(images[v.name], opts)
                 entry["cmdline"] = res.cmdline
                 run(res, spec, opts, progress=None)

@@ -3,7 +3,8 @@
 Only for unit tests of the harness's own logic (malformed frames, a VMM that will
 not exit, a VMM that dies); the real-QEMU test boots the busybox image instead.
 It connects to the ``report`` and ``qmp`` chardev sockets named on its command
-line, and acts out ``fake.mode=`` from ``-append``.
+line, and acts out ``fake.mode=`` from ``-append``; ``fake.delay=S`` (the last one
+wins, as on a kernel cmdline) waits S seconds before the frames, a slower boot.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> int:
         console.connect(paths["console"])
         console.sendall(b"[    0.100000] Run /init as init process\n")
     mode = next((w.split("=", 1)[1] for w in append.split() if w.startswith("fake.mode=")), "ok")
+    delays = [float(w.split("=", 1)[1]) for w in append.split() if w.startswith("fake.delay=")]
     qmp = socket.socket(socket.AF_UNIX)
     qmp.connect(qmp_path)
     report = socket.socket(socket.AF_UNIX)
@@ -62,6 +64,8 @@ def main() -> int:
                         b"Python modules); powering off\n[    1.3] reboot: Power down\n")
         console.close()
         return 0
+    if delays:
+        time.sleep(delays[-1])
     hello = encode(Frame(FrameType.HELLO, BOOT, 10, {"version": "x"}))
     ready = encode(Frame(FrameType.READY, BOOT, 300, {"timeline": TIMELINE, "modules": ["m"]}))
     if mode == "split":  # one byte at a time: frames must be reassembled
