@@ -7,7 +7,7 @@ VENV=${GUESTINIT_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
   cryptsetup-bin zstd lz4 cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools
-  make)
+  make bc bison flex libelf-dev libssl-dev kmod)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -64,8 +64,8 @@ cmd_setup() { setup_apt; setup_venv; }
 
 cmd_test() {
   cmd_setup
-  say "building the cpu and baseline images for the vm tier"
-  for profile in cpu baseline-busybox baseline-systemd; do
+  say "building the cpu, cpu-tuned (its kernel too, cached) and baseline images for the vm tier"
+  for profile in cpu cpu-tuned baseline-busybox baseline-systemd; do
     "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
   done
   # the VM tier's GPU tests build stand-in NVIDIA kernel modules for the guest kernel
@@ -76,6 +76,13 @@ cmd_test() {
   "$VENV/bin/mypy"
   say "tests: unit, pidns and vm tiers"
   "$PY" -m pytest -q "$@"
+}
+
+# The tuned guest kernel: Debian's linux-source (pinned in the profile's lock) built with
+# kernel-config/ fragments; cached by the hash of source + fragments (rootfs/kbuild.py).
+cmd_kernel() {
+  cmd_setup
+  "$VENV/bin/guestinit-build" kernel "$@"
 }
 
 cmd_image() {
@@ -103,6 +110,10 @@ cmd_bench() {
     for profile in cpu baseline-busybox baseline-systemd; do
       "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
     done
+  elif [ "${1:-}" = optimize ]; then  # the optimizer's base and its tuned-kernel candidate
+    for profile in cpu cpu-tuned; do
+      "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
+    done
   elif [ "${1:-}" = bar-sweep ]; then  # the sweep boots the cpu image
     "$VENV/bin/guestinit-build" image cpu --out out/cpu
   fi
@@ -114,6 +125,9 @@ usage() {
 usage: ./build.sh COMMAND [ARGS]
   setup            install Debian packages and the Python venv (.venv); idempotent
   test [PYTEST]    lint, type-check and run every test tier (unit, pidns, vm)
+  kernel [FRAGMENTS]
+                   build the tuned guest kernel from linux-source with kernel-config/
+                   fragments (default: cpu-tuned's), cached by source + fragment hash
   image [PROFILE]  build out/PROFILE (default cpu) with guestinit-build (never writes
                    the lock file)
   lock [PROFILE]   re-pin PROFILE's packages (default cpu) into its lock file
@@ -127,6 +141,7 @@ USAGE
 case "${1:-help}" in
   setup) shift; cmd_setup "$@" ;;
   test) shift; cmd_test "$@" ;;
+  kernel) shift; cmd_kernel "$@" ;;
   image) shift; cmd_image "$@" ;;
   demo) shift; cmd_demo "$@" ;;
   bench) shift; cmd_bench "$@" ;;

@@ -12,7 +12,18 @@ from pathlib import Path
 import guestinit
 from guestinit import config as guest_config
 from guestinit import modinfo, settings_doc
-from rootfs import closure, fetch, kconfig, kernel, launcher, manifest, pack, profile, tree_extras
+from rootfs import (
+    closure,
+    fetch,
+    kbuild,
+    kconfig,
+    kernel,
+    launcher,
+    manifest,
+    pack,
+    profile,
+    tree_extras,
+)
 from rootfs.closure import Origin, Pool, Tree
 from rootfs.steps import BuildError, Progress, run
 
@@ -22,7 +33,7 @@ GUEST_SITE = "usr/lib/guestinit"
 BASE_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777,
              "var": 0o755, "var/tmp": 0o1777, "etc": 0o755, "root": 0o700, "mnt": 0o755,
              "usr/lib/firmware": 0o755}
-OUTPUT_NAMES = ("vmlinuz", "kernel-release.txt", "initramfs.img", "rootfs.erofs",
+OUTPUT_NAMES = ("vmlinuz", "vmlinux", "kernel-release.txt", "initramfs.img", "rootfs.erofs",
                 "rootfs.verity", "roothash.txt", "cmdline.txt", "cmdline-erofs.txt",
                 "manifest.json", "sbom.spdx.json", "manifest.json.sig", "signing-key.pub.pem")
 # Only these parts of a wheel reach the guest (cffi: the backend, not the compiler front end).
@@ -109,6 +120,21 @@ def pin_inputs(prof: profile.Profile, progress: Progress, locked: bool) -> Input
             debs[name] = fetch.fetch_deb(fresh, updated=updated)
     wheels = {w: fetch.fetch_wheel(lock.wheels[w]) for w in prof.wheels}
     return Inputs(lock, debs, wheels, kpkg)
+
+
+def pin_kernel_source(prof: profile.Profile, progress: Progress) -> tuple[Path, fetch.Pin, int]:
+    """The linux-source .deb the lock pins for ``prof`` (fetched), its pin and the epoch."""
+    lock = fetch.Lock.load(prof.lock)
+    kpkg = check_lock(prof, lock)
+    pin = lock.debs[kpkg]
+    try:
+        deb = fetch.fetch_deb(pin, updated=[False])
+    except BuildError as exc:
+        raise BuildError(f"{exc}; the kernel source {kpkg} {pin.version} pinned in "
+                         f"{prof.lock.name} is needed: run ./build.sh lock {prof.name} "
+                         "when the archive has moved on") from None
+    progress.note(f"source: {kpkg} {pin.version}")
+    return deb, pin, int(os.environ.get("SOURCE_DATE_EPOCH", lock.source_date_epoch))
 
 
 def install_wheel(tree: Tree, whl: Path, origin: Origin) -> None:
@@ -219,9 +245,18 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             if name != inputs.kernel_package:
                 origin = Origin(name, inputs.lock.debs[name].version)
                 pool.add_package(fetch.extract_deb(deb), origin)
-        kroot = fetch.extract_deb(inputs.debs[inputs.kernel_package])
-        kt = kernel.open_tree(kroot, inputs.kernel_package)
-        korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
+        if not prof.kernel.build:
+            kt = kernel.open_tree(fetch.extract_deb(inputs.debs[inputs.kernel_package]),
+                                  inputs.kernel_package)
+    if prof.kernel.build:
+        with progress.step(f"kernel from {inputs.kernel_package} (cached by inputs)"):
+            built = kbuild.build(inputs.debs[inputs.kernel_package],
+                                 inputs.lock.debs[inputs.kernel_package],
+                                 prof.fragment_paths(), progress, epoch=epoch)
+            kt = built.tree
+            progress.note(f"kernel {kt.release}: "
+                          + ("from the cache" if built.cached else "built") + f" ({built.key})")
+    korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
     with progress.step("check kernel config and pick modules"):
         results = kernel.check_fragments(kt.config, prof.fragment_paths())
         needed = kconfig.modules_needed(results)
@@ -302,6 +337,11 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             shutil.copyfile(kt.vmlinuz, out / "vmlinuz")
             os.chmod(out / "vmlinuz", 0o644)
             outputs["vmlinuz"] = out / "vmlinuz"
+            pvh = kt.root / "boot" / f"vmlinux-{kt.release}"
+            if pvh.is_file():  # a built kernel: the ELF a VMM can enter at its PVH note
+                shutil.copyfile(pvh, out / "vmlinux")
+                os.chmod(out / "vmlinux", 0o644)
+                outputs["vmlinux"] = out / "vmlinux"
             (out / "kernel-release.txt").write_text(kt.release + "\n")
             outputs["kernel-release.txt"] = out / "kernel-release.txt"
             (out / "cmdline.txt").write_text(" ".join(prof.cmdline()) + "\n")

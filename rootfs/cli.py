@@ -53,6 +53,16 @@ def parser() -> argparse.ArgumentParser:
     chk.add_argument("--config", type=Path, required=True)
     chk.add_argument("--fragment", type=Path, action="append", default=[],
                      help="fragment file or name in kernel-config/ (default base.conf)")
+    kb = sub.add_parser("kernel", help="build a guest kernel from linux-source and fragments "
+                        "(cached by the hash of source and fragments)")
+    kb.add_argument("fragments", nargs="*", type=Path, metavar="FRAGMENT",
+                    help="fragment files or names in kernel-config/, merged in order "
+                    "(default: the profile's kernel.fragments)")
+    kb.add_argument("--profile", default="cpu-tuned",
+                    help="profile whose lock pins the linux-source package and whose "
+                    "fragments are the default (default cpu-tuned)")
+    kb.add_argument("--jobs", type=int, metavar="N", help="make -jN (default: every CPU)")
+    kb.add_argument("-q", "--quiet", action="store_true")
     lk = sub.add_parser("lock", help="re-resolve the profile's packages into its lock file")
     lk.add_argument("profile")
     return p
@@ -65,6 +75,33 @@ def _fragment(path: Path) -> Path:
     if candidate.exists():
         return candidate
     raise BuildError(f"kconfig check: fragment {path} not found (nor {candidate})")
+
+
+def _kernel(args: argparse.Namespace) -> None:
+    from rootfs import kbuild
+    from rootfs.build import pin_kernel_source
+
+    prof = profile.load(args.profile)
+    if not prof.kernel.build:
+        raise BuildError(f"profile {prof.name}: kernel.package {prof.kernel.package} is a "
+                         "binary kernel; pick a profile with kernel.build = true (cpu-tuned)")
+    frags = [_fragment(f) for f in args.fragments] or prof.fragment_paths()
+    progress = Progress(quiet=args.quiet)
+    deb, pin, epoch = pin_kernel_source(prof, progress)
+    built = kbuild.build(deb, pin, frags, progress, epoch=epoch, jobs=args.jobs)
+    dropped = [r for r in built.results if r.status in (kconfig.Status.MISSING,
+                                                         kconfig.Status.WRONG)]
+    how = (f"from the cache in {built.seconds:.1f} s (cold build took "
+           f"{built.build_seconds / 60:.1f} min)" if built.cached
+           else f"built in {built.seconds / 60:.1f} min")
+    print(f"kernel {built.tree.release} ({', '.join(f.name for f in frags)}): {how}")
+    print(f"  bzImage {built.tree.vmlinuz}\n  vmlinux {built.vmlinux} (PVH entry)\n"
+          f"  config  {built.tree.config}")
+    print(f"  {len(built.results)} options requested, {len(built.results) - len(dropped)} "
+          f"as asked" + (f", {len(dropped)} advisory not as asked:" if dropped else ""))
+    for r in dropped:
+        print(f"    {r.want.option}={r.want.value} ({r.want.fragment}): found "
+              f"{r.found or 'unset'}")
 
 
 def _lock(name: str) -> None:
@@ -124,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{len(bad)} required option(s) missing or wrong: "
                       + ", ".join(r.want.option for r in bad), file=sys.stderr)
                 return 1
+        elif args.cmd == "kernel":
+            _kernel(args)
         elif args.cmd == "lock":
             _lock(args.profile)
     except (BuildError, profile.ProfileError) as exc:

@@ -45,6 +45,7 @@ class Driver(enum.StrEnum):
 @dataclass(frozen=True)
 class Kernel:
     package: str = "linux-image-amd64"
+    build: bool = False  # True: package is a linux-source-* built with the fragments
     fragments: tuple[str, ...] = ("base.conf",)
     modules: tuple[str, ...] = ()
     early: tuple[str, ...] = ()
@@ -83,7 +84,7 @@ class Profile:
 
 TOP_KEYS = {"description", "extends", "init", "formats", "shell", "driver", "driver_files",
             "lock", "debs", "wheels", "binaries", "kernel", "users", "config"}
-KERNEL_KEYS = {"package", "fragments", "modules", "early", "cmdline", "cmdline_presets"}
+KERNEL_KEYS = {"package", "build", "fragments", "modules", "early", "cmdline", "cmdline_presets"}
 
 
 def read_cmdline_preset(path: Path) -> list[str]:
@@ -172,14 +173,25 @@ def load(name_or_path: str) -> Profile:
     where = f"profile {path}"
     data = _raw(path)
     k = data.get("kernel", {})
+    build = k.get("build", False)
+    if not isinstance(build, bool):
+        raise ProfileError(f"{where}: key kernel.build: expected true or false, got {build!r}")
     kernel = Kernel(
         package=_str(where, "kernel.package", k.get("package", Kernel.package)),
+        build=build,
         fragments=_strs(where, "kernel.fragments", list(k.get("fragments", Kernel.fragments))),
         modules=_strs(where, "kernel.modules", k.get("modules", [])),
         early=_strs(where, "kernel.early", k.get("early", [])),
         cmdline=_strs(where, "kernel.cmdline", list(k.get("cmdline", Kernel.cmdline))),
         cmdline_presets=_strs(where, "kernel.cmdline_presets", k.get("cmdline_presets", [])),
     )
+    source = kernel.package.startswith("linux-source-")
+    if kernel.build != source:
+        raise ProfileError(f"{where}: key kernel.package: {kernel.package!r} "
+                           + ("is not a linux-source-* package; a built kernel "
+                              "(kernel.build = true) needs one, e.g. linux-source-6.1"
+                              if kernel.build else
+                              "is a source package: set kernel.build = true to build it"))
     for frag in kernel.fragments:
         if not (KCONFIG_DIR / frag).is_file():
             raise ProfileError(f"{where}: key kernel.fragments: {KCONFIG_DIR / frag} "

@@ -33,6 +33,14 @@ def test_cpu_profile() -> None:
     assert len(words) == len(set(words)), "presets must not duplicate words"
 
 
+def test_cpu_tuned_builds_its_kernel_with_every_boot_driver_built_in() -> None:
+    prof = profile.load("cpu-tuned")
+    assert prof.kernel.build and prof.kernel.package == "linux-source-6.1"
+    assert prof.kernel.fragments == ("base.conf", "microvm.conf", "fastboot.conf")
+    assert prof.kernel.early == () and prof.kernel.modules == ()
+    assert prof.cmdline() == profile.load("cpu").cmdline()  # same cmdline, other kernel
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ('colour = "red"\n', "unknown key colour"),
     ('[kernel]\nmodulez = ["x"]\n', "unknown key kernel.modulez"),
@@ -46,6 +54,9 @@ def test_cpu_profile() -> None:
     ('[config]\nbogus = "1"\n', "key config.bogus: .*unknown key"),
     ('[config]\nlog = "loud"\n', "key config.log"),
     ('[config]\nuvm.persistence = "1"\n', "key config.uvm: expected a string"),
+    ('[kernel]\nbuild = true\n', "linux-image-amd64' is not a linux-source-\\* package"),
+    ('[kernel]\npackage = "linux-source-6.1"\n', "is a source package: set kernel.build"),
+    ('[kernel]\npackage = "linux-source-6.1"\nbuild = "yes"\n', "key kernel.build: expected"),
     ('extends = "missing"\n', "no such file"),
     ("init = \n", "not valid TOML"),
 ])
