@@ -22,7 +22,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     from bench.boot import BootOptions, prepare, run
 
     try:
-        img = image.load(args.out_dir, erofs=args.erofs)
+        img = image.load(args.out_dir, erofs=args.erofs, entry=args.entry)
     except image.ImageError as exc:
         print(f"guestinit-bench boot: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -232,6 +232,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write timings and every frame as JSON")
     b.add_argument("--erofs", action="store_true",
                    help="boot the erofs + dm-verity root disk instead of the initramfs alone")
+    b.add_argument("--entry", choices=("auto", "pvh", "bzimage"), default="auto",
+                   help="how QEMU enters the kernel: auto (the image's vmlinux at its PVH "
+                   "note when it has one, else vmlinuz), pvh or bzimage")
     b.add_argument("--no-shutdown", action="store_true",
                    help="do not ask for a powerdown after ready; wait for the guest to stop")
     b.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")

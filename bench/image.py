@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 
 KERNEL = "vmlinuz"
+PVH_KERNEL = "vmlinux"  # built kernels only: the uncompressed ELF, entered at its PVH note
+XEN_ELFNOTE_PHYS32_ENTRY = 18  # the note that marks a PVH entry point (name "Xen")
 INITRAMFS = "initramfs.img"
 EROFS = "rootfs.erofs"
 VERITY = "rootfs.verity"
@@ -25,12 +27,13 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class Image:
     directory: str
-    kernel: str
+    kernel: str  # vmlinux when it has a PVH entry (no decompression, no real mode), else vmlinuz
     initramfs: str | None  # None for an erofs boot: the kernel mounts the verity root itself
     cmdline: str  # cmdline.txt (or cmdline-erofs.txt), one line, whitespace-normalised
     erofs: str | None = None  # set for --erofs boots: the erofs image ...
     verity: str | None = None  # ... its dm-verity hash tree ...
     roothash: str | None = None  # ... and the root hash that pins it (also in the cmdline)
+    entry: str = "bzimage"  # how QEMU enters the kernel: bzimage (16-bit setup) or pvh
 
     @property
     def disks(self) -> list[str]:
@@ -53,17 +56,53 @@ def _one_line(path: str) -> str:
         return " ".join(fh.read().split())
 
 
-def load(directory: str, *, erofs: bool = False) -> Image:
-    """Find the files a boot needs in ``directory``; raise ImageError naming what is missing."""
+def pvh_entry(path: str) -> int | None:
+    """The PVH entry address ``path``'s ELF notes give (XEN_ELFNOTE_PHYS32_ENTRY), or None
+    when ``path`` is no ELF or has no such note (then a VMM cannot enter it directly)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as fh:
+            elf = ELFFile(fh)
+            for seg in elf.iter_segments("PT_NOTE"):
+                for note in seg.iter_notes():  # type: ignore[attr-defined]
+                    if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
+                        desc = note["n_desc"]
+                        raw = desc if isinstance(desc, bytes) else desc.encode("latin-1")
+                        return int.from_bytes(raw[:4].ljust(4, b"\0"), "little")
+    except (OSError, ELFError):
+        return None
+    return None
+
+
+def pick_kernel(directory: str, entry: str = "auto") -> tuple[str, str]:
+    """(kernel path, entry): ``vmlinux`` when present with a PVH note (``entry`` auto or
+    pvh), else ``vmlinuz``. ``entry="pvh"`` without a PVH vmlinux is an ImageError."""
+    if entry not in ("auto", "pvh", "bzimage"):
+        raise ValueError(f"kernel entry {entry!r}: use auto, pvh or bzimage")
+    elf = os.path.join(directory, PVH_KERNEL)
+    if entry != "bzimage" and os.path.isfile(elf) and pvh_entry(elf) is not None:
+        return elf, "pvh"
+    if entry == "pvh":
+        raise ImageError(f"image {directory}: no {PVH_KERNEL} with a PVH entry note; only "
+                         "kernels built by ./build.sh kernel (profile cpu-tuned) have one")
+    return _need(directory, KERNEL), "bzimage"
+
+
+def load(directory: str, *, erofs: bool = False, entry: str = "auto") -> Image:
+    """Find the files a boot needs in ``directory``; raise ImageError naming what is missing.
+    ``entry`` picks how the kernel is entered (``pick_kernel``)."""
     if not os.path.isdir(directory):
         raise ImageError(
             f"image directory {directory} does not exist; build it with "
             f"guestinit-build image cpu --out {directory}"
         )
-    kernel = _need(directory, KERNEL)
+    kernel, how = pick_kernel(directory, entry)
     if not erofs:
         initramfs = _need(directory, INITRAMFS)
-        return Image(directory, kernel, initramfs, _one_line(_need(directory, CMDLINE)))
+        return Image(directory, kernel, initramfs, _one_line(_need(directory, CMDLINE)),
+                     entry=how)
     disk = _need(directory, EROFS)
     verity = _need(directory, VERITY)
     roothash = _one_line(_need(directory, ROOTHASH)).lower()
@@ -82,4 +121,4 @@ def load(directory: str, *, erofs: bool = False) -> Image:
     # initramfs does (loads virtio_blk/dm-verity/erofs, then switches root), so pass it.
     has_root = any(w.startswith("root=") for w in erofs_cmdline.split())
     rd = None if has_root else _need(directory, INITRAMFS)
-    return Image(directory, kernel, rd, erofs_cmdline, disk, verity, roothash)
+    return Image(directory, kernel, rd, erofs_cmdline, disk, verity, roothash, how)

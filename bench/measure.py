@@ -70,6 +70,8 @@ def measure(res: BootResult, console: bytes) -> dict[str, object]:
         "guest_ready_s": guest_ready,
         "userspace_s": _s(guest_ready - run_init) if guest_ready and run_init else None,
         "kernel_offset_s": _s(offset),
+        # QEMU spawn -> the kernel's "Run /init": VMM, firmware, decompression and kernel
+        "host_run_init_s": _s(offset + run_init) if offset is not None and run_init else None,
     }
     stages = [{"name": n, "start_s": a / 1e9, "end_s": b / 1e9}
               for n, a, b in (ready.timeline() if ready is not None else [])

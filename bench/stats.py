@@ -18,7 +18,7 @@ from typing import Any
 METRICS = (
     "host_first_output_s", "host_ready_s", "host_shutdown_s", "host_exit_s",
     "guest_run_init_s", "guest_crng_ready_s", "guest_first_frame_s", "guest_ready_s",
-    "userspace_s", "kernel_offset_s",
+    "userspace_s", "kernel_offset_s", "host_run_init_s",
 )
 STATS_KEYS = ("median", "q1", "q3", "min", "max", "n_ok", "n_failed", "iqr_rel")
 RESAMPLES = 5000

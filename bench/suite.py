@@ -179,6 +179,7 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
     for v in variants:
         doc_variants[v.name] = {
             "image": images[v.name].directory, "root": "erofs" if v.erofs else "initramfs",
+            "kernel_entry": images[v.name].entry,
             "init": v.init, "append": v.append, "entropy": v.entropy or settings.entropy,
             "cmdline": "", "runs": [], "warmup_failures": [],
         }

@@ -53,10 +53,31 @@ def cpu_image() -> str:
     return str(CPU_IMAGE)
 
 
-def boot_vm(directory: str, workdir: Path, *, erofs: bool = False, **kw: object) -> BootResult:
+TUNED_IMAGE = Path(os.environ.get("GUESTINIT_VM_TUNED_IMAGE") or REPO / "out" / "cpu-tuned")
+
+
+@pytest.fixture(scope="session")
+def tuned_image() -> str:
+    """out/cpu-tuned: the cpu image on the kernel ./build.sh kernel builds (cached)."""
+    needed = (*REQUIRED, "vmlinux")
+    if not all((TUNED_IMAGE / name).is_file() for name in needed):
+        try:
+            proc.run([_builder(), "image", "cpu-tuned", "--out", str(TUNED_IMAGE)],
+                     timeout=3600, cwd=str(REPO))
+        except proc.RunError as exc:
+            pytest.fail(f"building the cpu-tuned image for the vm tier failed:\n{exc}")
+    missing = [n for n in needed if not (TUNED_IMAGE / n).is_file()]
+    if missing:
+        pytest.fail(f"guestinit-build image cpu-tuned left {TUNED_IMAGE} without "
+                    f"{', '.join(missing)}")
+    return str(TUNED_IMAGE)
+
+
+def boot_vm(directory: str, workdir: Path, *, erofs: bool = False, entry: str = "auto",
+            **kw: object) -> BootResult:
     opts = BootOptions(timeout=BOOT_TIMEOUT, workdir=str(workdir), erofs=erofs,
                        **kw)  # type: ignore[arg-type]
-    res = boot(image.load(directory, erofs=erofs), opts, progress=None)
+    res = boot(image.load(directory, erofs=erofs, entry=entry), opts, progress=None)
     return res
 
 
