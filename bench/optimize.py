@@ -34,7 +34,7 @@ RESERVED = (BASE, COMPOSED)
 # Like the suite's guestinit variant: no agent, so the boot ends at guestinit's ready.
 BASE_APPEND = "guestinit.agent=none"
 DEFAULT_METRIC = "host_ready_s"
-_NAME = re.compile(r"^[A-Za-z0-9_.:+=@,-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:+@,-]+$")
 
 
 class Kind(enum.StrEnum):
@@ -64,7 +64,7 @@ def parse_candidate(text: str) -> Candidate:
     if not sep or not name or not spec:
         raise OptimizeError(f"candidate {text!r}: {usage}")
     if not _NAME.match(name):
-        raise OptimizeError(f"candidate {name!r}: a name is letters, digits and _.:+=@,- "
+        raise OptimizeError(f"candidate {name!r}: a name is letters, digits and _.:+@,- "
                             "(no spaces or slashes)")
     if name in RESERVED:
         raise OptimizeError(f"candidate {name!r}: the name is reserved for the optimizer's "
