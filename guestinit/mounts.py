@@ -88,7 +88,12 @@ def plan_mounts(root: str, mountinfo: str = "", private_dev: bool | None = None)
 def apply_mounts(plan: list[Mount], effects: Effects) -> list[str]:
     """Carry out the plan; returns the targets mounted. Optional ones may fail quietly
     only when the kernel lacks the filesystem (ENODEV) or the mount point (ENOENT), or
-    refuses it (EPERM: configfs where its module is not loaded, a container)."""
+    refuses it (EPERM: configfs where its module is not loaded, a container).
+
+    EBUSY on a target that is already a mount point is the kernel's own mount, not a
+    failure: a kernel with CONFIG_DEVTMPFS_MOUNT mounts devtmpfs on /dev when it mounts
+    a real root itself (an erofs root from ``dm-mod.create=``, no initramfs), before
+    /proc exists for the plan to see it."""
     done = []
     for m in plan:
         try:
@@ -96,6 +101,8 @@ def apply_mounts(plan: list[Mount], effects: Effects) -> list[str]:
             effects.mount(m.source, m.target, m.fstype, m.flags, m.data)
         except OSError as exc:
             if m.optional and exc.errno in (1, 2, 19):  # EPERM, ENOENT, ENODEV
+                continue
+            if exc.errno == 16 and os.path.ismount(m.target):  # EBUSY: already there
                 continue
             raise
         done.append(m.target)

@@ -51,6 +51,21 @@ def test_apply_tolerates_only_optional_missing_filesystems() -> None:
         mounts.apply_mounts(plan, fx)
 
 
+class BusyEffects(DryEffects):
+    def mount(self, source: str, target: str, fstype: str, flags: int = 0,
+              data: str = "") -> None:
+        raise OSError(16, "Device or resource busy")
+
+
+def test_busy_on_an_existing_mount_point_is_the_kernels_own_mount(tmp_path: Path) -> None:
+    # /proc is a mount point on any Linux host: the kernel mounted devtmpfs there itself
+    kernel_mounted = [mounts.Mount("devtmpfs", "/proc", "devtmpfs")]
+    assert mounts.apply_mounts(kernel_mounted, BusyEffects()) == []
+    with pytest.raises(OSError, match="busy"):  # busy elsewhere is a real failure
+        mounts.apply_mounts([mounts.Mount("devtmpfs", str(tmp_path), "devtmpfs")],
+                            BusyEffects())
+
+
 def test_teardown_is_deepest_first_and_lazy() -> None:
     targets = mounts.plan_teardown(MOUNTINFO, "/")
     assert targets.index("/dev/pts") < targets.index("/dev")
