@@ -74,7 +74,7 @@ def _fragment(path: Path) -> Path:
     candidate = profile.KCONFIG_DIR / path
     if candidate.exists():
         return candidate
-    raise BuildError(f"kconfig check: fragment {path} not found (nor {candidate})")
+    raise BuildError(f"kernel-config fragment {path} not found (nor {candidate})")
 
 
 def _kernel(args: argparse.Namespace) -> None:
