@@ -7,7 +7,7 @@ VENV=${GUESTINIT_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
   cryptsetup-bin zstd lz4 cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools
-  make bc bison flex libelf-dev libssl-dev kmod)
+  make bc bison flex libelf-dev libssl-dev kmod ovmf fdisk)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }

@@ -20,6 +20,7 @@ from typing import TextIO
 
 from bench import proc
 from bench.image import Image
+from bench.kata import ROOT_PORTS
 from bench.qemu import (
     QEMU,
     BarDevice,
@@ -51,6 +52,7 @@ class BootOptions:
     bar: BarDevice | None = None  # PCIe and a large-BAR device (bar-sweep)
     # Replaces the image's cmdline words (cmdline.txt); an erofs boot keeps its root words.
     cmdline: str | None = None
+    firmware: str = "/usr/share/ovmf/OVMF.fd"  # a Kata-machine image boots through OVMF
 
 
 @dataclass
@@ -123,15 +125,23 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
     os.makedirs(res.workdir, exist_ok=True)
     res.console_log = os.path.join(res.workdir, "console.log")
     res.accel, res.accel_why = choose_accel(opts.accel, image.kernel, opts.qemu)
-    tsc = host_tsc_khz() if res.accel == "tcg" else None
-    base = image.cmdline if opts.cmdline is None else replace_cmdline(image, opts.cmdline)
-    res.cmdline = kernel_cmdline(base, opts.append, tsc_khz=tsc)
+    if image.machine == "kata":
+        # Kata's runtime writes the whole cmdline (bench.kata); --append words follow it as
+        # a configuration's kernel_params would. Frames come on the console (hvc0) unless
+        # the words name guestinit.report=virtio-port:guestinit.report.
+        res.cmdline = " ".join([image.cmdline, *kernel_words(opts.append)])
+    else:
+        tsc = host_tsc_khz() if res.accel == "tcg" else None
+        base = image.cmdline if opts.cmdline is None else replace_cmdline(image, opts.cmdline)
+        res.cmdline = kernel_cmdline(base, opts.append, tsc_khz=tsc)
     spec = VmSpec(
         kernel=image.kernel, initramfs=image.initramfs, cmdline=res.cmdline,
         console_log=res.console_log, report_socket=os.path.join(res.workdir, "report.sock"),
         qmp_socket=os.path.join(res.workdir, "qmp.sock"), accel=res.accel,
         memory_mib=opts.memory_mib, disks=image.disks, qemu=opts.qemu, entropy=opts.entropy,
         console_socket=os.path.join(res.workdir, "console.sock"), bar=opts.bar,
+        machine=image.machine, firmware=opts.firmware,
+        root_ports=ROOT_PORTS if image.machine == "kata" else 0,
     )
     res.argv = qemu_argv(spec)
     return res, spec

@@ -22,7 +22,10 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     from bench.boot import BootOptions, prepare, run
 
     try:
-        img = image.load(args.out_dir, erofs=args.erofs, entry=args.entry)
+        if args.machine == "kata":
+            img = image.load_kata(args.out_dir, initrd=args.initrd)
+        else:
+            img = image.load(args.out_dir, erofs=args.erofs, entry=args.entry)
     except image.ImageError as exc:
         print(f"guestinit-bench boot: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -30,10 +33,15 @@ def _cmd_boot(args: argparse.Namespace) -> int:
         append=args.append, timeout=args.timeout, erofs=args.erofs,
         shutdown=not args.no_shutdown, memory_mib=args.memory, accel=args.accel,
         workdir=args.workdir, hold_until=args.hold_until, qemu=args.qemu,
-        entropy=args.entropy,
+        entropy=args.entropy, firmware=args.firmware,
     )
-    root = "erofs + dm-verity disk" if args.erofs else "initramfs"
-    print(f"booting {img.directory} ({root}) in QEMU microvm, {opts.memory_mib} MiB", flush=True)
+    if img.machine == "kata":
+        root = "Kata initrd" if args.initrd else "Kata disk: erofs p1 + dm-verity p2"
+        vmm = f"Kata's machine (q35 + {args.firmware})"
+    else:
+        root = "erofs + dm-verity disk" if args.erofs else "initramfs"
+        vmm = "QEMU microvm"
+    print(f"booting {img.directory} ({root}) in {vmm}, {opts.memory_mib} MiB", flush=True)
     results = []
     for i in range(args.runs):
         if args.workdir and args.runs > 1:
@@ -235,6 +243,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--entry", choices=("auto", "pvh", "bzimage"), default="auto",
                    help="how QEMU enters the kernel: auto (the image's vmlinux at its PVH "
                    "note when it has one, else vmlinuz), pvh or bzimage")
+    b.add_argument("--machine", choices=("microvm", "kata"), default="microvm",
+                   help="microvm (default) or kata: Kata's q35 + OVMF machine booting the "
+                   "image's configuration.toml with the cmdline Kata's runtime writes "
+                   "(docs/kata.md)")
+    b.add_argument("--initrd", action="store_true",
+                   help="with --machine kata: boot configuration-initrd.toml (initrd =)")
+    b.add_argument("--firmware", default="/usr/share/ovmf/OVMF.fd", metavar="PATH",
+                   help="OVMF image for --machine kata (default: Debian's ovmf package)")
     b.add_argument("--no-shutdown", action="store_true",
                    help="do not ask for a powerdown after ready; wait for the guest to stop")
     b.add_argument("--memory", type=int, default=1024, metavar="MiB", help="guest RAM")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 KERNEL = "vmlinuz"
 PVH_KERNEL = "vmlinux"  # built kernels only: the uncompressed ELF, entered at its PVH note
@@ -34,10 +35,15 @@ class Image:
     verity: str | None = None  # ... its dm-verity hash tree ...
     roothash: str | None = None  # ... and the root hash that pins it (also in the cmdline)
     entry: str = "bzimage"  # how QEMU enters the kernel: bzimage (16-bit setup) or pvh
+    machine: str = "microvm"  # or "kata": q35 + OVMF, the cmdline from configuration.toml
+    kata_disk: str | None = None  # Kata's kata-containers.img (p1 erofs, p2 verity)
 
     @property
     def disks(self) -> list[str]:
-        """Block devices in attach order: vda = erofs, vdb = verity hash tree."""
+        """Block devices in attach order: vda = erofs, vdb = verity hash tree (microvm);
+        Kata's one disk with both partitions (kata)."""
+        if self.kata_disk is not None:
+            return [self.kata_disk]
         return [p for p in (self.erofs, self.verity) if p is not None]
 
 
@@ -122,3 +128,37 @@ def load(directory: str, *, erofs: bool = False, entry: str = "auto") -> Image:
     has_root = any(w.startswith("root=") for w in erofs_cmdline.split())
     rd = None if has_root else _need(directory, INITRAMFS)
     return Image(directory, kernel, rd, erofs_cmdline, disk, verity, roothash, how)
+
+
+def load_kata(directory: str, *, initrd: bool = False, disk: str | None = None,
+              max_vcpus: int = 1, debug: bool = False) -> Image:
+    """The image as Kata boots it: ``configuration.toml`` (``image =``, the verity disk) or,
+    with ``initrd``, ``configuration-initrd.toml``; the cmdline is the one Kata's runtime
+    would write for it (bench.kata). ``disk`` boots another copy of the disk (a tampered
+    one in the tests)."""
+    from bench import kata
+    from rootfs import kata as layout
+    from rootfs.steps import BuildError
+
+    if not os.path.isdir(directory):
+        raise ImageError(f"image directory {directory} does not exist; build it with "
+                         f"guestinit-build image kata --out {directory}")
+    name = layout.CONFIGURATION_INITRD if initrd else layout.CONFIGURATION
+    try:
+        drop = layout.read_configuration(Path(_need(directory, name)))
+    except BuildError as exc:
+        raise ImageError(f"image {directory}: {exc}") from None
+    rt = kata.Runtime(image=drop.image is not None, rootfs_type=drop.rootfs_type,
+                      disable_image_nvdimm=drop.disable_image_nvdimm,
+                      kernel_verity_params=drop.kernel_verity_params,
+                      kernel_params=drop.kernel_params, max_vcpus=max_vcpus, debug=debug)
+    try:
+        cmdline = kata.kernel_parameters(rt)
+    except kata.KataConfigError as exc:
+        raise ImageError(f"image {directory}: {name}: {exc}") from None
+    kernel = _need(directory, os.path.basename(drop.kernel))
+    if initrd:
+        rd = _need(directory, os.path.basename(drop.initrd or INITRAMFS))
+        return Image(directory, kernel, rd, cmdline, machine="kata")
+    image_disk = disk or _need(directory, os.path.basename(drop.image or layout.DISK))
+    return Image(directory, kernel, None, cmdline, machine="kata", kata_disk=image_disk)

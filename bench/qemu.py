@@ -43,6 +43,9 @@ class VmSpec:
     entropy: str = "rdrand"  # one of ENTROPY: what seeds the guest's CRNG early
     console_socket: str | None = None  # serial console to a socket the harness reads
     bar: BarDevice | None = None  # a PCIe root complex, with a large-BAR device if sized
+    machine: str = "microvm"  # or "kata": q35 + OVMF as Kata's runtime builds it
+    firmware: str = ""  # kata: the OVMF image (-bios)
+    root_ports: int = 0  # kata: pcie-root-ports; stand-in devices sit on the first ones
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,50 @@ def cpu_model(accel: str, entropy: str) -> str:
     return "qemu64,+rdrand" if "rdrand" in entropy else "qemu64"
 
 
+def _standin_devices(bar: BarDevice | None) -> tuple[list[str], list[str]]:
+    """(-object args, -device specs without a bus or address) of the stand-in devices."""
+    if bar is None:
+        return [], []
+    objects, devices = [], []
+    for i in range(len(bar.bdfs())):
+        if i >= bar.count or not bar.size:
+            devices.append("edu")
+            continue
+        objects += ["-object", f"memory-backend-ram,id=bar{i},size={bar.size},share=on,"
+                    "reserve=off"]
+        devices.append(f"ivshmem-plain,memdev=bar{i}")
+    return objects, devices
+
+
+def kata_argv(spec: VmSpec) -> list[str]:
+    """Kata's q35 + OVMF machine (bench.kata): console on hvc0, one image disk, root ports
+    with the stand-in devices cold-plugged; plus the harness's report port and QMP."""
+    from bench import kata
+
+    cpu = cpu_model(spec.accel, spec.entropy)
+    console = (f"socket,path={spec.console_socket}" if spec.console_socket
+               else f"file,path={spec.console_log}")
+    objects, devices = _standin_devices(spec.bar)
+    disk = spec.disks[0] if spec.disks else None
+    return [
+        spec.qemu, *kata.machine_argv(spec.firmware, disk, spec.root_ports, console, devices),
+        "-accel", spec.accel, "-cpu", cpu, "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", spec.kernel, "-append", spec.cmdline,
+        *(["-initrd", spec.initramfs] if spec.initramfs else []), *objects,
+        "-chardev", f"socket,id=report,path={spec.report_socket}",
+        "-device", f"virtserialport,bus=serial0.0,chardev=report,name={REPORT_PORT}",
+        "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
+        "-mon", "chardev=qmp,mode=control",
+        # Kata always gives the guest an entropy device (entropy_source, /dev/urandom)
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+    ]
+
+
 def qemu_argv(spec: VmSpec) -> list[str]:
+    if spec.machine == "kata":
+        return kata_argv(spec)
     cpu = cpu_model(spec.accel, spec.entropy)
     if spec.bar is not None and spec.accel != "kvm":
         cpu += f",phys-bits={spec.bar.phys_bits}"

@@ -362,4 +362,11 @@ def build(file_text: str = "", cmdline: str = "", strict: bool = True) -> Config
                 problems.append(exc)
                 continue
             sources[setting.name] = origin
+    if sources["log"] != "cmdline" and "quiet" in cmdline_words(cmdline):
+        # the kernel's "quiet" (Kata's runtime always passes it) quiets us too, as NVRC
+        # stays quiet unless nvrc.log asks: warnings and errors only
+        level = values["log"]
+        assert isinstance(level, LogLevel)
+        values["log"] = min(level, LogLevel.WARN)
+        sources["log"] = "quiet"
     return Config(values, sources, problems, ignored)

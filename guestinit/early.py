@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from guestinit.config import Config
 
 CONF = "etc/guestinit.conf"
+DEVKMSG = "proc/sys/kernel/printk_devkmsg"
 
 
 def read_text(path: str, default: str = "") -> str:
@@ -59,6 +60,13 @@ def run_early(boot: Boot) -> None:
         boot.background("mounts", lambda: mounts.apply_mounts(later, boot.effects))
     if boot.root == "/":
         _console_stdio(boot.path("dev/console"))
+        if "printk.devkmsg=" not in boot.cmdline:
+            # Kata passes no printk.devkmsg=on: without it the kernel keeps 10 of our
+            # lines per 5 s and drops the rest (kmsg.py)
+            try:
+                boot.effects.write(boot.path(DEVKMSG), "on\n")
+            except OSError as exc:
+                boot.kmsg.log(4, f"{DEVKMSG} not set: {exc}")
         try:
             # ctrl-alt-del becomes SIGINT to PID 1 instead of an immediate reboot
             boot.effects.reboot(RB_DISABLE_CAD)

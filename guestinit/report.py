@@ -31,6 +31,11 @@ class TransportError(OSError):
     pass
 
 
+# connect() errors that mean the vsock peer will not appear by waiting: ECONNRESET is what
+# a host vsock answers for a port nobody listens on, ENODEV a VM without a vsock device
+NOBODY_LISTENS = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENODEV)
+
+
 def find_virtio_port(root: str, name: str) -> str | None:
     """``/dev/vportNpM`` whose sysfs ``name`` is ``name``, or None if not (yet) there."""
     from guestinit.sysfs import find_named
@@ -52,7 +57,11 @@ def open_transport(uri: str, root: str) -> tuple[int, bool]:
             cid, _, port = rest.partition(":")
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.settimeout(WRITE_TIMEOUT)
-            sock.connect((int(cid), int(port)))
+            try:
+                sock.connect((int(cid), int(port)))
+            except OSError:
+                sock.close()
+                raise
             return sock.detach(), False
         if kind == "virtio-port":
             path = find_virtio_port(root, rest)
@@ -122,6 +131,12 @@ class Reporter:
                 self._fd, self._console = open_transport(self.uri, self.root)
                 break
             except TransportError as exc:
+                if exc.errno in NOBODY_LISTENS and self.uri.startswith("vsock:"):
+                    # an answer, not a delay: the host's vsock says no one listens there
+                    # (Kata's runtime never does on our port) or the VM has no vsock device
+                    self.kmsg.log(4, f"report channel: {exc}; frames go to the console")
+                    self.uri = "console"
+                    continue
                 if time.monotonic() >= deadline:
                     if wait:
                         self.kmsg.log(4, f"report channel: {exc}")

@@ -15,6 +15,7 @@ from guestinit import modinfo, settings_doc
 from rootfs import (
     closure,
     fetch,
+    kata,
     kbuild,
     kconfig,
     kernel,
@@ -35,6 +36,7 @@ BASE_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1
              "usr/lib/firmware": 0o755}
 OUTPUT_NAMES = ("vmlinuz", "vmlinux", "kernel-release.txt", "initramfs.img", "rootfs.erofs",
                 "rootfs.verity", "roothash.txt", "cmdline.txt", "cmdline-erofs.txt",
+                kata.DISK, kata.ROOT_HASH, kata.CONFIGURATION, kata.CONFIGURATION_INITRD,
                 "manifest.json", "sbom.spdx.json", "manifest.json.sig", "signing-key.pub.pem")
 # Only these parts of a wheel reach the guest (cffi: the backend, not the compiler front end).
 WHEEL_SKIP = ("cffi/", ".dist-info/")
@@ -215,21 +217,25 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
                 extra_config: dict[str, str] | None = None, locked: bool = False,
                 progress: Progress | None = None,
                 zstd_level: int = pack.ZSTD_LEVEL,
-                compression: str = pack.DEFAULT_COMPRESSION) -> manifest.Manifest:
-    """Build ``out`` from ``prof``. Directories made along the way and the pycs the
-    compiler writes take the process umask, so the build sets BUILD_UMASK for its run
-    (and its tools') and puts the caller's back after."""
+                compression: str = pack.DEFAULT_COMPRESSION,
+                formats: tuple[profile.Format, ...] | None = None,
+                kata_prefix: str = kata.DEFAULT_PREFIX) -> manifest.Manifest:
+    """Build ``out`` from ``prof`` in ``formats`` (default the profile's). Directories
+    made along the way and the pycs the compiler writes take the process umask, so the
+    build sets BUILD_UMASK for its run (and its tools') and puts the caller's back after."""
     saved = os.umask(BUILD_UMASK)
     try:
         return _build_image(prof, out, driver_dir, extra_config, locked,
-                            progress or Progress(), zstd_level, compression)
+                            progress or Progress(), zstd_level, compression,
+                            formats or prof.formats, kata_prefix)
     finally:
         os.umask(saved)
 
 
 def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                  extra_config: dict[str, str] | None, locked: bool, progress: Progress,
-                 zstd_level: int, compression: str) -> manifest.Manifest:
+                 zstd_level: int, compression: str, formats: tuple[profile.Format, ...],
+                 kata_prefix: str) -> manifest.Manifest:
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
                          "use nvidia-gpu or nvidia-servicevm with --driver")
@@ -256,6 +262,9 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             kt = built.tree
             progress.note(f"kernel {kt.release}: "
                           + ("from the cache" if built.cached else "built") + f" ({built.key})")
+    wants_kata = {profile.Format.KATA, profile.Format.KATA_INITRD} & set(formats)
+    if wants_kata:
+        kata.check_kernel(kconfig.read_config(kt.config), prof.kernel.build, prof.name)
     korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
     with progress.step("check kernel config and pick modules"):
         results = kernel.check_fragments(kt.config, prof.fragment_paths())
@@ -323,16 +332,31 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
         for name in OUTPUT_NAMES:  # only our own files: --out may be any directory
             (out / name).unlink(missing_ok=True)
         outputs: dict[str, Path] = {}
-        if profile.Format.INITRAMFS in prof.formats:
+        if {profile.Format.INITRAMFS, profile.Format.KATA_INITRD} & set(formats):
             with progress.step(f"pack initramfs (cpio newc + {compression})"):
                 outputs["initramfs.img"] = pack.initramfs(tree.root, out, epoch, zstd_level,
                                                           compression)
         roothash = None
-        if profile.Format.EROFS in prof.formats:
+        if profile.Format.EROFS in formats:
             with progress.step("pack erofs + dm-verity"):
                 roothash = pack.erofs_verity(tree.root, out, epoch, prof.name)
                 outputs.update({n: out / n for n in ("rootfs.erofs", "rootfs.verity",
                                                       "roothash.txt", "cmdline-erofs.txt")})
+        if wants_kata:
+            with progress.step("Kata's disk (msdos: p1 erofs, p2 verity) and drop-ins"):
+                erofs = None
+                if profile.Format.KATA in formats:
+                    erofs = out / "rootfs.erofs"
+                    if profile.Format.EROFS not in formats:
+                        erofs = pack.mkfs_erofs(tree.root, staging.parent / (
+                            staging.name + ".erofs"), epoch, prof.name)
+                rd = (outputs["initramfs.img"] if profile.Format.KATA_INITRD in formats
+                      else None)
+                try:
+                    outputs.update(kata.write_outputs(out, erofs, rd, prof.name, kata_prefix))
+                finally:
+                    if erofs is not None and erofs.parent != out:
+                        erofs.unlink(missing_ok=True)
         with progress.step("kernel, cmdline, manifest, SBOM"):
             shutil.copyfile(kt.vmlinuz, out / "vmlinuz")
             os.chmod(out / "vmlinuz", 0o644)

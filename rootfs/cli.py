@@ -35,6 +35,15 @@ def parser() -> argparse.ArgumentParser:
                      "fastest; see docs/image.md)")
     img.add_argument("--zstd-level", type=int, default=19, choices=range(1, 20),
                      metavar="1-19", help="level for --compression zstd (default 19)")
+    img.add_argument("--format", dest="formats", action="append", default=[],
+                     choices=[f.value for f in profile.Format],
+                     help="output format, repeatable (default: the profile's formats): "
+                     "initramfs, erofs (+ dm-verity, two disks), kata (Kata's disk image, "
+                     "root_hash.txt and configuration.toml), kata-initrd (Kata's initrd = "
+                     "drop-in); see docs/kata.md")
+    img.add_argument("--kata-prefix", default="/opt/guestinit", metavar="DIR",
+                     help="where the image directory is installed on Kata hosts: the paths "
+                     "in configuration.toml are DIR/PROFILE/... (default /opt/guestinit)")
     img.add_argument("-q", "--quiet", action="store_true")
     sg = sub.add_parser("sign", help="sign OUT/manifest.json (ECDSA P-256, cosign blob format)")
     sg.add_argument("--key", type=Path, required=True, help="PEM EC P-256 private key")
@@ -128,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             build_image(prof, out.resolve(), driver_dir=args.driver,
                         extra_config=dict(args.append_config), locked=args.locked,
                         progress=Progress(quiet=args.quiet), zstd_level=args.zstd_level,
-                        compression=args.compression)
+                        compression=args.compression,
+                        formats=tuple(profile.Format(f) for f in args.formats) or None,
+                        kata_prefix=args.kata_prefix)
         elif args.cmd == "sign":
             from rootfs.sign import sign
 

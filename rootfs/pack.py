@@ -81,10 +81,14 @@ def initramfs(root: Path, out: Path, epoch: int, level: int = ZSTD_LEVEL,
     return target
 
 
-def erofs_verity(root: Path, out: Path, epoch: int, name: str) -> str:
-    image, hashes = out / "rootfs.erofs", out / "rootfs.verity"
+def mkfs_erofs(root: Path, image: Path, epoch: int, name: str) -> Path:
     run(["mkfs.erofs", "--quiet", "-x-1", f"-T{epoch}", f"-U{EROFS_UUID}", "--all-root", "-zlz4hc",
          image, root], what=f"mkfs.erofs for {name}")
+    return image
+
+
+def erofs_verity(root: Path, out: Path, epoch: int, name: str) -> str:
+    image, hashes = mkfs_erofs(root, out / "rootfs.erofs", epoch, name), out / "rootfs.verity"
     text = run(["veritysetup", "format", image, hashes, f"--salt={VERITY_SALT}",
                 f"--uuid={VERITY_UUID}"], what=f"veritysetup format for {name}").decode()
     roothash = verity_field(text, "Root hash")

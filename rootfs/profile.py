@@ -34,6 +34,8 @@ class Init(enum.StrEnum):
 class Format(enum.StrEnum):
     INITRAMFS = "initramfs"
     EROFS = "erofs"
+    KATA = "kata"  # Kata's disk: msdos label, p1 erofs, p2 verity (rootfs/kata.py)
+    KATA_INITRD = "kata-initrd"  # Kata's initrd = (kernel + initramfs, no verity)
 
 
 class Driver(enum.StrEnum):

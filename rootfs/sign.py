@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rootfs import cpio, pack
+from rootfs import cpio, kata, pack
 from rootfs.fetch import sha256_file
 from rootfs.manifest import MANIFEST, Manifest
 from rootfs.steps import BuildError
@@ -134,6 +134,18 @@ def verify(out: Path, pub_path: Path | None, allow_unsigned: bool = False) -> li
             raise VerifyError(f"verify: roothash.txt ({recorded}) differs from {MANIFEST}")
         pack.verity_verify(out, man["roothash"])
         done.append("rootfs.erofs matches the dm-verity root hash")
+    if kata.ROOT_HASH in man["outputs"]:
+        try:
+            params = kata.parse_verity_params((out / kata.ROOT_HASH).read_text().strip())
+        except kata.VerityParamsError as exc:
+            raise VerifyError(f"verify: {kata.ROOT_HASH}: {exc}") from None
+        if params is None:
+            raise VerifyError(f"verify: {kata.ROOT_HASH} is empty")
+        try:
+            kata.verify_disk(out / kata.DISK, params)
+        except BuildError as exc:
+            raise VerifyError(f"verify: {exc}") from None
+        done.append(f"{kata.DISK} p1 matches its p2 hash tree with {kata.ROOT_HASH}")
     if not (out / SIGNATURE).exists():
         if not allow_unsigned:
             raise VerifyError(f"verify: {out / SIGNATURE} is missing: the image is not signed; "

@@ -210,3 +210,13 @@ def test_the_docs_nvrc_table_is_the_settings_table() -> None:
     assert settings_doc.nvrc_table() in doc
     for key, _, _ in settings_doc.NVRC_KEYS:  # every NVRC key reaches a setting
         assert key in config.BY_ALIAS
+
+
+def test_the_kernels_quiet_quiets_the_init_unless_the_cmdline_asks() -> None:
+    kata = "tsc=reliable console=hvc0 console=hvc1 quiet panic=1 nr_cpus=1 selinux=0"
+    cfg = config.build("log = info\n", kata)
+    assert cfg["log"] == LogLevel.WARN and cfg.sources["log"] == "quiet"
+    assert config.build("log = error\n", kata)["log"] == LogLevel.ERROR  # never louder
+    assert config.build("", kata + " nvrc.log=debug")["log"] == LogLevel.DEBUG
+    assert config.build("", kata + " guestinit.log=info")["log"] == LogLevel.INFO
+    assert config.build("", "console=hvc0 quiet=1")["log"] == LogLevel.INFO  # not the word

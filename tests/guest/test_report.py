@@ -155,3 +155,50 @@ def test_a_channel_the_host_closes_keeps_its_frames_for_the_console(tmp_path: Pa
     assert len(got) == queued and rep.dropped == 0
     assert got[-1].type in (FrameType.PROGRESS, FrameType.SHUTDOWN)
     assert rep.spill_to_console() == 0  # nothing left twice
+
+
+def _vsock_answer(cid: int, port: int) -> int | None:
+    """The errno this host's vsock gives a connect to (cid, port), None without AF_VSOCK."""
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    with sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect((cid, port))
+        except OSError as exc:
+            return exc.errno
+    return 0
+
+
+def test_a_vsock_nobody_listens_on_sends_to_the_console_at_once(tmp_path: Path) -> None:
+    """Under Kata nothing listens on our port: the host's vsock answers ECONNRESET and
+    frames go to the console at once, not after ready's wait (and not only at poweroff)."""
+    port = 1040
+    answer = _vsock_answer(2, port)  # on a host, CID 2 is the host's own vsock
+    if answer not in report.NOBODY_LISTENS:
+        pytest.skip(f"this host's vsock does not refuse CID 2 port {port} (errno {answer})")
+    (tmp_path / "dev").mkdir()
+    console = tmp_path / "dev/console"
+    console.write_text("")
+    rep = reporter(tmp_path)
+    rep.send(FrameType.HELLO, version="t", pid=1)  # before the config: kept
+    rep.configure(f"vsock:2:{port}")
+    started = time.monotonic()
+    assert rep.open(wait=2.0)
+    assert time.monotonic() - started < 1.0  # an answer, not a wait
+    rep.send(FrameType.READY, timeline=[])
+    assert rep.uri == "console"
+    got = [f for f in wire.iter_console(console.read_text()) if isinstance(f, wire.Frame)]
+    assert [f.type for f in got] == [FrameType.HELLO, FrameType.READY]
+
+
+def test_a_vsock_that_does_not_exist_yet_is_waited_for(tmp_path: Path) -> None:
+    """EAFNOSUPPORT (vsock still a module) or a timeout is no answer: frames stay pending."""
+    rep = reporter(tmp_path, "vsock:1:1040")  # CID 1: loopback; unloaded here or silent
+    answer = _vsock_answer(1, 1040)
+    if answer in report.NOBODY_LISTENS:
+        pytest.skip("this host's vsock loopback refuses at once")
+    rep.send(FrameType.HELLO, version="t", pid=1)
+    assert not rep.connected and rep.uri == "vsock:1:1040"
