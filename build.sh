@@ -64,8 +64,8 @@ cmd_setup() { setup_apt; setup_venv; }
 
 cmd_test() {
   cmd_setup
-  say "building the cpu, cpu-tuned (its kernel too, cached) and baseline images for the vm tier"
-  for profile in cpu cpu-tuned baseline-busybox baseline-systemd; do
+  say "building the cpu, cpu-tuned, kata (their kernels too, cached) and baseline images for the vm tier"
+  for profile in cpu cpu-tuned kata baseline-busybox baseline-systemd; do
     "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
   done
   # the VM tier's GPU tests build stand-in NVIDIA kernel modules for the guest kernel

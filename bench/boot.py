@@ -348,12 +348,19 @@ class _Watch:
 
 
 START_FAILURES = ("guestinit-launcher: ", "guestinit: cannot start: ")
+KERNEL_LAST_WORDS = ("is corrupted", "Kernel panic", "VFS: Cannot open root device")
 
 
 def _init_could_not_start(console_log: str) -> str:
     text = read_text(console_log, limit=16384)
     said = [line.strip() for line in text.splitlines() if line.startswith(START_FAILURES)]
-    return said[-1][:300] if said else ""
+    if said:
+        return said[-1][:300]
+    # no init ran: the kernel's own last words (a verity root that fails its hash tree
+    # panics in mount_root; Kata's panic=1 then reboots, which -no-reboot ends)
+    kernel = [line.split("] ", 1)[-1].strip() for line in text.splitlines()
+              if any(k in line for k in KERNEL_LAST_WORDS)]
+    return "; ".join(dict.fromkeys(kernel))[:400]
 
 
 def _judge(res: BootResult) -> None:
@@ -376,7 +383,7 @@ def _judge(res: BootResult) -> None:
     elif ready is None:
         res.reason = f"QEMU exited (status {res.qemu_rc}) before the guest was ready"
         if not res.frames:
-            res.reason += " (no frame arrived on the report port)"
+            res.reason += " (no frame arrived on the report port or the console)"
             said = _init_could_not_start(res.console_log)
             if said:
                 res.reason += f"; the console says: {said}"

@@ -66,7 +66,7 @@ def test_vmm_dying_before_ready_is_a_failure(paper_image: Image, fake_vmm: str,
     res = _boot(paper_image, fake_vmm, tmp_path, "die")
     assert res.qemu_rc == 3
     assert res.reason == ("QEMU exited (status 3) before the guest was ready "
-                          "(no frame arrived on the report port)")
+                          "(no frame arrived on the report port or the console)")
 
 
 def test_no_shutdown_frame_after_powerdown_is_a_failure(paper_image: Image, fake_vmm: str,
@@ -131,6 +131,6 @@ def test_an_init_that_cannot_start_is_named_from_the_console(paper_image: Image,
     assert not res.ok and not res.frames
     assert res.reason == (
         "QEMU exited (status 0) before the guest was ready (no frame arrived on the report "
-        "port); the console says: guestinit: cannot start: ModuleNotFoundError: No module "
+        "port or the console); the console says: guestinit: cannot start: ModuleNotFoundError: No module "
         "named 'guestinit.__main__' (the image lacks part of guestinit or its Python "
         "modules); powering off")

@@ -1,0 +1,161 @@
+"""Kata's disk contract (rootfs/kata.py) on real erofs images, sfdisk and veritysetup:
+the layout image_builder.sh makes, verity parameters that verify with exactly the fields
+of root_hash.txt and --no-superblock, byte-identical rebuilds, the drop-in's keys."""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rootfs import kata
+from rootfs.kata import MIB
+from rootfs.steps import BuildError
+
+
+def erofs_of(tmp: Path, files: int = 40) -> Path:
+    tree = tmp / "tree"
+    (tree / "sbin").mkdir(parents=True)
+    for i in range(files):  # incompressible-ish content so the image has some size
+        (tree / "sbin" / f"f{i}").write_bytes(bytes((i * 7919 + j * 31) % 251
+                                                     for j in range(64 * 1024)))
+    image = tmp / "root.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", "-T0", "-U", "2b7f3c8e-3d0a-4a52-8e1c-"
+                    "67756573746e", "--all-root", str(image), str(tree)], check=True)
+    return image
+
+
+@pytest.mark.parametrize("size", [4096, MIB - 1, MIB, 37 * MIB + 5, 400 * MIB])
+def test_layout_is_image_builders(size: int) -> None:
+    lay = kata.layout_for(size)
+    size_mib = (size + MIB) // MIB + 2
+    size_mib = size_mib * 100 // 99 + 1
+    assert lay.size == size_mib * MIB
+    assert lay.p1_start == MIB and lay.p2_start == size_mib * 99 // 100 * MIB
+    assert lay.p1_start + lay.p1_size == lay.p2_start
+    assert lay.p2_start + lay.p2_size == lay.size  # p2 runs to the last sector
+    assert lay.p1_size >= size  # the erofs fits p1
+    assert lay.p2_size >= MIB and lay.p2_start % MIB == 0
+
+
+def test_disk_partitions_and_verity_match_root_hash_txt(tmp_path: Path) -> None:
+    erofs = erofs_of(tmp_path)
+    disk = tmp_path / "kata-containers.img"
+    params = kata.write_disk(erofs, disk)
+    lay = kata.layout_for(erofs.stat().st_size)
+    assert disk.stat().st_size == lay.size
+    assert kata.partitions(disk) == [(lay.p1_start, lay.p1_size), (lay.p2_start, lay.p2_size)]
+    fdisk = subprocess.run(["sfdisk", "-l", str(disk)], capture_output=True, text=True,
+                           check=True).stdout
+    assert "Disklabel type: dos" in fdisk
+    p1_line = next(line for line in fdisk.splitlines() if line.startswith(f"{disk}1"))
+    assert "*" in p1_line.split()[1:2] and " 83 " in p1_line  # boot flag, Linux type
+    with disk.open("rb") as fh:
+        fh.seek(lay.p1_start)
+        assert fh.read(erofs.stat().st_size) == erofs.read_bytes()
+    # Kata's verity covers all of p1, as veritysetup format over the partition does
+    assert params.data_blocks * params.data_block_size == lay.p1_size
+    assert params.data_block_size == params.hash_block_size == 4096
+    line = params.format()
+    assert kata.parse_verity_params(line) == params
+    kata.verify_disk(disk, params)  # veritysetup verify --no-superblock with these fields
+
+
+def test_a_changed_byte_in_p1_or_a_wrong_field_fails_verification(tmp_path: Path) -> None:
+    erofs = erofs_of(tmp_path, files=8)
+    disk = tmp_path / "d.img"
+    params = kata.write_disk(erofs, disk)
+    with disk.open("r+b") as fh:
+        fh.seek(MIB + 1024)  # the erofs superblock
+        byte = fh.read(1)
+        fh.seek(MIB + 1024)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BuildError, match="veritysetup verify"):
+        kata.verify_disk(disk, params)
+    clean = tmp_path / "clean.img"
+    kata.write_disk(erofs, clean)
+    other_salt = kata.VerityParams(params.root_hash, "00" * 32, params.data_blocks,
+                                   params.data_block_size, params.hash_block_size)
+    with pytest.raises(BuildError, match="veritysetup verify"):
+        kata.verify_disk(clean, other_salt)
+    too_long = kata.VerityParams(params.root_hash, params.salt, params.data_blocks + 1,
+                                 params.data_block_size, params.hash_block_size)
+    with pytest.raises(BuildError, match="reach past p1"):
+        kata.verify_disk(clean, too_long)
+
+
+def test_the_same_erofs_gives_the_same_disk(tmp_path: Path) -> None:
+    erofs = erofs_of(tmp_path, files=4)
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    kata.write_disk(erofs, a)
+    kata.write_disk(erofs, b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("root_hash=abc,data_blocks=1,data_block_size=4096,hash_block_size=4096", "salt"),
+    ("root_hash=abc,salt=def,data_block_size=4096,hash_block_size=4096", "data_blocks"),
+    ("root_hash=abc,salt=def,data_blocks=foo,data_block_size=4096,hash_block_size=4096",
+     "data_blocks 'foo'"),
+    ("root_hash=abc,salt=def,data_blocks=1,data_block_size=4096,hash_block_size=4096,"
+     "badfield", "entry: 'badfield'"),
+    ("salt=def,data_blocks=1,data_block_size=4096,hash_block_size=4096", "root_hash"),
+    ("root_hash=abc,salt=def,data_blocks=0,data_block_size=4096,hash_block_size=4096",
+     "non-zero"),
+    ("root_hash=abc,salt=def,data_blocks=1,data_block_size=1000,hash_block_size=4096",
+     "multiple of 512"),
+])
+def test_verity_params_errors_follow_kata(text: str, error: str) -> None:
+    with pytest.raises(kata.VerityParamsError, match=error):
+        kata.parse_verity_params(text)
+
+
+def test_empty_verity_params_mean_no_verity_and_spaces_are_trimmed() -> None:
+    assert kata.parse_verity_params("  ") is None
+    got = kata.parse_verity_params(" root_hash=abc, salt=def ,data_blocks=1,"
+                                   "data_block_size=4096,hash_block_size=4096,")
+    assert got == kata.VerityParams("abc", "def", 1, 4096, 4096)
+
+
+def test_configuration_has_kata_keys_and_reads_back(tmp_path: Path) -> None:
+    verity = "root_hash=abc,salt=def,data_blocks=1,data_block_size=4096,hash_block_size=4096"
+    drop = kata.Drop(kernel="/opt/g/kata/vmlinuz", image="/opt/g/kata/kata-containers.img",
+                     initrd=None, kernel_params=kata.KERNEL_PARAMS_NV,
+                     kernel_verity_params=verity, firmware=kata.KATA_FIRMWARE)
+    path = tmp_path / "configuration.toml"
+    path.write_text(kata.render_configuration(drop, "kata"))
+    qemu = tomllib.loads(path.read_text())["hypervisor"]["qemu"]
+    assert set(qemu) == {"kernel", "image", "rootfs_type", "disable_image_nvdimm",
+                         "kernel_params", "kernel_verity_params", "firmware"}
+    assert qemu["rootfs_type"] == "erofs" and qemu["disable_image_nvdimm"] is True
+    assert qemu["kernel_params"] == "cgroup_no_v1=all pci=realloc pci=nocrs pci=assign-busses"
+    assert kata.read_configuration(path) == drop
+
+
+def test_image_and_initrd_together_are_refused(tmp_path: Path) -> None:
+    both = kata.Drop("/k", "/img", "/rd", (), "", "/fw")
+    with pytest.raises(BuildError, match="conflictingAssets"):
+        kata.render_configuration(both, "kata")
+    path = tmp_path / "c.toml"
+    path.write_text('[hypervisor.qemu]\nkernel = "/k"\nimage = "/i"\ninitrd = "/r"\n')
+    with pytest.raises(BuildError, match="both image and initrd"):
+        kata.read_configuration(path)
+    path.write_text('[hypervisor.qemu]\nkernel = "/k"\nimage = "/i"\n'
+                    'kernel_verity_params = "root_hash=abc"\n')
+    with pytest.raises(BuildError, match="kernel_verity_params: missing"):
+        kata.read_configuration(path)
+
+
+def test_kernel_check_names_each_missing_builtin() -> None:
+    config = {o: "y" for o in kata.BUILTIN}
+    kata.check_kernel(config, True, "kata")
+    config.update(CONFIG_VIRTIO_BLK="m")
+    del config["CONFIG_EFI_STUB"]
+    with pytest.raises(BuildError) as err:
+        kata.check_kernel(config, True, "kata")
+    assert "CONFIG_VIRTIO_BLK (module)" in str(err.value)
+    assert "CONFIG_EFI_STUB (not set)" in str(err.value)
+    with pytest.raises(BuildError, match="kernel.build = true"):
+        kata.check_kernel({o: "y" for o in kata.BUILTIN}, False, "cpu")

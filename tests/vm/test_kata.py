@@ -1,0 +1,109 @@
+"""Kata's machine (q35 + OVMF, virtio-pci) booting the kata profile as Kata's runtime
+would: one disk (p1 erofs, p2 verity tree), the cmdline Kata writes from the image's
+configuration.toml, no initrd, frames read from the console (hvc0), where Kata logs
+guest output. A copy of the disk with one byte changed in p1 never reaches ready.
+OVMF under TCG costs ~3 s per boot before the kernel runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import image, proc
+from bench.boot import BootOptions, BootResult, boot
+from guestinit.wire import FrameType
+from rootfs import kata
+from tests.vm.conftest import REPO, _builder, agent, explain
+
+pytestmark = pytest.mark.vm
+
+KATA_IMAGE = Path(os.environ.get("GUESTINIT_VM_KATA_IMAGE") or REPO / "out" / "kata")
+NEEDED = ("vmlinuz", "initramfs.img", kata.DISK, kata.ROOT_HASH, kata.CONFIGURATION,
+          kata.CONFIGURATION_INITRD)
+TIMEOUT = 120.0  # OVMF under TCG, then the kernel
+
+
+@pytest.fixture(scope="session")
+def kata_image() -> str:
+    """out/kata: the kata profile (its kernel built by ./build.sh kernel, cached)."""
+    if not all((KATA_IMAGE / n).is_file() for n in NEEDED):
+        try:
+            proc.run([_builder(), "image", "kata", "--out", str(KATA_IMAGE)], timeout=3600,
+                     cwd=str(REPO))
+        except proc.RunError as exc:
+            pytest.fail(f"building the kata image for the vm tier failed:\n{exc}")
+    return str(KATA_IMAGE)
+
+
+def boot_kata(img: image.Image, workdir: Path, append: str) -> BootResult:
+    return boot(img, BootOptions(timeout=TIMEOUT, workdir=str(workdir), append=append),
+                progress=None)
+
+
+def console_text(res: BootResult) -> str:
+    with open(res.console_log, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def test_kata_disk_boots_to_ready_on_q35_ovmf_with_katas_cmdline(kata_image: str,
+                                                                  tmp_path: Path) -> None:
+    img = image.load_kata(kata_image)
+    assert img.initramfs is None and img.disks == [f"{kata_image}/{kata.DISK}"]
+    params = kata.parse_verity_params((Path(kata_image) / kata.ROOT_HASH).read_text())
+    assert params is not None
+    assert (f'dm-mod.create="dm-verity,,,ro,0 {params.data_blocks * 8} verity 1 /dev/vda1 '
+            f'/dev/vda2 4096 4096 {params.data_blocks} 0 sha256 {params.root_hash} '
+            f'{params.salt}"') in img.cmdline
+    res = boot_kata(img, tmp_path, agent())
+    assert res.ok, explain(res)
+    assert "-bios" in res.argv and "q35" in res.argv and "guestinit.report" not in res.cmdline
+    ready = res.first(FrameType.READY)
+    assert ready is not None
+    # every frame came over the console (hvc0): what Kata's console log holds
+    assert console_text(res).count("GUESTINIT-FRAME ") == len(res.frames)
+    inventory = ready.fields["inventory"]
+    assert isinstance(inventory, dict)
+    ids = {d["id"] for d in inventory["pci"]}  # type: ignore[index, union-attr]
+    assert "8086:29c0" in ids  # q35's host bridge
+    assert "1b36:000c" in ids  # Kata's pcie-root-ports
+    assert ready.fields.get("modules") == []  # the whole boot path is built in
+    assert res.first(FrameType.SHUTDOWN) is not None and res.qemu_rc == 0, explain(res)
+
+
+def test_a_disk_with_one_byte_changed_in_p1_never_reaches_ready(kata_image: str,
+                                                               tmp_path: Path) -> None:
+    tampered = tmp_path / "tampered.img"
+    shutil.copyfile(Path(kata_image) / kata.DISK, tampered)
+    p1 = kata.partitions(tampered)[0][0]
+    with tampered.open("r+b") as fh:
+        fh.seek(p1 + 1024)  # the erofs superblock: the kernel reads it to mount the root
+        byte = fh.read(1)
+        fh.seek(p1 + 1024)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    res = boot_kata(image.load_kata(kata_image, disk=str(tampered)), tmp_path / "w", agent())
+    assert not res.ok and res.first(FrameType.READY) is None
+    assert "is corrupted" in res.reason and "Kernel panic" in res.reason, res.reason
+
+
+def test_the_initrd_variant_boots_to_ready(kata_image: str, tmp_path: Path) -> None:
+    img = image.load_kata(kata_image, initrd=True)
+    assert img.initramfs is not None and img.disks == []
+    assert "dm-mod.create" not in img.cmdline and "root=" not in img.cmdline
+    res = boot_kata(img, tmp_path, agent())
+    assert res.ok, explain(res)
+
+
+def test_verify_checks_the_kata_disk_against_root_hash_txt(kata_image: str,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(kata_image, out)
+    said = proc.run([_builder(), "verify", "--allow-unsigned", str(out)]).stdout
+    assert f"{kata.DISK} p1 matches its p2 hash tree with {kata.ROOT_HASH}" in said
+    with (out / kata.DISK).open("r+b") as fh:
+        fh.seek(kata.MIB + 4096)
+        fh.write(b"x")
+    failed = proc.run([_builder(), "verify", "--allow-unsigned", str(out)], check=False)
+    assert failed.returncode == 1 and kata.DISK in failed.stderr
