@@ -131,6 +131,6 @@ def test_an_init_that_cannot_start_is_named_from_the_console(paper_image: Image,
     assert not res.ok and not res.frames
     assert res.reason == (
         "QEMU exited (status 0) before the guest was ready (no frame arrived on the report "
-        "port or the console); the console says: guestinit: cannot start: ModuleNotFoundError: No module "
-        "named 'guestinit.__main__' (the image lacks part of guestinit or its Python "
-        "modules); powering off")
+        "port or the console); the console says: guestinit: cannot start: "
+        "ModuleNotFoundError: No module named 'guestinit.__main__' (the image lacks part of "
+        "guestinit or its Python modules); powering off")

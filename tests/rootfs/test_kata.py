@@ -157,5 +157,5 @@ def test_kernel_check_names_each_missing_builtin() -> None:
         kata.check_kernel(config, True, "kata")
     assert "CONFIG_VIRTIO_BLK (module)" in str(err.value)
     assert "CONFIG_EFI_STUB (not set)" in str(err.value)
-    with pytest.raises(BuildError, match="kernel.build = true"):
+    with pytest.raises(BuildError, match=r"kernel\.build = true"):
         kata.check_kernel({o: "y" for o in kata.BUILTIN}, False, "cpu")
