@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
                     help="profile whose lock pins the linux-source package and whose "
                     "fragments are the default (default cpu-tuned)")
     kb.add_argument("--jobs", type=int, metavar="N", help="make -jN (default: every CPU)")
+    kb.add_argument("--module-build-dir", action="store_true",
+                    help="also prepare the tree out-of-tree modules (the NVIDIA driver) "
+                    "build against: make -C DIR M=SRC KBUILD_MODPOST_WARN=1 modules; "
+                    "print DIR last")
     kb.add_argument("-q", "--quiet", action="store_true")
     lk = sub.add_parser("lock", help="re-resolve the profile's packages into its lock file")
     lk.add_argument("profile")
@@ -111,6 +115,9 @@ def _kernel(args: argparse.Namespace) -> None:
     for r in dropped:
         print(f"    {r.want.option}={r.want.value} ({r.want.fragment}): found "
               f"{r.found or 'unset'}")
+    if args.module_build_dir:
+        where = kbuild.module_build_dir(built, deb, pin, progress, epoch=epoch)
+        print(f"  module build dir (make -C DIR M=SRC KBUILD_MODPOST_WARN=1 modules):\n{where}")
 
 
 def _lock(name: str) -> None:

@@ -319,3 +319,33 @@ def build(deb: Path, source: fetch.Pin, fragments: Sequence[Path], progress: Pro
                   f"({make[-1]}), cached as {entry}")
     return Built(kernel.open_tree(entry, f"kernel build {key}"), key, False,
                  time.monotonic() - started, took, results)
+
+
+def module_build_dir(built: Built, deb: Path, source: fetch.Pin, progress: Progress, *,
+                     epoch: int) -> Path:
+    """A tree to build out-of-tree modules (NVIDIA's open modules, the tests' stand-ins)
+    against the cached kernel ``built``: ``make -C DIR M=SRC modules``. Kbuild's own
+    ``modules_prepare`` over the entry's ``.config`` makes it, once, in the entry's
+    ``build/``. The cache keeps no objects, so there is no ``Module.symvers``: build with
+    ``KBUILD_MODPOST_WARN=1`` (modpost then warns about symbols it cannot see; the kernel
+    still checks every symbol when the module loads)."""
+    target = built.tree.root / "build"
+    if (target / "Makefile").is_file():
+        return target
+    src = unpack_source(deb, source.name, progress)
+    tmp = Path(tempfile.mkdtemp(dir=built.tree.root, prefix=".build-"))
+    try:
+        shutil.copyfile(built.tree.config, tmp / ".config")
+        env = {**os.environ, **dict(_make_env(epoch))}
+        progress.note(f"modules_prepare for {built.tree.release} (out-of-tree module builds)")
+        run(["make", "-s", "-C", src, f"O={tmp}", f"-j{os.cpu_count() or 1}", "olddefconfig",
+             "modules_prepare"], env=env, what=f"make modules_prepare for {built.tree.release}")
+        made = (tmp / "include" / "config" / "kernel.release").read_text().strip()
+        if made != built.tree.release:
+            raise BuildError(f"modules_prepare made release {made}, the kernel is "
+                             f"{built.tree.release}: modules built there would not load")
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

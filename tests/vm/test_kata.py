@@ -107,3 +107,62 @@ def test_verify_checks_the_kata_disk_against_root_hash_txt(kata_image: str,
         fh.write(b"x")
     failed = proc.run([_builder(), "verify", "--allow-unsigned", str(out)], check=False)
     assert failed.returncode == 1 and kata.DISK in failed.stderr
+
+
+@pytest.fixture(scope="session")
+def kata_gpu_images(kata_image: str, tmp_path_factory: pytest.TempPathFactory
+                    ) -> dict[str, str]:
+    """nvidia-gpu-kata and nvidia-servicevm-kata with the stand-in bundle, its modules
+    built against the kata kernel's module build dir (as a user builds NVIDIA's)."""
+    from tests.fixtures import standin_bundle
+    from tests.fixtures.standin_bundle import GPU_ID, NVSWITCH_ID
+
+    said = proc.run([_builder(), "kernel", "--profile", "kata", "--module-build-dir", "-q"],
+                    timeout=3600, cwd=str(REPO)).stdout
+    build_dir = Path(said.strip().splitlines()[-1])
+    release = (Path(kata_image) / "kernel-release.txt").read_text().strip()
+    tmp = tmp_path_factory.mktemp("kata-gpu")
+    try:
+        bundle = standin_bundle.build(tmp / "bundle", release, build_dir=build_dir)
+    except standin_bundle.StandinError as exc:
+        pytest.fail(str(exc))
+    out = {}
+    for name, profile, standin in (("gpu", "nvidia-gpu-kata", f"standin.gpu={GPU_ID}"),
+                                   ("servicevm", "nvidia-servicevm-kata",
+                                    f"standin.nvswitch={NVSWITCH_ID}")):
+        out[name] = str(tmp / profile)
+        proc.run([_builder(), "image", profile, "--driver", str(bundle), "--out", out[name],
+                  "--append-config", standin, "--append-config", "agent=none", "-q"],
+                 timeout=1800, cwd=str(REPO))
+    return out
+
+
+def test_gpu_image_in_kata_format_with_stand_in_gpus_on_root_ports(
+        kata_gpu_images: dict[str, str], tmp_path: Path) -> None:
+    from bench.qemu import BarDevice
+
+    res = boot(image.load_kata(kata_gpu_images["gpu"]),
+               BootOptions(timeout=TIMEOUT, workdir=str(tmp_path),
+                           bar=BarDevice(64 << 20, count=2)), progress=None)
+    assert res.ok, explain(res)
+    ready = res.first(FrameType.READY)
+    assert ready is not None and ready.fields["mode"] == "gpu"
+    devices = ready.fields["inventory"]["devices"]  # type: ignore[index]
+    # cold-plugged behind Kata's root ports: buses 1 and 2, not the root complex
+    assert [(d["kind"], d["bdf"]) for d in devices] == [  # type: ignore[index]
+        ("gpu", "0000:01:00.0"), ("gpu", "0000:02:00.0")]
+    assert ready.fields["modules"] == ["nvidia", "nvidia_uvm"]
+
+
+def test_service_vm_in_kata_format_reaches_ready(kata_gpu_images: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    from bench.qemu import BarDevice
+
+    res = boot(image.load_kata(kata_gpu_images["servicevm"]),
+               BootOptions(timeout=TIMEOUT, workdir=str(tmp_path),
+                           bar=BarDevice(0, edu=4)), progress=None)
+    assert res.ok, explain(res)
+    ready = res.first(FrameType.READY)
+    assert ready is not None and ready.fields["mode"] == "nvl4"
+    daemons = [d["name"] for d in ready.fields["daemons"]]  # type: ignore[index, union-attr]
+    assert "nv-fabricmanager" in daemons, daemons
