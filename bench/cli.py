@@ -89,9 +89,10 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     from bench import suite
 
     names = [n for n in args.variants.split(",") if n] if args.variants else list(
-        suite.DEFAULT_VARIANTS)
+        suite.KATA_DEFAULT_VARIANTS if args.machine == "kata" else suite.DEFAULT_VARIANTS)
     try:
-        variants = suite.select(names, args.append, args.also_entropy_none, args.image)
+        variants = suite.select(names, args.append, args.also_entropy_none, args.image,
+                                args.machine)
         images = suite.load_images(variants, args.images)
     except suite.SuiteError as exc:
         print(f"guestinit-bench suite: {exc}", file=sys.stderr)
@@ -292,6 +293,11 @@ def parser() -> argparse.ArgumentParser:
                     help="another build of a guestinit image as a variant (agent=none), "
                     "e.g. --image before=out/cpu-main; BASE+NAME=DIR boots DIR like "
                     "variant BASE; repeatable")
+    su.add_argument("--machine", choices=("microvm", "kata"), default="microvm",
+                    help="kata: every variant on Kata's q35 + OVMF machine, each init's "
+                    "image in Kata's format on the kata kernel (profiles kata, "
+                    "baseline-busybox-kata, baseline-systemd-kata); default variants "
+                    "guestinit,busybox,systemd")
     su.add_argument("--runs", type=positive_count, default=5, metavar="N",
                     help="measured runs per variant (default 5)")
     su.add_argument("--warmup", type=int, default=1, metavar="N",

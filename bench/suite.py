@@ -44,6 +44,7 @@ class Variant:
     entropy: str | None = None  # None: the suite's --entropy
     bar: BarDevice | None = None  # PCIe and a large-BAR device (bar-sweep)
     cmdline: str | None = None  # replaces the image's cmdline words (BootOptions.cmdline)
+    machine: str = "microvm"  # or "kata": q35 + OVMF, the image's configuration.toml
 
 
 # The baselines do the same work as guestinit does with agent=none (mount, load the
@@ -58,6 +59,23 @@ BUILTIN: dict[str, Variant] = {
         Variant("systemd", "baseline-systemd", "systemd"),
     )
 }
+
+# --machine kata: the same three inits on Kata's machine, each image in Kata's format on the
+# kata kernel, booted with the cmdline Kata's runtime writes (no initrd, verity root).
+KATA_BUILTIN: dict[str, Variant] = {
+    v.name: v for v in (
+        Variant("guestinit", "kata", "guestinit", append="guestinit.agent=none",
+                machine="kata"),
+        Variant("guestinit-agent", "kata", "guestinit", append=DEMO_AGENT, machine="kata"),
+        Variant("busybox", "baseline-busybox-kata", "busybox", machine="kata"),
+        Variant("systemd", "baseline-systemd-kata", "systemd", machine="kata"),
+    )
+}
+KATA_DEFAULT_VARIANTS = ("guestinit", "busybox", "systemd")
+
+
+def builtin(machine: str) -> dict[str, Variant]:
+    return KATA_BUILTIN if machine == "kata" else BUILTIN
 
 
 class SuiteError(ValueError):
@@ -84,33 +102,36 @@ def parse_append(spec: str, known: Mapping[str, Variant] = BUILTIN) -> Variant:
     name, base, args = _split_spec("--append", spec, "use NAME=ARGS, e.g. quiet7='loglevel=7', "
                                    "or BASE+NAME=ARGS to start from another variant", known)
     return Variant(name, base.profile, base.init, base.erofs,
-                   f"{base.append} {args}".strip(), base.entropy)
+                   f"{base.append} {args}".strip(), base.entropy, machine=base.machine)
 
 
-def parse_image(spec: str) -> Variant:
+def parse_image(spec: str, known: Mapping[str, Variant] = BUILTIN) -> Variant:
     """``NAME=DIR``: another build of a guestinit image (e.g. the last release's) as a
     variant; ``BASE+NAME=DIR`` boots DIR the way variant BASE is booted."""
     name, base, directory = _split_spec(
         "--image", spec, "use NAME=DIR, e.g. before=out/cpu-main, or BASE+NAME=DIR, "
-        "e.g. busybox+raw=/tmp/busybox-raw")
-    return Variant(name, os.path.abspath(directory), base.init, base.erofs, base.append)
+        "e.g. busybox+raw=/tmp/busybox-raw", known)
+    return Variant(name, os.path.abspath(directory), base.init, base.erofs, base.append,
+                   machine=base.machine)
 
 
 def select(names: Sequence[str], appends: Sequence[str], no_entropy_twins: bool,
-           images: Sequence[str] = ()) -> list[Variant]:
+           images: Sequence[str] = (), machine: str = "microvm") -> list[Variant]:
+    table = builtin(machine)
     out: list[Variant] = []
     for name in names:
-        if name not in BUILTIN:
-            raise SuiteError(f"unknown variant {name!r} (known: {', '.join(BUILTIN)}; "
-                             "add cmdline variants with --append NAME=ARGS)")
-        out.append(BUILTIN[name])
-    built = [parse_image(spec) for spec in images]
-    known = {**BUILTIN, **{v.name: v for v in built}}  # --append may start from an image
+        if name not in table:
+            raise SuiteError(f"unknown variant {name!r} on the {machine} machine (known: "
+                             f"{', '.join(table)}; add cmdline variants with --append "
+                             "NAME=ARGS)")
+        out.append(table[name])
+    built = [parse_image(spec, table) for spec in images]
+    known = {**table, **{v.name: v for v in built}}  # --append may start from an image
     out.extend(parse_append(spec, known) for spec in appends)
     out.extend(built)
     if no_entropy_twins:
-        out.extend(Variant(v.name + NO_ENTROPY, v.profile, v.init, v.erofs, v.append, "none")
-                   for v in list(out))
+        out.extend(Variant(v.name + NO_ENTROPY, v.profile, v.init, v.erofs, v.append, "none",
+                           machine=v.machine) for v in list(out))
     seen: set[str] = set()
     for v in out:
         if v.name in seen:
@@ -146,7 +167,8 @@ def load_images(variants: list[Variant], images_dir: str) -> dict[str, image.Ima
     for v in variants:
         directory = os.path.join(images_dir, v.profile)
         try:
-            out[v.name] = image.load(directory, erofs=v.erofs)
+            out[v.name] = (image.load_kata(directory) if v.machine == "kata"
+                           else image.load(directory, erofs=v.erofs))
         except image.ImageError as exc:
             build = "" if os.path.isabs(v.profile) else f" (or ./build.sh image {v.profile})"
             raise SuiteError(f"variant {v.name}: {exc}{build}") from None
@@ -163,6 +185,9 @@ def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str,
     machine = describe_machine(settings.accel, settings.entropy, settings.qemu,
                                guest_kernel(first.directory), settings.memory_mib)
     machine["accel_why"] = settings.accel_why
+    if first.machine == "kata":
+        machine["machine_type"] = "q35 + OVMF (Kata's machine, bench/kata.py)"
+        machine["firmware"] = BootOptions.firmware
     return machine
 
 
@@ -178,7 +203,9 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
     logs = os.path.join(out_dir, "logs")
     for v in variants:
         doc_variants[v.name] = {
-            "image": images[v.name].directory, "root": "erofs" if v.erofs else "initramfs",
+            "image": images[v.name].directory,
+            "root": ("kata disk (erofs + verity)" if v.machine == "kata"
+                     else "erofs" if v.erofs else "initramfs"),
             "kernel_entry": images[v.name].entry,
             "init": v.init, "append": v.append, "entropy": v.entropy or settings.entropy,
             "cmdline": "", "runs": [], "warmup_failures": [],

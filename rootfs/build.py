@@ -353,7 +353,8 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 rd = (outputs["initramfs.img"] if profile.Format.KATA_INITRD in formats
                       else None)
                 try:
-                    outputs.update(kata.write_outputs(out, erofs, rd, prof.name, kata_prefix))
+                    outputs.update(kata.write_outputs(out, erofs, rd, prof.name, kata_prefix,
+                                                      prof.kernel.kata_params))
                 finally:
                     if erofs is not None and erofs.parent != out:
                         erofs.unlink(missing_ok=True)

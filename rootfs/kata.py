@@ -331,23 +331,24 @@ def check_kernel(config: dict[str, str], built: bool, profile: str) -> None:
 
 
 def write_outputs(out: Path, erofs: Path | None, initramfs: Path | None, profile: str,
-                  prefix: str) -> dict[str, Path]:
+                  prefix: str, extra_params: tuple[str, ...] = ()) -> dict[str, Path]:
     """The Kata disk (from ``erofs``) and/or the initrd drop-in (for ``initramfs``) in
-    ``out``; returns the files written, by name."""
+    ``out``; ``extra_params`` follow NVIDIA's kernel_params. Returns the files written."""
     base = f"{prefix.rstrip('/')}/{profile}"
+    params = (*KERNEL_PARAMS_NV, *extra_params)
     written: dict[str, Path] = {}
     if erofs is not None:
-        params = write_disk(erofs, out / DISK)
-        verify_disk(out / DISK, params)
-        (out / ROOT_HASH).write_text(params.format() + "\n")
+        verity = write_disk(erofs, out / DISK)
+        verify_disk(out / DISK, verity)
+        (out / ROOT_HASH).write_text(verity.format() + "\n")
         drop = Drop(kernel=f"{base}/vmlinuz", image=f"{base}/{DISK}", initrd=None,
-                    kernel_params=KERNEL_PARAMS_NV, kernel_verity_params=params.format(),
+                    kernel_params=params, kernel_verity_params=verity.format(),
                     firmware=KATA_FIRMWARE)
         (out / CONFIGURATION).write_text(render_configuration(drop, profile))
         written.update({n: out / n for n in (DISK, ROOT_HASH, CONFIGURATION)})
     if initramfs is not None:
         drop = Drop(kernel=f"{base}/vmlinuz", image=None, initrd=f"{base}/{initramfs.name}",
-                    kernel_params=KERNEL_PARAMS_NV, kernel_verity_params="",
+                    kernel_params=params, kernel_verity_params="",
                     firmware=KATA_FIRMWARE)
         (out / CONFIGURATION_INITRD).write_text(render_configuration(drop, profile))
         written[CONFIGURATION_INITRD] = out / CONFIGURATION_INITRD

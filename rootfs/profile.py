@@ -53,6 +53,8 @@ class Kernel:
     early: tuple[str, ...] = ()
     cmdline: tuple[str, ...] = ("console=ttyS0",)
     cmdline_presets: tuple[str, ...] = ()
+    # words the init needs on a Kata cmdline: appended to the drop-in's kernel_params
+    kata_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class Profile:
 
 TOP_KEYS = {"description", "extends", "init", "formats", "shell", "driver", "driver_files",
             "lock", "debs", "wheels", "binaries", "kernel", "users", "config"}
-KERNEL_KEYS = {"package", "build", "fragments", "modules", "early", "cmdline", "cmdline_presets"}
+KERNEL_KEYS = {"package", "build", "fragments", "modules", "early", "cmdline", "cmdline_presets",
+               "kata_params"}
 
 
 def read_cmdline_preset(path: Path) -> list[str]:
@@ -186,6 +189,7 @@ def load(name_or_path: str) -> Profile:
         early=_strs(where, "kernel.early", k.get("early", [])),
         cmdline=_strs(where, "kernel.cmdline", list(k.get("cmdline", Kernel.cmdline))),
         cmdline_presets=_strs(where, "kernel.cmdline_presets", k.get("cmdline_presets", [])),
+        kata_params=_strs(where, "kernel.kata_params", k.get("kata_params", [])),
     )
     source = kernel.package.startswith("linux-source-")
     if kernel.build != source:

@@ -140,7 +140,8 @@ if [ -n "$button" ]; then
   dd bs=24 count=1 <&3 >/dev/null 2>&1
   send_shutdown
   # the kernel's own marks for the bench (quiet keeps them off the console at boot)
-  dmesg 2>/dev/null | grep -e 'Run /init as init' -e 'crng init done' > /dev/console 2>&1
+  # /init from an initramfs, /sbin/init from a disk root (Kata's image)
+  dmesg 2>/dev/null | grep -e 'init as init process' -e 'crng init done' > /dev/console 2>&1
   sync
   {poweroff}
 else
