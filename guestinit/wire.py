@@ -239,6 +239,9 @@ class FrameReader:
         return []
 
 
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
 def iter_console(text: str) -> Iterator[Frame | FrameError]:
     """Frames sent with the ``console`` transport: one base64 line each."""
     import base64
@@ -248,7 +251,13 @@ def iter_console(text: str) -> Iterator[Frame | FrameError]:
         idx = line.find(CONSOLE_MARKER)
         if idx < 0:
             continue
-        payload = line[idx + len(CONSOLE_MARKER) :].strip()
+        # the base64 run after the marker: a log that quotes the console line (Kata's
+        # runtime logs it as vmconsole="..." with more fields after) still decodes
+        rest = line[idx + len(CONSOLE_MARKER) :].lstrip()
+        end = 0
+        while end < len(rest) and rest[end] in _BASE64:
+            end += 1
+        payload = rest[:end]
         if len(payload) > (MAX_FRAME + HEADER.size) * 4 // 3 + 8:
             yield FrameError("console frame line too long")
             continue

@@ -147,8 +147,19 @@ def kconfig_symbols(root: Path, options: Sequence[str]) -> dict[str, list[str]]:
             continue
         current: str | None = None
         ifs: list[str] = []
+        help_indent: int | None = None  # inside a help text: its indentation
         for raw in path.read_text(errors="replace").splitlines():
             line = raw.strip()
+            indent = len(raw.expandtabs()) - len(raw.expandtabs().lstrip())
+            if help_indent is not None:
+                if not line or help_indent < 0 or indent >= help_indent:
+                    if line and help_indent < 0:
+                        help_indent = indent  # the first line of the text sets it
+                    continue  # prose, not syntax: "if there are ..." opens no block
+                help_indent = None
+            if line in ("help", "---help---"):
+                help_indent = -1
+                continue
             if m := _SYMBOL.match(line):
                 current = m.group(1) if m.group(1) in names else None
                 if current is not None:

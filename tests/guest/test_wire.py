@@ -141,3 +141,14 @@ def test_console_lines() -> None:
     out = list(wire.iter_console(text))
     assert out[0] == frame
     assert isinstance(out[1], FrameError)
+
+
+def test_console_lines_quoted_in_katas_runtime_log() -> None:
+    """Kata's runtime logs guest console lines as a logfmt field (sandbox.go
+    consoleWatcher: vmconsole="..." then more fields): the frame still decodes."""
+    frame = Frame(FrameType.READY, "a" * 32, 5, {"timeline": []})
+    line = (f'time="2026-12-05T08:00:00Z" level=debug msg="reading guest console" '
+            f'console-protocol=unix vmconsole="{wire.CONSOLE_MARKER}'
+            f'{base64.b64encode(wire.encode(frame)).decode()}" sandbox=abc source=virtcontainers')
+    got = list(wire.iter_console(line))
+    assert len(got) == 1 and isinstance(got[0], Frame) and got[0].type is FrameType.READY

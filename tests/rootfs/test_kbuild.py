@@ -201,3 +201,13 @@ def test_a_required_option_the_kernel_drops_fails_before_compiling(
     assert ("blk.conf: CONFIG_VIRTIO_BLK=y: not set; depends on BLK_DEV && VIRTIO: add the "
             "options it needs to a fragment") in text
     assert not list((tmp_path / "cache" / "kernels").glob("[0-9a-f]*"))  # nothing cached
+
+
+def test_help_text_is_not_read_as_kconfig_syntax(tmp_path: Path) -> None:
+    """A help line starting with "if" opened a block, and its words became a dependency."""
+    (tmp_path / "Kconfig").write_text(
+        "config ZONE_DEVICE\n\tbool \"Device memory\"\n\tdepends on MEMORY_HOTPLUG\n"
+        "\thelp\n\t  Useful only\n\t  if there are a lot of transient processes.\n\n"
+        "config HMM_MIRROR\n\tbool\n\tdepends on MMU\n")
+    found = kbuild.kconfig_symbols(tmp_path, ["CONFIG_ZONE_DEVICE", "CONFIG_HMM_MIRROR"])
+    assert found == {"CONFIG_ZONE_DEVICE": ["MEMORY_HOTPLUG"], "CONFIG_HMM_MIRROR": ["MMU"]}
