@@ -142,7 +142,9 @@ def load_kata(directory: str, *, initrd: bool = False, disk: str | None = None,
 
     if not os.path.isdir(directory):
         raise ImageError(f"image directory {directory} does not exist; build it with "
-                         f"guestinit-build image kata --out {directory}")
+                         f"guestinit-build image {os.path.basename(directory.rstrip('/'))} "
+                         f"--out {directory} (a profile in Kata's format: kata, "
+                         "nvidia-gpu-kata, ...)")
     name = layout.CONFIGURATION_INITRD if initrd else layout.CONFIGURATION
     try:
         drop = layout.read_configuration(Path(_need(directory, name)))

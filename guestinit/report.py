@@ -75,7 +75,8 @@ def open_transport(uri: str, root: str) -> tuple[int, bool]:
     except TransportError:
         raise
     except OSError as exc:
-        raise TransportError(exc.errno or errno.EIO, f"open report channel {uri}: {exc}") from None
+        raise TransportError(exc.errno or errno.EIO,
+                             f"open report channel {uri}: {exc.strerror or exc}") from None
     raise TransportError(errno.EINVAL, f"unknown report transport {uri!r}")
 
 

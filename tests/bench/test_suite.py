@@ -126,3 +126,22 @@ def test_cli_unknown_variant_and_missing_image_exit_2(tmp_path: Path,
     assert cli.main(["suite", "--variants", "busybox", "--images", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "variant busybox: image directory" in err and "baseline-busybox" in err
+
+
+def test_kata_machine_variants_boot_kata_images(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    got = suite.select(["guestinit", "busybox", "systemd"], ["busybox+bb7=loglevel=7"],
+                       True, [f"after={tmp_path}"], machine="kata")
+    assert {v.machine for v in got} == {"kata"}
+    assert [v.profile for v in got[:3]] == ["kata", "baseline-busybox-kata",
+                                            "baseline-systemd-kata"]
+    assert (got[3].name, got[3].append) == ("busybox+bb7", "loglevel=7")
+    assert (got[4].name, got[4].machine, got[5].name) == ("after", "kata", "guestinit@no-rng")
+    with pytest.raises(suite.SuiteError, match="on the kata machine"):
+        suite.select(["guestinit-erofs"], [], False, machine="kata")
+    # a kata image directory without its drop-in is named with the build command
+    assert cli.main(["suite", "--machine", "kata", "--variants", "busybox",
+                     "--images", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert ("variant busybox: image directory" in err
+            and "guestinit-build image baseline-busybox-kata --out" in err), err

@@ -166,3 +166,27 @@ def test_service_vm_in_kata_format_reaches_ready(kata_gpu_images: dict[str, str]
     assert ready is not None and ready.fields["mode"] == "nvl4"
     daemons = [d["name"] for d in ready.fields["daemons"]]  # type: ignore[index, union-attr]
     assert "nv-fabricmanager" in daemons, daemons
+
+
+def test_a_rebuild_of_the_kata_image_is_byte_identical(kata_image: str,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "kata"
+    proc.run([_builder(), "image", "kata", "--out", str(out), "-q"], timeout=3600,
+             cwd=str(REPO))
+    for name in (kata.DISK, kata.ROOT_HASH, kata.CONFIGURATION, kata.CONFIGURATION_INITRD,
+                 "vmlinuz", "initramfs.img", "manifest.json", "sbom.spdx.json"):
+        assert (out / name).read_bytes() == (Path(kata_image) / name).read_bytes(), name
+
+
+def test_the_init_lifts_the_kmsg_rate_limit_kata_leaves_on(kata_image: str,
+                                                          tmp_path: Path) -> None:
+    """Kata passes no printk.devkmsg=on: without the init's own setting the kernel keeps
+    10 lines per 5 s of what the init writes to /dev/kmsg and says "callbacks suppressed"."""
+    img = image.load_kata(kata_image)
+    assert "printk.devkmsg" not in img.cmdline
+    res = boot_kata(img, tmp_path, f"{agent()} guestinit.log=debug loglevel=7")
+    assert res.ok, explain(res)
+    text = console_text(res)
+    ours = [line for line in text.splitlines() if "guestinit: " in line]
+    assert len(ours) > 10, text[-3000:]  # most of them within a second of each other
+    assert "callbacks suppressed" not in text
