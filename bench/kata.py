@@ -1,6 +1,8 @@
 """Kata's QEMU machine for the harness: the cmdline Kata's runtime writes, and its devices.
 
-The cmdline is a port of kata-containers @7c6ba40c54 ``src/runtime/virtcontainers``:
+The cmdline is a port of kata-containers @7c6ba40c54 ``src/runtime``: ``pkg/katautils``
+``SetKernelParams`` (what precedes the configuration's ``kernel_params``) and
+``virtcontainers``:
 ``qemu.go`` ``kernelParameters`` (arch params, ``panic=1``, ``nr_cpus``, ``selinux``, the
 configuration's ``kernel_params``, one ``kata.extension.<name>.verity_params`` per
 extension), ``qemu_amd64.go`` ``kernelParams`` (the fixed x86 words),
@@ -105,6 +107,38 @@ class Runtime:
     disable_guest_selinux: bool = True
     confidential: bool = False
     extensions: tuple[tuple[str, str], ...] = ()  # (name, verity params)
+    block_device_driver: str = "virtio-scsi"  # DEFBLOCKSTORAGEDRIVER_QEMU
+    agent_debug: bool = False  # [agent.kata] enable_debug
+    launch_process_timeout: int = 15  # [agent.kata], DEFAULTLAUNCHPROCESSTIMEOUT_NV
+
+
+def deserialize(words: Sequence[str]) -> list[Param]:
+    """``DeserializeParams``: each word split at its first ``=``."""
+    out: list[Param] = []
+    for word in words:
+        if word:
+            key, _, value = word.partition("=")
+            out.append((key, value))
+    return out
+
+
+def config_params(rt: Runtime) -> list[Param]:
+    """The hypervisor's KernelParams after ``katautils.SetKernelParams``: systemd's words
+    when an image boots (``create.go`` ``getKernelParams``), ``scsi_mod.scan=none`` for
+    virtio-scsi, the agent's words (``kata_agent.go`` ``KataAgentKernelParams``), then the
+    configuration's ``kernel_params`` so that they win."""
+    params: list[Param] = []
+    if rt.image:
+        params += [("systemd.unit", "kata-containers.target"),
+                   ("systemd.mask", "systemd-networkd.service"),
+                   ("systemd.mask", "systemd-networkd.socket")]
+    if rt.block_device_driver == "virtio-scsi":
+        params.append(("scsi_mod.scan", "none"))
+    if rt.agent_debug:
+        params.append(("agent.log", "debug"))
+    if rt.launch_process_timeout > 0:
+        params.append(("agent.launch_process_timeout", str(rt.launch_process_timeout)))
+    return params + deserialize(rt.kernel_params)
 
 
 def kernel_parameters(rt: Runtime) -> str:
@@ -113,9 +147,10 @@ def kernel_parameters(rt: Runtime) -> str:
     non_debug: list[Param] = [("quiet", "")]
     debug: list[Param] = [("debug", "")]
     if rt.image:  # handleImagePath, at newQemuArch: before the console words
-        # on NVDIMM the runtime asks again with dax (amd64's qemuArchBase.dax is true)
-        arch += root_params(rt.rootfs_type, rt.disable_image_nvdimm,
-                            not rt.disable_image_nvdimm, rt.kernel_verity_params)
+        # a confidential guest has no NVDIMM on amd64 (newQemuArch); on NVDIMM the runtime
+        # asks again with dax (amd64's qemuArchBase.dax is true)
+        nvdimm = not (rt.disable_image_nvdimm or rt.confidential)
+        arch += root_params(rt.rootfs_type, not nvdimm, nvdimm, rt.kernel_verity_params)
         non_debug.append(("systemd.show_status", "false"))
         debug += [("systemd.show_status", "true"), ("systemd.log_level", "debug")]
     arch += [("console", "hvc0"), ("console", "hvc1")]  # appendConsole (virtio-serial)
@@ -123,8 +158,7 @@ def kernel_parameters(rt: Runtime) -> str:
     if not rt.confidential:
         params.append(("nr_cpus", str(rt.max_vcpus)))
     params.append(("selinux", "0" if rt.disable_guest_selinux else "1"))
-    # the configuration's kernel_params go in as words (DeserializeParams splits on '=')
-    params += [(w, "") for w in rt.kernel_params]
+    params += config_params(rt)
     params += [(f"kata.extension.{name}.verity_params", value) for name, value in rt.extensions]
     return " ".join(serialize(params))
 
@@ -146,7 +180,8 @@ def machine_argv(firmware: str, disk: str | None, root_ports: int, console: str,
         raise KataConfigError(f"{len(devices)} cold-plugged devices but {root_ports} root "
                               "ports")
     for i in range(root_ports):
-        argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i},slot={i},"
+        # qemu.go genericAppendPCIeRootPort: chassis 0, slot i, no address
+        argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis=0,slot={i},"
                  "multifunction=off"]
     for i, dev in enumerate(devices):
         argv += ["-device", f"{dev},bus=rp{i}"]

@@ -96,9 +96,10 @@ def parse_verity_params(text: str) -> VerityParams | None:
         raw = values.get(name, "")
         if not raw:
             raise VerityParamsError(f"missing kernel_verity_params {name}")
-        if not raw.isdigit():
+        # strconv.ParseUint(value, 10, 64): ASCII digits, below 2**64
+        if not (raw.isascii() and raw.isdigit()) or int(raw) >= 1 << 64:
             raise VerityParamsError(f"invalid kernel_verity_params {name} {raw!r}: not an "
-                                    "unsigned integer")
+                                    "unsigned 64-bit integer")
         numbers[name] = int(raw)
     if not values.get("salt"):
         raise VerityParamsError("missing kernel_verity_params salt")
