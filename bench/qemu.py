@@ -21,6 +21,7 @@ QEMU = "qemu-system-x86_64"
 REPORT_PORT = "guestinit.report"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "guestinit")
 PROBE_SECONDS = 4.0
+PROBE_VERSION = 2  # 2: the kernel must get to mounting its root, not only print its banner
 DEFAULT_PHYS_BITS = 40  # QEMU's TCG default; KVM's host-phys-bits would follow the host
 MAX_PHYS_BITS = 52  # x86-64's architectural limit
 BAR_BDF = "0000:00:01.0"  # where the large-BAR stand-in sits (ivshmem-plain, BAR 2)
@@ -239,14 +240,24 @@ def _probe_key(kernel: str, qemu: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     version = proc.run([qemu, "--version"], timeout=30).stdout.splitlines()[0]
-    return f"{os.uname().release}|{version}|{digest.hexdigest()[:16]}"
+    # PROBE_VERSION: a cached verdict of an older, weaker probe is not reused
+    return f"{PROBE_VERSION}|{os.uname().release}|{version}|{digest.hexdigest()[:16]}"
+
+
+# A kernel booted with no root gets this far only if the CPU really runs it; a console
+# with the banner alone is no proof (below).
+KVM_PROBE_LATE = (b"Unable to mount root", b"Cannot open root device", b"Freeing unused kernel",
+                  b"Run /")
 
 
 def probe_kvm(kernel: str, qemu: str = QEMU, seconds: float = PROBE_SECONDS) -> bool:
-    """Boot ``kernel`` under KVM with no initramfs: works iff it prints its banner in time.
+    """Boot ``kernel`` under KVM with no initramfs: works iff it gets to mounting its root
+    (``KVM_PROBE_LATE``) in time.
 
-    On nested microVMs /dev/kvm opens but a stock kernel hangs at decompression,
-    so opening /dev/kvm proves nothing; only a boot does.
+    On nested microVMs /dev/kvm opens but a stock kernel hangs at decompression, so
+    opening /dev/kvm proves nothing; only a boot does. The banner is not enough either:
+    on such a host a kernel entered at its PVH note printed it, then QEMU stopped with
+    "KVM internal error ... emulation failure" a few lines later.
     """
     with tempfile.TemporaryDirectory(prefix="guestinit-kvm-probe-") as tmp:
         log = os.path.join(tmp, "console.log")
@@ -257,13 +268,14 @@ def probe_kvm(kernel: str, qemu: str = QEMU, seconds: float = PROBE_SECONDS) -> 
             "-chardev", f"file,id=console,path={log}", "-serial", "chardev:console",
         ])
         try:
-            def banner() -> bool:
+            def got_far() -> bool:
                 if not os.path.exists(log):
                     return False
                 with open(log, "rb") as fh:
-                    return b"Linux version" in fh.read()
+                    text = fh.read()
+                return b"Linux version" in text and any(m in text for m in KVM_PROBE_LATE)
 
-            return proc.wait_until(banner, seconds, step=0.1)
+            return proc.wait_until(got_far, seconds, step=0.1)
         finally:
             proc.stop(child, grace=0.5)
 

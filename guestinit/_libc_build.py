@@ -23,6 +23,7 @@ int ioctl(int fd, unsigned long request, void *argp);
 void sync(void);
 int inotify_init1(int flags);
 int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
+int unshare(int flags);
 """
 
 

@@ -36,17 +36,20 @@ def run_agent(boot: Boot) -> None:
         raise BootError(Stage.AGENT, f"start agent {exe}: not found or not executable "
                         "(set guestinit.agent=PATH)")
     nofile, oom = agent_limits(boot, cfg.int("agent.nofile"), cfg.int("agent.oom_score_adj"))
+    init_mode = cfg.bool("agent.init_mode")
+    env = agent_env(cfg.words("agent.env"), gpu=str(boot.facts.get("mode", "cpu")) != "cpu")
     try:
         service = boot.supervisor.add(
             AGENT, argv, restart=restart, nofile=nofile, oom_score_adj=oom,
-            stdout=1, stderr=2, env=_agent_env(),
+            stdout=1, stderr=2, env=env, pid_namespace=init_mode,
         )
     except OSError as exc:
         raise BootError(Stage.AGENT, f"start agent {exe}: {exc.strerror or exc}") from None
     assert service.pid is not None
     cond = cfg["agent.ready"]
     assert isinstance(cond, Condition)
-    facts: dict[str, object] = {"argv": list(argv), "pid": service.pid, "ready": str(cond)}
+    facts: dict[str, object] = {"argv": list(argv), "pid": service.pid, "ready": str(cond),
+                                "init_mode": init_mode}
     boot.facts["agent"] = facts
     boot.kmsg.log(6, f"agent {exe} started as pid {service.pid}")
     if cond.kind == Ready.NONE:
@@ -79,8 +82,8 @@ def wait_agent(boot: Boot, service: Service, cond: Condition, timeout: float) ->
         how = wait_ready(cond, pid, timeout, exited=exited, root=boot.root, syslog=boot.syslog,
                          wake_fd=boot.wake_fd, on_wake=on_wake)
     except ExitedBeforeReady as exc:
-        raise BootError(Stage.AGENT, f"agent {exe} exited with status {exc.status} before it "
-                        f"was ready (agent.ready={cond})") from None
+        raise BootError(Stage.AGENT, f"agent {exe} {exit_how(exc.status)} before it was "
+                        f"ready (agent.ready={cond})") from None
     except NotReady as exc:
         raise BootError(Stage.AGENT, f"agent {exe} not ready: {exc} "
                         f"(agent.ready={cond}, agent.ready_timeout)") from None
@@ -91,8 +94,8 @@ def wait_agent(boot: Boot, service: Service, cond: Condition, timeout: float) ->
     wait_ms = round((end - start) / 1e6, 3)
     boot.kmsg.log(6, f"agent ready ({cond}) after {wait_ms} ms")
     out: dict[str, object] = {"ready_by": str(cond.kind), "wait_ms": wait_ms}
-    if cond.kind == Ready.UNIX:
-        out["listening_at"] = f"unix:{cond.target}"
+    if cond.kind in (Ready.UNIX, Ready.VSOCK):
+        out["listening_at"] = f"{cond.kind}:{cond.target}"
     else:
         out["ready_line"] = how[:256]
     return out
@@ -135,7 +138,31 @@ def _has_cap(boot: Boot, cap: int) -> bool:
     return boot.root == "/"
 
 
-def _agent_env() -> dict[str, str]:
-    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/",
-            "TERM": "vt100"}
+def agent_env(extra: tuple[str, ...], gpu: bool) -> dict[str, str]:
+    """The agent's environment: a PATH, HOME and TERM, then in GPU mode
+    ``KATA_ATTESTER_VARIANT=nvidia`` (NVRC sets it; the agent's attestation reads it), then
+    ``agent.env`` (which wins)."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/",
+           "TERM": "vt100"}
+    if gpu:
+        env["KATA_ATTESTER_VARIANT"] = "nvidia"
+    for entry in extra:
+        name, _, value = entry.partition("=")
+        env[name] = value
+    return env
 
+
+def agent_exit_reason(status: int | None) -> str:
+    """Why the VM stops when the agent did (the shutdown frame's reason)."""
+    return f"agent {exit_how(status)}"
+
+
+def exit_how(status: int | None) -> str:
+    """How the agent ended. One in its own PID namespace that calls reboot() (kata-agent
+    does when it ends in init mode) is killed by the kernel with SIGINT (power off, halt)
+    or SIGHUP (restart): it asked, it did not crash."""
+    if status == -2:
+        return "powered off (reboot(RB_POWER_OFF) in its PID namespace)"
+    if status == -1:
+        return "asked for a restart (reboot(RB_AUTOBOOT) in its PID namespace)"
+    return f"exited with status {status}"

@@ -24,6 +24,7 @@ from guestinit.values import (
     parse_bar_target,
     parse_bool,
     parse_clock,
+    parse_env,
     parse_fm_mode,
     parse_int,
     parse_list,
@@ -82,12 +83,19 @@ SETTINGS: tuple[Setting, ...] = (
             "agent command line (space separated); none: start no agent"),
     Setting("agent.ready", parse_ready, READY_NONE,
             "when the agent is ready: none (when spawned), syslog:TEXT (a line with TEXT on "
-            "syslog), unix:PATH (a socket at PATH accepts connections)"),
+            "syslog), unix:PATH (a socket at PATH accepts connections), vsock:PORT (a vsock "
+            "socket listens on PORT; kata-agent: vsock:1024; needs the kernel's vsock_diag)"),
     Setting("agent.ready_timeout", parse_seconds, 30.0,
             "seconds the agent may take to meet agent.ready; then the boot fails"),
     Setting("agent.restart", _enum(Restart), Restart.NEVER, "agent restart policy"),
     Setting("agent.shutdown_on_exit", parse_bool, True,
             "power off when the agent stops for good"),
+    Setting("agent.init_mode", parse_bool, True,
+            "run the agent as PID 1 of its own PID and mount namespace, so that kata-agent "
+            "takes its init mode (getpid() == 1) while guestinit stays PID 1 of the VM"),
+    Setting("agent.env", parse_env, (),
+            "extra agent environment, NAME=VALUE,... (GPU mode adds "
+            "KATA_ATTESTER_VARIANT=nvidia, as NVRC does)"),
     Setting("agent.nofile", parse_uint, 1048576, "RLIMIT_NOFILE for the agent"),
     Setting("agent.oom_score_adj", parse_int, -997, "oom_score_adj for the agent"),
     Setting("restart.max", parse_uint, 5, "restarts before a daemon is given up (degraded)"),

@@ -139,11 +139,21 @@ def query(path: str, timeout: float = 2.0) -> dict[str, object]:
         with stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(b"status\n")
+            try:
+                sock.sendall(b"status\n")
+            except BrokenPipeError:
+                # a client slower than the init's budget is answered as if it had asked
+                # for status, and the connection closed: the reply is still to be read
+                pass
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_REPLY:
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    if not chunks:
+                        raise
+                    break  # the init closed with our late request unread: the reply is whole
                 if not chunk:
                     break
                 chunks.append(chunk)

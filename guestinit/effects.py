@@ -24,6 +24,10 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+# <linux/sched.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 MNT_DETACH = 2
 # <linux/reboot.h>
 RB_POWER_OFF = 0x4321FEDC
@@ -139,6 +143,9 @@ class Effects:
     def sync(self) -> None:
         self._lib.sync()  # type: ignore[attr-defined]
 
+    def unshare(self, flags: int) -> None:
+        self._check(self._lib.unshare(flags), f"unshare {flags:#x}")  # type: ignore[attr-defined]
+
     def kill_all(self, sig: int) -> None:
         """``kill(-1, sig)``: every process but PID 1 (of this PID namespace); only PID 1
         may, since from anywhere else it would signal every process of the user."""
@@ -232,3 +239,6 @@ class DryEffects(Effects):
 
     def makedirs(self, path: str, mode: int = 0o755) -> None:
         self._do("makedirs", path, mode)
+
+    def unshare(self, flags: int) -> None:
+        self._do("unshare", flags)

@@ -64,8 +64,11 @@ def plan_mounts(root: str, mountinfo: str = "", private_dev: bool | None = None)
         dev,
         Mount("devpts", j("dev/pts"), "devpts", MS_NOSUID | MS_NOEXEC,
               "gid=5,mode=620,ptmxmode=000", optional=True),
-        Mount("shm", j("dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m"),
-        Mount("run", j("run"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64m"),
+        # no size=: the kernel's default, half the RAM, as kata-agent's own init-mode mounts
+        # (src/agent/src/mount.rs INIT_ROOTFS_MOUNTS); guest-pull unpacks container
+        # images under /run/kata-containers/image
+        Mount("shm", j("dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+        Mount("run", j("run"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
         Mount("tmp", j("tmp"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
         Mount("cgroup2", j("sys/fs/cgroup"), "cgroup2", NOSUID_NODEV_NOEXEC,
               "nsdelegate", optional=True, deferred=True),

@@ -12,6 +12,7 @@ import select
 import time
 
 from guestinit import mounts, wire
+from guestinit.agent import agent_exit_reason
 from guestinit.boot import Boot
 from guestinit.effects import RB_POWER_OFF
 from guestinit.stages import BootError, Stage, StopRequested
@@ -204,7 +205,7 @@ class Init:
     def _service_stopped(self, service: Service) -> None:
         cfg = self.boot.cfg
         if service.name == "agent" and cfg is not None and cfg.bool("agent.shutdown_on_exit"):
-            self._stop_reason = f"agent exited with status {service.last_status}"
+            self._stop_reason = agent_exit_reason(service.last_status)
 
     # -- the ways out ------------------------------------------------------
     def shutdown(self, reason: str) -> None:
@@ -355,3 +356,4 @@ def _rss(root: str, pid: int | None) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except (psutil.Error, OSError):
         return None
+

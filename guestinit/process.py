@@ -40,11 +40,12 @@ def resolve(exe: str, env: Mapping[str, str] | None) -> str:
 def _child(
     exe: str, argv: Sequence[str], env: Mapping[str, str], err_w: int,
     uid: int | None, gid: int | None, nofile: int | None, oom_score_adj: int | None,
-    stdout: int | None, stderr: int | None, cwd: str | None,
+    stdout: int | None, stderr: int | None, cwd: str | None, setsid: bool = True,
 ) -> None:
     """Runs in the forked child; never returns."""
     try:
-        os.setsid()
+        if setsid:
+            os.setsid()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPWR,
                     signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
@@ -76,6 +77,55 @@ def _child(
             os._exit(127)
 
 
+def _fork_pid_namespace(err_w: int) -> int:
+    """Like fork(), but the child is PID 1 of a new PID namespace: 0 in the child, its pid
+    (in our namespace) in the parent. unshare(CLONE_NEWPID) applies to the children of the
+    caller, so an intermediate process makes it, forks the namespace's first process and
+    exits; that process is then re-parented to us (PID 1, or the subreaper)."""
+    from guestinit.effects import (
+        CLONE_NEWNS,
+        CLONE_NEWPID,
+        MS_NODEV,
+        MS_NOEXEC,
+        MS_NOSUID,
+        MS_REC,
+        MS_SLAVE,
+        Effects,
+    )
+
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    middle = os.fork()
+    if middle == 0:
+        os.close(pid_r)
+        try:
+            fx = Effects()
+            fx.unshare(CLONE_NEWPID)
+            first = os.fork()
+            if first == 0:
+                fx.unshare(CLONE_NEWNS)
+                fx.mount("none", "/", "", MS_REC | MS_SLAVE)
+                # the /proc of the new namespace: its pids, /proc/self, /proc/1 = itself
+                fx.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                return 0
+            os.write(pid_w, str(first).encode())
+            os._exit(0)
+        except BaseException as exc:  # tell the parent through the exec-error pipe
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            try:
+                os.write(err_w, f"{code}:{type(exc).__name__}: {exc}".encode()[:500])
+            finally:
+                os._exit(127)
+    os.close(pid_w)
+    try:
+        text = os.read(pid_r, 32)
+    finally:
+        os.close(pid_r)
+    os.waitpid(middle, 0)
+    if not text:  # the middle process failed before forking: its report is in err_w
+        return -1
+    return int(text)
+
+
 class ProcessTable:
     """Children we started (pid -> return code or None while running)."""
 
@@ -103,18 +153,23 @@ class ProcessTable:
         stderr: int | None = None,
         cwd: str | None = None,
         on_exit: Callable[[int, int], None] | None = None,
+        pid_namespace: bool = False,
     ) -> int:
+        """Fork and exec ``argv``; OSError if the exec failed. ``pid_namespace``: the child
+        is PID 1 of a new PID namespace with its own mount namespace (a slave of ours, so
+        our later mounts reach it and its own stay there) and a /proc of that namespace,
+        and it is no session leader (kata-agent in init mode calls setsid() itself)."""
         if not argv:
             raise OSError(errno.EINVAL, "spawn: empty command")
         full_env = dict(self.env if env is None else env)
         exe = resolve(argv[0], full_env)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            pid = os.fork()
+            pid = _fork_pid_namespace(err_w) if pid_namespace else os.fork()
             if pid == 0:
                 os.close(err_r)
                 _child(exe, argv, full_env, err_w, uid, gid, nofile, oom_score_adj,
-                       stdout, stderr, cwd)
+                       stdout, stderr, cwd, setsid=not pid_namespace)
             os.close(err_w)
             err_w = -1
             self._status[pid] = None
@@ -128,7 +183,8 @@ class ProcessTable:
                 os.close(err_w)
         if report:
             # exec failed: the child exits at once; collect it here
-            os.waitpid(pid, 0)
+            if pid > 0:
+                os.waitpid(pid, 0)
             del self._status[pid]
             code, _, text = report.decode(errors="replace").partition(":")
             raise OSError(int(code) if code.isdigit() else errno.EINVAL, f"spawn {exe}: {text}")

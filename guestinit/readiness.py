@@ -5,7 +5,9 @@ Conditions (``parse_ready``, pure):
 - ``none``: spawned is ready (nothing is observed; the ``ready`` frame says so);
 - ``syslog:TEXT``: a line containing TEXT reaches the init's syslog server;
 - ``unix:PATH``: a Unix stream socket at PATH (under the boot root) accepts
-  connections.
+  connections;
+- ``vsock:PORT``: a vsock stream socket listens on PORT (kata-agent's 1024, the port
+  Kata's runtime dials).
 
 ``wait_ready`` blocks in one ``select`` on every event that can end the wait: the
 agent's pidfd (it exited), PID 1's signal wakeup fd (a shutdown request), and the
@@ -16,8 +18,10 @@ connections is bound and not yet listening (the agent is between ``bind`` and
 ``listen``, which no event announces), so it is tried again every
 ``LISTEN_RETRY`` seconds until it accepts or the timeout ends.
 
-A vsock listener (kata-agent's port 1024) is not a condition: nothing announces it
-either, and finding one means asking the vsock diag interface in a loop.
+A vsock listener is the other exception: the kernel announces no listen(), so the
+vsock diag interface (vsock_diag.py) is asked again after ``VSOCK_RETRY`` seconds,
+doubling up to ``VSOCK_RETRY_MAX``, while the agent's exit and PID 1's signals still
+end the wait at once.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ else:
     from guestinit.choice import StrChoice as StrEnum
 
 LISTEN_RETRY = 0.005  # s between connects while a socket file refuses (bind -> listen)
+VSOCK_RETRY, VSOCK_RETRY_MAX = 0.005, 0.1  # s between vsock diag dumps (doubling)
+VSOCK_PORT_MAX = 0xFFFFFFFE  # VMADDR_PORT_ANY (-1U) is no port to wait for
 SUN_PATH_MAX = 107
 # <sys/inotify.h>
 IN_MOVED_TO = 0x80
@@ -51,6 +57,7 @@ class Ready(StrEnum):
     NONE = "none"
     SYSLOG = "syslog"
     UNIX = "unix"
+    VSOCK = "vsock"
 
 
 class Condition:
@@ -80,6 +87,8 @@ class Condition:
             return f"no line containing {self.target!r} on syslog"
         if self.kind == Ready.UNIX:
             return f"no listener on unix:{self.target}"
+        if self.kind == Ready.VSOCK:
+            return f"no listener on vsock port {self.target}"
         return "spawned"
 
 
@@ -99,10 +108,11 @@ def parse_ready(value: str) -> Condition:
         if len(target.encode()) > SUN_PATH_MAX:
             raise ValueError(f"a unix socket path has at most {SUN_PATH_MAX} bytes")
         return Condition(Ready.UNIX, os.path.normpath(target))
-    if low == "vsock":
-        raise ValueError("a vsock listener cannot be observed without polling; "
-                         "use unix:PATH or syslog:TEXT")
-    raise ValueError("expected none, syslog:TEXT or unix:PATH")
+    if low == "vsock" and target:
+        if not target.isascii() or not target.isdigit() or not 0 < int(target) <= VSOCK_PORT_MAX:
+            raise ValueError(f"vsock: takes a port 1-{VSOCK_PORT_MAX}, got {target!r}")
+        return Condition(Ready.VSOCK, str(int(target)))
+    raise ValueError("expected none, syslog:TEXT, unix:PATH or vsock:PORT")
 
 
 class ExitedBeforeReady(Exception):
@@ -207,6 +217,31 @@ class _UnixProbe:
         self.inotify.close()
 
 
+class _VsockProbe:
+    __slots__ = ("port", "retry")
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.retry: float | None = VSOCK_RETRY
+
+    def fds(self) -> list[int]:
+        return []
+
+    def check(self) -> str | None:
+        from guestinit.vsock_diag import listening_ports
+
+        if self.port in listening_ports():
+            return f"listening on vsock port {self.port}"
+        self.retry = min(VSOCK_RETRY_MAX, (self.retry or VSOCK_RETRY) * 2)
+        return None
+
+    def woke(self, ready: list[int]) -> None:
+        """Nothing of its own to drain."""
+
+    def close(self) -> None:
+        """No fd kept between dumps."""
+
+
 class _SyslogProbe:
     __slots__ = ("retry", "server", "text")
 
@@ -249,11 +284,13 @@ def wait_ready(
     and may raise (a shutdown request). ``NotReady`` after ``timeout`` seconds."""
     if cond.kind == Ready.NONE:
         return "spawned"
-    probe: _UnixProbe | _SyslogProbe
+    probe: _UnixProbe | _SyslogProbe | _VsockProbe
     if cond.kind == Ready.SYSLOG:
         if syslog is None:
             raise ValueError(f"agent.ready={cond} needs the syslog server (syslog=1)")
         probe = _SyslogProbe(syslog, cond.target)
+    elif cond.kind == Ready.VSOCK:
+        probe = _VsockProbe(int(cond.target))
     else:
         probe = _UnixProbe(os.path.join(root, cond.target.lstrip("/")))
     try:

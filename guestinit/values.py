@@ -179,6 +179,18 @@ def parse_list(value: str) -> tuple[str, ...]:
     return tuple(w for w in value.replace(",", " ").split() if w)
 
 
+def parse_env(value: str) -> tuple[str, ...]:
+    """``NAME=VALUE,NAME=VALUE``: environment entries, each name a C identifier."""
+    out = []
+    for entry in parse_list(value):
+        name, sep, _ = entry.partition("=")
+        if not sep or not name or not (name[0].isalpha() or name[0] == "_") or \
+                not name.replace("_", "a").isalnum() or not name.isascii():
+            raise ValueError(f"{entry!r} is not NAME=VALUE")
+        out.append(entry)
+    return tuple(out)
+
+
 def _enum(cls: type[Enum]) -> Callable[[str], object]:
     def parse(value: str) -> object:
         try:

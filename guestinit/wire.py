@@ -258,6 +258,9 @@ def iter_console(text: str) -> Iterator[Frame | FrameError]:
         while end < len(rest) and rest[end] in _BASE64:
             end += 1
         payload = rest[:end]
+        if not payload:
+            yield FrameError("console frame is not base64")
+            continue
         if len(payload) > (MAX_FRAME + HEADER.size) * 4 // 3 + 8:
             yield FrameError("console frame line too long")
             continue

@@ -7,6 +7,19 @@ on ``--listen PATH`` if given: ``guestinit.agent.ready=syslog:agent-standin-read
 make it misbehave on purpose: leave orphans, crash, ignore SIGTERM, flood syslog,
 become ready late or never.
 Runs with ``python3 -IS`` in the image (stdlib only).
+
+In init mode (``getpid() == 1``, kata-agent's test in ``src/agent/src/main.rs``) it does
+what kata-agent does there, read from kata-containers @7c6ba40c54: the init-mode mounts
+(``mount.rs`` ``INIT_ROOTFS_MOUNTS``, each skipped when that file system is already
+there; cgroup2 on /sys/fs/cgroup), /dev/ptmx as a link to /dev/pts/ptmx, ``setsid()``,
+the hostname from /etc/hostname (``init_agent_as_init``), it reaps every child, and when
+it ends it syncs and calls ``reboot(RB_POWER_OFF)``. ``--cgroup`` creates a container
+cgroup as ``rpc.rs`` decides the driver: a systemd-style path (``slice:prefix:name``)
+takes the systemd driver outside init mode, which needs systemd on D-Bus, and the
+cgroupfs driver in init mode (``container.rs``: ``:`` becomes ``/``). ``--resolv``
+writes the sandbox's DNS and bind-mounts it over /etc/resolv.conf, skipped when that
+file is absent (``network.rs`` ``setup_guest_dns``). ``--vsock-listen`` listens where
+kata-agent does (vsock port 1024). ``--facts`` logs what it found as one JSON line.
 """
 
 from __future__ import annotations
@@ -41,7 +54,14 @@ def leave_orphans(count: int, linger: float) -> None:
                 time.sleep(linger)
                 os._exit(0)
         os._exit(0)
-    os.waitpid(middle, 0)
+    _wait(middle)
+
+
+def _wait(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # as init of its namespace the SIGCHLD reaper took it
+        pass
 
 
 def detach(ignore_term: bool, log: str) -> None:
@@ -56,7 +76,7 @@ def detach(ignore_term: bool, log: str) -> None:
             while True:
                 time.sleep(3600)
         os._exit(0)
-    os.waitpid(middle, 0)
+    _wait(middle)
 
 
 def virtio_port(name: str, sysfs: str = "/sys") -> str:
@@ -91,6 +111,164 @@ def vsock_relay(port: int, port_name: str, log: str) -> None:
 
 
 READY_MARKER = "agent-standin-ready"
+FACTS_MARKER = "agent-standin facts: "
+# src/agent/src/mount.rs INIT_ROOTFS_MOUNTS: (fstype, source, target, flags)
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND = 2, 4, 8, 4096
+INIT_MOUNTS = (("proc", "proc", "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+               ("sysfs", "sysfs", "/sys", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+               ("devtmpfs", "dev", "/dev", MS_NOSUID),
+               ("tmpfs", "tmpfs", "/dev/shm", MS_NOSUID | MS_NODEV),
+               ("devpts", "devpts", "/dev/pts", MS_NOSUID | MS_NOEXEC),
+               ("tmpfs", "tmpfs", "/run", MS_NOSUID | MS_NODEV),
+               ("cgroup2", "cgroup2", "/sys/fs/cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC))
+RB_POWER_OFF = 0x4321FEDC
+SYSTEMD_PATH = r"^[\w\-.]*:[\w\-.]*:[\w\-.]*$"  # rustjail SYSTEMD_CGROUP_PATH_FORMAT
+DBUS = "/run/dbus/system_bus_socket"
+
+
+def _libc() -> object:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int) -> None:
+    import ctypes
+
+    libc = _libc()
+    if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,  # type: ignore[attr-defined]
+                  ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def mounted_types() -> dict[str, str]:
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        fields = line.split()
+        if " - " in line and len(fields) > 4:
+            out[fields[4]] = line.split(" - ", 1)[1].split()[0]  # later mounts win
+    return out
+
+
+def init_mode_setup(log: str, root: str = "/") -> list[str]:
+    """What kata-agent's init mode does before it serves (main.rs ``real_main``,
+    ``init_agent_as_init``); returns one line per step for the facts. ``root`` is the
+    pid-namespace tier's test root: there /dev is a tmpfs on purpose, and devtmpfs is
+    one instance for the whole kernel, so it is neither mounted nor changed."""
+    done = []
+    test_root = os.path.realpath(root) != "/"
+    for fstype, source, target, flags in INIT_MOUNTS:
+        where = os.path.join(root, target.lstrip("/"))
+        if mounted_types().get(where) == fstype:  # baremount: already there, skip
+            done.append(f"{target}: already {fstype}")
+            continue
+        if test_root and fstype == "devtmpfs":
+            done.append(f"{target}: test root, not mounted")
+            continue
+        os.makedirs(where, exist_ok=True)
+        _mount(source, where, fstype, flags)
+        done.append(f"{target}: mounted {fstype}")
+    ptmx = os.path.join(root, "dev/ptmx")
+    if os.path.lexists(ptmx) or not test_root:  # kata-agent fails when it is missing
+        os.remove(ptmx)
+    os.symlink("/dev/pts/ptmx", ptmx)
+    done.append("/dev/ptmx -> /dev/pts/ptmx")
+    os.setsid()  # fails (EPERM) for a session leader: kata-agent would exit here
+    try:
+        with open(os.path.join(root, "etc/hostname")) as fh:
+            hostname = fh.read().split(" ")[0].strip() or "localhost"
+    except OSError:
+        hostname = "localhost"
+    try:
+        socket.sethostname(hostname)
+    except OSError as exc:
+        syslog(f"failed to set hostname: {exc}", log)
+    signal.signal(signal.SIGCHLD, lambda *_: reap_all())
+    return done
+
+
+def reap_all() -> None:
+    """As PID 1 of its namespace the agent reaps every orphan there."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def power_off() -> None:
+    """kata-agent's last act in init mode: sync, reboot(RB_POWER_OFF). From a child PID
+    namespace the kernel turns it into SIGINT for this process (its parent sees that)."""
+    os.sync()
+    _libc().reboot(RB_POWER_OFF)  # type: ignore[attr-defined]
+
+
+def create_cgroup(path: str, init_mode: bool, root: str = "/") -> str:
+    """A container cgroup for ``path`` with a child process in it, as rpc.rs and
+    rustjail would; what happened, as one line (``error: ...`` on failure)."""
+    import re
+
+    if not init_mode and re.match(SYSTEMD_PATH, path):
+        if not os.path.exists(os.path.join(root, DBUS.lstrip("/"))):
+            return f"error: systemd cgroup driver for {path}: no systemd on D-Bus ({DBUS})"
+        return f"systemd cgroup driver for {path}: not emulated"
+    fs_path = path.replace(":", "/").strip("/")
+    where = os.path.join(root, "sys/fs/cgroup", fs_path)
+    try:
+        os.makedirs(where, exist_ok=True)
+        child = os.fork()
+        if child == 0:
+            time.sleep(3600)
+            os._exit(0)
+        with open(os.path.join(where, "cgroup.procs"), "w") as fh:
+            fh.write(str(child))
+    except OSError as exc:
+        return f"error: cgroupfs driver: {where}: {exc}"
+    return f"cgroupfs driver: {where} holds pid {child}"
+
+
+def setup_dns(servers: str, root: str = "/") -> str:
+    dst = os.path.join(root, "etc/resolv.conf")
+    src = os.path.join(root, "run/kata-containers/sandbox/resolv.conf")
+    if not os.path.exists(dst):
+        return f"skipped: {dst} is absent"
+    os.makedirs(os.path.dirname(src), exist_ok=True)
+    with open(src, "w") as fh:
+        fh.write("\n".join(f"nameserver {s}" for s in servers.split(",")))
+    _mount(src, dst, "", MS_BIND)
+    with open(dst) as fh:
+        return f"bind-mounted over {dst}: {fh.read().splitlines()[0]}"
+
+
+def facts(init_mode: bool, steps: list[str], extra: dict[str, object]) -> dict[str, object]:
+    import resource
+
+    def read(path: str) -> str:
+        try:
+            with open(path) as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            return f"error: {exc.strerror}"
+
+    run = os.statvfs("/run")
+    mem = read("/proc/meminfo").split("\n")[0].split()
+    return {"pid": os.getpid(), "init_mode": init_mode, "proc_self": os.readlink("/proc/self"),
+            "proc_1_comm": read("/proc/1/comm"), "cgroup2": mounted_types().get(
+                "/sys/fs/cgroup") == "cgroup2", "run_bytes": run.f_blocks * run.f_frsize,
+            "mem_bytes": int(mem[1]) * 1024 if len(mem) > 1 else 0,
+            "resolv_conf": os.path.exists("/etc/resolv.conf"),
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "oom_score_adj": read("/proc/self/oom_score_adj"), "hostname": socket.gethostname(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith("KATA_")},
+            "steps": steps, **extra}
 
 
 def listen(path: str) -> socket.socket:
@@ -153,12 +331,49 @@ def main() -> None:
     parser.add_argument("--daemon-child", action="append", default=[],
                         choices=("term", "ignore-term"),
                         help="leave a detached daemon that SIGTERM ends (term) or does not")
+    parser.add_argument("--vsock-listen", type=int, default=0, metavar="PORT",
+                        help="listen on AF_VSOCK PORT before saying ready (kata-agent: 1024)")
+    parser.add_argument("--cgroup", default="", metavar="PATH",
+                        help="create a container cgroup for this cgroupsPath")
+    parser.add_argument("--resolv", default="", metavar="IP,IP",
+                        help="set up guest DNS with these servers as kata-agent does")
+    parser.add_argument("--init-root", default="/", metavar="DIR",
+                        help="where init mode mounts and links (the pid-namespace tier's "
+                        "test root; default /)")
+    parser.add_argument("--facts", action="store_true",
+                        help="log what this agent finds (init mode, /proc, limits...) as JSON")
     args = parser.parse_args()
+    init_mode = os.getpid() == 1
+    try:
+        _serve(args, init_mode)
+    finally:
+        if init_mode:
+            power_off()
+
+
+def _serve(args: argparse.Namespace, init_mode: bool) -> None:
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    syslog(f"{args.message} pid={os.getpid()}", args.log)
+    steps = init_mode_setup(args.log, args.init_root) if init_mode else []
+    syslog(f"{args.message} pid={os.getpid()} init_mode={int(init_mode)}", args.log)
+    extra: dict[str, object] = {}
+    if args.cgroup:
+        extra["cgroup"] = create_cgroup(args.cgroup, init_mode, args.init_root)
+    if args.resolv:
+        extra["dns"] = setup_dns(args.resolv, args.init_root)
+    vsock = None
+    if args.vsock_listen:
+        vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        vsock.bind((socket.VMADDR_CID_ANY, args.vsock_listen))
+        vsock.listen(16)
+        extra["vsock_listen"] = args.vsock_listen
+    if args.facts:
+        import json
+
+        syslog(FACTS_MARKER + json.dumps(facts(init_mode, steps, extra), sort_keys=True),
+               args.log)
     if args.check_modules:
         found = [f"{m}={'yes' if os.path.isdir(os.path.join(args.sys, 'module', m)) else 'no'}"
                  for m in args.check_modules.split(",")]

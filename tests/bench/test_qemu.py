@@ -134,3 +134,26 @@ def test_host_tsc_rate_from_sysfs_model_name_or_hypervisor(tmp_path: Path) -> No
     (sysfs / "devices/system/cpu/cpu0").mkdir(parents=True)
     (sysfs / "devices/system/cpu/cpu0/tsc_freq_khz").write_text("3000000\n")
     assert qemu.host_tsc_khz(intel, str(sysfs)) == 3_000_000
+
+
+def _fake_qemu(tmp_path: Path, console: str) -> str:
+    """A QEMU stand-in that writes ``console`` to its -chardev file and then waits."""
+    tmp_path.mkdir()
+    script = tmp_path / "qemu"
+    script.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in file,id=console,path=*) log="${a#*path=}";; esac; done\n'
+        f"printf '%s' '{console}' > \"$log\"\n"
+        "exec sleep 30\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_kvm_probe_wants_the_kernel_to_reach_its_root_not_only_its_banner(
+        tmp_path: Path) -> None:
+    """On a host whose KVM runs a PVH kernel up to its banner and then stops with an
+    emulation failure, the banner alone passed the probe and every boot then hung."""
+    banner = "[    0.000000] Linux version 6.1.192-guestinit\\n"
+    assert not qemu.probe_kvm("/k", _fake_qemu(tmp_path / "a", banner), seconds=1.0)
+    late = banner + "[    0.9] Kernel panic - not syncing: VFS: Unable to mount root fs\\n"
+    assert qemu.probe_kvm("/k", _fake_qemu(tmp_path / "b", late), seconds=3.0)

@@ -145,3 +145,19 @@ def test_bind_error_names_the_path(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=r"bind control socket .*file/ctl"):
         ControlServer(str(tmp_path / "file" / "ctl"), dict)
+
+
+def test_a_client_slower_than_the_budget_still_gets_the_reply(tmp_path: Path) -> None:
+    """With no budget at all the init answers before the request arrives and closes; the
+    client's send may then meet a closed socket (EPIPE), and the reply is still there."""
+    path = default_path(str(tmp_path))
+    srv = ControlServer(path, lambda: {"stage": "ready"}, client_budget=0.0)
+    stop = threading.Event()
+    t = serve_in_background(srv, stop)
+    try:
+        for _ in range(20):
+            assert query(path) == {"stage": "ready"}
+    finally:
+        stop.set()
+        t.join()
+        srv.close()

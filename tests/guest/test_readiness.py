@@ -38,13 +38,15 @@ STANDIN = agent_standin.__file__
     ("syslog:agent-standin-ready", Condition(Ready.SYSLOG, "agent-standin-ready")),
     ("syslog:a b: c", Condition(Ready.SYSLOG, "a b: c")),
     ("unix:/run/kata//agent.sock", Condition(Ready.UNIX, "/run/kata/agent.sock")),
+    ("vsock:1024", Condition(Ready.VSOCK, "1024")), ("VSOCK:01024", Condition(Ready.VSOCK, "1024")),
 ])
 def test_parse_ready(value: str, want: Condition) -> None:
     assert parse_ready(value) == want
 
 
 @pytest.mark.parametrize(("value", "why"), [
-    ("unix:run/x", "absolute"), ("unix:/" + "x" * 107, "107 bytes"), ("vsock:1024", "polling"),
+    ("unix:run/x", "absolute"), ("unix:/" + "x" * 107, "107 bytes"), ("vsock:0", "a port 1-"),
+    ("vsock:4294967295", "a port 1-"), ("vsock:x", "a port 1-"), ("vsock:", "expected none"),
     ("syslog:", "expected none"), ("socket:/x", "expected none"), ("none:x", "expected none"),
 ])
 def test_parse_ready_rejects(value: str, why: str) -> None:
@@ -208,3 +210,50 @@ def test_deepest_dir(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     assert deepest_dir(str(tmp_path / "a" / "b" / "c" / "x.sock")) == str(tmp_path / "a")
     assert deepest_dir(str(tmp_path / "a" / "x.sock")) == str(tmp_path / "a")
+
+
+def _diag(*records: tuple[int, int, int], error: int | None = None, done: bool = True) -> bytes:
+    """A sock_diag reply datagram: one message per (type, state, port), then DONE/ERROR."""
+    import struct
+
+    from guestinit import vsock_diag as vd
+
+    out = b""
+    for stype, state, port in records:
+        body = struct.pack("=BBBBIIIII", 40, stype, state, 0, 3, port, 2, 0, 7) + b"\0" * 8
+        out += struct.pack("=IHHII", 16 + len(body), vd.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
+    if error is not None:
+        out += struct.pack("=IHHII", 20, vd.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -error)
+    elif done:
+        out += struct.pack("=IHHII", 20, vd.NLMSG_DONE, 2, 1, 0) + b"\0" * 4
+    return out
+
+
+def test_vsock_diag_reply_gives_listening_stream_ports() -> None:
+    import errno
+
+    from guestinit import vsock_diag as vd
+
+    listen, established = vd.TCP_LISTEN, 1
+    ports, done = vd.parse(_diag((1, listen, 1024), (1, established, 1040), (2, listen, 99)))
+    assert (ports, done) == ({1024}, True)  # a connected socket and a datagram one are not
+    assert vd.parse(_diag((1, listen, 5), done=False)) == ({5}, False)
+    with pytest.raises(OSError, match="CONFIG_VSOCKETS_DIAG") as err:
+        vd.parse(_diag(error=errno.ENOENT))
+    assert err.value.errno == errno.ENOENT
+    req = vd.request()
+    assert len(req) == 16 + 24 and req[4:6] == vd.SOCK_DIAG_BY_FAMILY.to_bytes(2, "little")
+
+
+def test_waiting_on_a_vsock_port_without_vsock_diag_names_it() -> None:
+    """This host's kernel has no vsock_diag: the wait fails naming the option, at once."""
+    from guestinit import vsock_diag as vd
+
+    try:
+        vd.listening_ports()
+    except OSError as exc:
+        with pytest.raises(OSError, match="vsock"):
+            wait_ready(Condition(Ready.VSOCK, "1024"), os.getpid(), 5.0, exited=lambda: None)
+        assert exc.errno is not None
+    else:
+        pytest.skip("this host's kernel answers vsock diag dumps: nothing to refuse")

@@ -31,7 +31,10 @@ ROOT_TOKEN = "@ROOT@"  # replaced by the test root in the cmdline (NsInit)
 def agent_arg(*args: str) -> str:
     """``guestinit.agent=...`` running the stand-in with the test's Python, logging to
     the syslog server of the test root."""
-    words = [sys.executable, "-I", str(STANDIN), "--log", f"{ROOT_TOKEN}/dev/log", *args]
+    # --init-root: in init mode (the default) the stand-in does kata-agent's mounts and
+    # /dev/ptmx link under the test root, never on the host's devtmpfs
+    words = [sys.executable, "-I", str(STANDIN), "--log", f"{ROOT_TOKEN}/dev/log",
+             "--init-root", ROOT_TOKEN, *args]
     return 'guestinit.agent="' + " ".join(words) + '"'
 
 

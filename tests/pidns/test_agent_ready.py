@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from guestinit.testing.agent_standin import READY_MARKER
 from guestinit.wire import FrameType
 from tests.pidns.harness import ROOT_TOKEN, NsInit, agent_arg, hide_modules, image_launch
@@ -28,7 +30,9 @@ def test_syslog_marker_gates_ready(ns_init: type[NsInit], tmp_path: Path) -> Non
     agent = ready.get("agent")
     assert isinstance(agent, dict), ready
     assert agent["ready"] == f"syslog:{READY_MARKER}" and agent["ready_by"] == "syslog"
-    assert str(agent["ready_line"]).startswith(f"agent-standin[{agent['pid']}]: {READY_MARKER}")
+    # in init mode (the default) the agent is PID 1 of its own namespace: its log says 1
+    assert agent["init_mode"] is True and agent["pid"] != 1
+    assert str(agent["ready_line"]).startswith(f"agent-standin[1]: {READY_MARKER}")
     assert _ready_span(ready.timeline()) >= DELAY * 0.9
     assert float(str(agent["wait_ms"])) >= DELAY * 900
     # the marker is in the syslog store, and it was there before ready went out
@@ -61,13 +65,20 @@ def test_never_ready_fails_naming_the_condition(ns_init: type[NsInit], tmp_path:
     init.wait_exit()
 
 
-def test_exit_before_ready_fails_with_the_status(ns_init: type[NsInit], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("init_mode", "how"), [
+    ("0", "exited with status 4 before it was ready"),
+    # in init mode the agent ends as kata-agent does: reboot(RB_POWER_OFF), whatever its code
+    ("1", "powered off (reboot(RB_POWER_OFF) in its PID namespace) before it was ready"),
+])
+def test_exit_before_ready_fails_with_the_status(ns_init: type[NsInit], tmp_path: Path,
+                                                 init_mode: str, how: str) -> None:
     init = ns_init(tmp_path, agent_arg("--never-ready", "--exit-after", "0.1",
                                        "--exit-code", "4") +
-                   f" guestinit.agent.ready=syslog:{READY_MARKER}")
+                   f" guestinit.agent.ready=syslog:{READY_MARKER}"
+                   f" guestinit.agent.init_mode={init_mode}")
     failed = init.wait_frame(FrameType.FAILED)
     assert failed.get("stage") == "agent"
-    assert "exited with status 4 before it was ready" in str(failed.get("reason")), failed
+    assert how in str(failed.get("reason")), failed
 
 
 def test_sigterm_during_the_wait_is_an_orderly_shutdown(ns_init: type[NsInit],

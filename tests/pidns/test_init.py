@@ -35,8 +35,14 @@ def test_ready_frame_carries_the_timeline(ns_init: type[NsInit], tmp_path: Path)
     assert init.errors == []
 
 
+# Tests of what the init does with whatever its children leave use the agent outside init
+# mode (guestinit.agent.init_mode=0): in init mode the agent's orphans and daemons stay in
+# its own PID namespace and are its own (test_agent_init_mode.py).
+PLAIN = " guestinit.agent.init_mode=0"
+
+
 def test_orphans_are_reaped(ns_init: type[NsInit], tmp_path: Path) -> None:
-    init = ns_init(tmp_path, agent_arg("--orphans", "2000", "--linger", "0.05"))
+    init = ns_init(tmp_path, agent_arg("--orphans", "2000", "--linger", "0.05") + PLAIN)
     init.wait_frame(FrameType.READY)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -58,7 +64,7 @@ def test_orphans_are_reaped(ns_init: type[NsInit], tmp_path: Path) -> None:
 
 
 def test_agent_restarted_then_given_up_degraded(ns_init: type[NsInit], tmp_path: Path) -> None:
-    init = ns_init(tmp_path, agent_arg("--exit-after", "0.05", "--exit-code", "3") +
+    init = ns_init(tmp_path, agent_arg("--exit-after", "0.05", "--exit-code", "3") + PLAIN +
                    " guestinit.agent.restart=on-failure guestinit.restart.max=2"
                    " guestinit.restart.backoff=0.05")
     degraded = init.wait_frame(FrameType.DEGRADED)
@@ -90,7 +96,7 @@ def test_sigterm_orderly_teardown(ns_init: type[NsInit], tmp_path: Path) -> None
 
 
 def test_agent_exit_triggers_shutdown(ns_init: type[NsInit], tmp_path: Path) -> None:
-    init = ns_init(tmp_path, agent_arg("--exit-after", "0.2"))
+    init = ns_init(tmp_path, agent_arg("--exit-after", "0.2") + PLAIN)
     init.wait_frame(FrameType.READY)
     shutdown = init.wait_frame(FrameType.SHUTDOWN)
     assert shutdown.get("reason") == "agent exited with status 0"
@@ -153,7 +159,7 @@ def _syslog_tail(init: NsInit) -> list[str]:
 def test_shutdown_sweeps_the_daemons_the_agent_left(ns_init: type[NsInit],
                                                     tmp_path: Path) -> None:
     init = ns_init(tmp_path, agent_arg("--daemon-child", "term", "--daemon-child",
-                                       "ignore-term"))
+                                       "ignore-term") + PLAIN)
     init.wait_frame(FrameType.READY)
     pids = {}
     for flag in ("0", "1"):
