@@ -219,7 +219,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
                 zstd_level: int = pack.ZSTD_LEVEL,
                 compression: str = pack.DEFAULT_COMPRESSION,
                 formats: tuple[profile.Format, ...] | None = None,
-                kata_prefix: str = kata.DEFAULT_PREFIX) -> manifest.Manifest:
+                kata_prefix: str = kata.DEFAULT_PREFIX, agent: Path | None = None,
+                pause_bundle: Path | None = None) -> manifest.Manifest:
     """Build ``out`` from ``prof`` in ``formats`` (default the profile's). Directories
     made along the way and the pycs the compiler writes take the process umask, so the
     build sets BUILD_UMASK for its run (and its tools') and puts the caller's back after."""
@@ -227,7 +228,7 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
     try:
         return _build_image(prof, out, driver_dir, extra_config, locked,
                             progress or Progress(), zstd_level, compression,
-                            formats or prof.formats, kata_prefix)
+                            formats or prof.formats, kata_prefix, agent, pause_bundle)
     finally:
         os.umask(saved)
 
@@ -235,7 +236,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
 def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                  extra_config: dict[str, str] | None, locked: bool, progress: Progress,
                  zstd_level: int, compression: str, formats: tuple[profile.Format, ...],
-                 kata_prefix: str) -> manifest.Manifest:
+                 kata_prefix: str, agent: Path | None,
+                 pause_bundle: Path | None) -> manifest.Manifest:
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
                          "use nvidia-gpu or nvidia-servicevm with --driver")
@@ -307,6 +309,12 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 except guest_config.ConfigError as exc:
                     raise BuildError(f"--append-config / profile config: {exc}") from None
                 tree.add_bytes("etc/guestinit.conf", text.encode(), GENERATED)
+                tree_extras.write_agent_files(tree, cfg.get("hostname", "localhost"))
+            if agent is not None:
+                tree_extras.install_agent(tree, agent)
+            if pause_bundle is not None:
+                n = tree_extras.install_pause_bundle(tree, pause_bundle)
+                progress.note(f"pause bundle: {n} files at /{tree_extras.PAUSE_BUNDLE}")
             for binary in prof.binaries:
                 tree.take(pool, binary, f"binaries in profile {prof.name}")
             if prof.shell:

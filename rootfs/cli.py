@@ -44,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
     img.add_argument("--kata-prefix", default="/opt/guestinit", metavar="DIR",
                      help="where the image directory is installed on Kata hosts: the paths "
                      "in configuration.toml are DIR/PROFILE/... (default /opt/guestinit)")
+    img.add_argument("--agent", type=Path, metavar="PATH",
+                     help="install this kata-agent binary at /usr/bin/kata-agent (its "
+                     "libraries come from the profile's packages; a static one needs none)")
+    img.add_argument("--pause-bundle", type=Path, metavar="DIR",
+                     help="an OCI bundle (config.json, rootfs/) for kata-agent's /pause_bundle")
     img.add_argument("-q", "--quiet", action="store_true")
     sg = sub.add_parser("sign", help="sign OUT/manifest.json (ECDSA P-256, cosign blob format)")
     sg.add_argument("--key", type=Path, required=True, help="PEM EC P-256 private key")
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         progress=Progress(quiet=args.quiet), zstd_level=args.zstd_level,
                         compression=args.compression,
                         formats=tuple(profile.Format(f) for f in args.formats) or None,
-                        kata_prefix=args.kata_prefix)
+                        kata_prefix=args.kata_prefix, agent=args.agent,
+                        pause_bundle=args.pause_bundle)
         elif args.cmd == "sign":
             from rootfs.sign import sign
 

@@ -243,3 +243,55 @@ class DriverBundle:
                 tree.add_file(str(rel), path, self.origin)
                 count += 1
         return count
+
+
+# -- what kata-agent expects of the image (docs/kata.md) ------------------------------------
+
+AGENT_PATH = "usr/bin/kata-agent"  # where Kata's images carry it and guestinit.agent points
+PAUSE_BUNDLE = "pause_bundle"  # kata-agent's built-in sandbox (pause) bundle
+
+
+def install_agent(tree: Tree, agent: Path) -> Origin:
+    """``agent`` at /usr/bin/kata-agent (its libraries come with the ELF closure; a static
+    one needs none). BuildError for a missing, non-executable or non-ELF file."""
+    import hashlib
+
+    from rootfs.closure import is_elf
+
+    if not agent.is_file():
+        raise BuildError(f"--agent {agent}: no such file")
+    if not os.access(agent, os.X_OK):
+        raise BuildError(f"--agent {agent}: not executable (chmod +x it)")
+    if not is_elf(agent):
+        raise BuildError(f"--agent {agent}: not an ELF executable (kata-agent is one)")
+    digest = hashlib.sha256(agent.read_bytes()).hexdigest()[:12]
+    origin = Origin("kata-agent", f"sha256-{digest}")
+    tree.add_file(AGENT_PATH, agent, origin, 0o755)
+    return origin
+
+
+def install_pause_bundle(tree: Tree, bundle: Path) -> int:
+    """The OCI bundle directory ``bundle`` (config.json, rootfs/) at /pause_bundle."""
+    if not (bundle / "config.json").is_file():
+        raise BuildError(f"--pause-bundle {bundle}: no config.json: not an OCI bundle "
+                         "directory (config.json + rootfs/)")
+    origin = Origin("pause-bundle", "user-supplied")
+    count = 0
+    for src in sorted(bundle.rglob("*")):
+        rel = src.relative_to(bundle)
+        if src.is_symlink():
+            tree.add_symlink(f"{PAUSE_BUNDLE}/{rel}", os.readlink(src))
+        elif src.is_file():
+            tree.add_file(f"{PAUSE_BUNDLE}/{rel}", src, origin)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def write_agent_files(tree: Tree, hostname: str) -> None:
+    """/etc/resolv.conf (empty: kata-agent bind-mounts the sandbox's DNS over it and skips
+    DNS when it is absent, src/agent/src/network.rs) and /etc/hostname (init mode reads
+    it, main.rs init_agent_as_init)."""
+    tree.add_bytes("etc/resolv.conf", b"", GENERATED, 0o644)
+    tree.add_bytes("etc/hostname", f"{hostname}\n".encode(), GENERATED, 0o644)

@@ -364,7 +364,7 @@ def _serve(args: argparse.Namespace, init_mode: bool) -> None:
     if args.resolv:
         extra["dns"] = setup_dns(args.resolv, args.init_root)
     vsock = None
-    if args.vsock_listen:
+    if args.vsock_listen and not args.never_ready:
         vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         vsock.bind((socket.VMADDR_CID_ANY, args.vsock_listen))
         vsock.listen(16)

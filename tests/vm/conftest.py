@@ -90,3 +90,20 @@ def explain(res: BootResult) -> str:
     frames = [f"{r.host_s:.2f}s {r.frame!r}"[:300] for r in res.frames]
     return (f"reason: {res.reason}\nerrors: {res.errors}\nframes:\n" + "\n".join(frames)
             + f"\nconsole ({res.console_log}):\n{tail}")
+
+
+KATA_IMAGE = Path(os.environ.get("GUESTINIT_VM_KATA_IMAGE") or REPO / "out" / "kata")
+KATA_NEEDED = ("vmlinuz", "initramfs.img", "kata-containers.img", "root_hash.txt",
+               "configuration.toml", "configuration-initrd.toml")
+
+
+@pytest.fixture(scope="session")
+def kata_image() -> str:
+    """out/kata: the kata profile (its kernel built by ./build.sh kernel, cached)."""
+    if not all((KATA_IMAGE / n).is_file() for n in KATA_NEEDED):
+        try:
+            proc.run([_builder(), "image", "kata", "--out", str(KATA_IMAGE)], timeout=3600,
+                     cwd=str(REPO))
+        except proc.RunError as exc:
+            pytest.fail(f"building the kata image for the vm tier failed:\n{exc}")
+    return str(KATA_IMAGE)
