@@ -11,6 +11,7 @@ from guestinit.stages import BootError, Stage, StopRequested
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from guestinit.boot import Boot
+    from guestinit.effects import Effects
     from guestinit.supervisor import Service
 
 AGENT = "agent"
@@ -29,6 +30,10 @@ def run_agent(boot: Boot) -> None:
                 boot.facts.setdefault("mounts", []).extend(result)  # type: ignore[attr-defined]
     except (OSError, TimeoutError) as exc:
         raise BootError(Stage.AGENT, f"deferred mounts: {exc}") from None
+    if boot.root == "/":  # a test root shares the host's cgroup2 hierarchy: leave it
+        delegated = delegate_controllers(boot.root, boot.effects)
+        if delegated:
+            boot.kmsg.log(6, f"cgroup2: {' '.join(delegated)} delegated below the root")
     restart = cfg["agent.restart"]
     assert isinstance(restart, Restart)
     exe = argv[0]
@@ -150,6 +155,26 @@ def agent_env(extra: tuple[str, ...], gpu: bool) -> dict[str, str]:
         name, _, value = entry.partition("=")
         env[name] = value
     return env
+
+
+def delegate_controllers(root: str, effects: Effects) -> list[str]:
+    """Every controller the root cgroup offers, enabled for its children
+    (``cgroup.subtree_control``): kata-agent's cgroupfs driver makes the pod and container
+    cgroups below the root and sets cpu, memory, pids... limits there. The root is exempt
+    from cgroup v2's no-internal-processes rule. No cgroup2 mounted: nothing to do."""
+    base = os.path.join(root, "sys/fs/cgroup")
+    try:
+        with open(os.path.join(base, "cgroup.controllers")) as fh:
+            available = fh.read().split()
+    except OSError:
+        return []
+    if available:
+        try:
+            effects.write(os.path.join(base, "cgroup.subtree_control"),
+                          " ".join(f"+{c}" for c in available))
+        except OSError as exc:
+            raise BootError(Stage.AGENT, f"delegate cgroup controllers: {exc}") from None
+    return available
 
 
 def agent_exit_reason(status: int | None) -> str:

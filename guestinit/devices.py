@@ -108,6 +108,13 @@ def read_gpus(root: str) -> list[Gpu]:
     return sorted(gpus, key=lambda g: g.minor)
 
 
+def bus_order(gpu: Gpu) -> tuple[int, ...]:
+    """Sort key of a GPU's PCI address ``domain:bus:device.function`` (hex), numerically."""
+    domain, bus, rest = gpu.bdf.split(":")
+    device, _, function = rest.partition(".")
+    return (int(domain, 16), int(bus, 16), int(device, 16), int(function or "0", 16))
+
+
 def imex_channel_count(root: str) -> int:
     """``ImexChannelCount`` of ``/proc/driver/nvidia/params``; 0 when absent."""
     params = parse_information(_read(os.path.join(root, "proc/driver/nvidia/params")) or "")
@@ -196,7 +203,7 @@ def _gpu_facts(index: int, gpu: Gpu, by_path: Mapping[str, Node],
     """What the cdi stage needs of one GPU: its node and, with MIG, each GPU instance's
     access caps (the GI's, then its CIs')."""
     facts: dict[str, object] = {"index": index, "bdf": gpu.bdf, "uuid": gpu.uuid,
-                                "model": gpu.model,
+                                "model": gpu.model, "minor": gpu.minor,
                                 "node": by_path[f"nvidia{gpu.minor}"].to_map()}
     instances = [{"gi": gi, "nodes": [by_path[c.node].to_map() for c in group]}
                  for gi, group in mig.instances(caps, gpu.minor)
@@ -235,6 +242,11 @@ def run_devices(boot: Boot) -> None:
     created = apply_nodes(boot, nodes)
     by_path = {n.path: n for n in nodes}
     control = [by_path[p].to_map() for p in CONTROL if p in by_path]
+    # the GPU index (CDI's nvidia.com/gpu=N, the audit's gpuN) is the rank in PCI bus order:
+    # what Kata's runtime annotates a cold-plugged GPU with (container.go
+    # annotateContainerWithVFIOMetadata sorts by bus) and NVML's order; the driver's minor
+    # numbers (/dev/nvidiaM) need not follow it
+    gpus = sorted(gpus, key=bus_order)
     boot.facts["gpus"] = [_gpu_facts(i, g, by_path, caps) for i, g in enumerate(gpus)]
     boot.facts["device_nodes"] = {
         "control": control,

@@ -265,6 +265,7 @@ def facts(init_mode: bool, steps: list[str], extra: dict[str, object]) -> dict[s
                 "/sys/fs/cgroup") == "cgroup2", "run_bytes": run.f_blocks * run.f_frsize,
             "mem_bytes": int(mem[1]) * 1024 if len(mem) > 1 else 0,
             "resolv_conf": os.path.exists("/etc/resolv.conf"),
+            "cgroup_subtree_control": read("/sys/fs/cgroup/cgroup.subtree_control"),
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "oom_score_adj": read("/proc/self/oom_score_adj"), "hostname": socket.gethostname(),
             "env": {k: v for k, v in os.environ.items() if k.startswith("KATA_")},

@@ -66,3 +66,17 @@ def test_kill_all_is_refused_outside_pid_1_and_recorded_by_the_fake() -> None:
     dry = DryEffects()
     dry.kill_all(15)
     assert dry.calls == [("kill_all", 15)]
+
+
+def test_cgroup_controllers_are_delegated_below_the_root(tmp_path: Path) -> None:
+    from guestinit.agent import delegate_controllers
+    from guestinit.effects import DryEffects
+
+    fx = DryEffects()
+    assert delegate_controllers(str(tmp_path), fx) == [] and fx.calls == []  # no cgroup2
+    base = tmp_path / "sys/fs/cgroup"
+    base.mkdir(parents=True)
+    (base / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    assert delegate_controllers(str(tmp_path), fx) == ["cpuset", "cpu", "io", "memory", "pids"]
+    assert fx.calls == [("write", str(base / "cgroup.subtree_control"),
+                         "+cpuset +cpu +io +memory +pids")]

@@ -137,7 +137,7 @@ def test_run_devices_creates_real_nodes_idempotently(tmp_path: pathlib.Path) -> 
     gpus = boot.facts["gpus"]
     assert gpus == [{"index": 0, "bdf": "0000:18:00.0",
                      "uuid": "GPU-00000000-1111-2222-3333-444455556666",
-                     "model": "NVIDIA H100 80GB HBM3",
+                     "model": "NVIDIA H100 80GB HBM3", "minor": 0,
                      "node": {"path": "/dev/nvidia0", "major": 195, "minor": 0, "mode": 0o660}}]
     nodes = boot.facts["device_nodes"]
     assert isinstance(nodes, dict)
@@ -208,3 +208,28 @@ def test_cpu_mode_is_a_no_op(tmp_path: pathlib.Path) -> None:
     boot.facts.update(mode="cpu", inventory=[])
     devices.run_devices(boot)
     assert isinstance(boot.effects, DryEffects) and boot.effects.calls == []
+
+
+def test_gpu_index_is_pci_bus_order_whatever_the_minor_numbers(tmp_path: pathlib.Path) -> None:
+    """Kata annotates a cold-plugged GPU with nvidia.com/gpu=<its rank in bus order>
+    (container.go annotateContainerWithVFIOMetadata); the driver's minors may differ."""
+    from guestinit import cdi
+
+    materialize(load("h100x8_nvswitch4"), tmp_path)
+    bdfs = gpu_bdfs(8)
+    fake_nvidia_proc(tmp_path, [*reversed(bdfs[:2]), *bdfs[2:]])  # minor 0 on bus 0x19
+    (tmp_path / "dev").mkdir(exist_ok=True)
+    boot = make_boot(tmp_path, effects=DryEffects())
+    pci.run_discover(boot)
+    boot.facts["modules"] = ["nvidia", "nvidia_uvm"]
+    devices.run_devices(boot)
+    gpus = boot.facts["gpus"]
+    assert isinstance(gpus, list)
+    assert [(g["index"], g["bdf"], g["minor"]) for g in gpus[:3]] == [
+        (0, "0000:18:00.0", 1), (1, "0000:19:00.0", 0), (2, "0000:1a:00.0", 2)]
+    spec = cdi.plan_spec(gpus, [])
+    by_name = {d["name"]: d for d in spec["devices"]}  # type: ignore[union-attr, index]
+    node = by_name["0"]["containerEdits"]["deviceNodes"][0]  # type: ignore[index]
+    assert node["path"] == "/dev/nvidia1"  # nvidia.com/gpu=0 is the GPU on the lowest bus
+    assert boot.audit[0].startswith("assign gpu0 0000:18:00.0 ") and boot.audit[0].endswith(
+        "as /dev/nvidia1")

@@ -62,6 +62,8 @@ def test_the_agent_runs_in_init_mode_and_finds_what_kata_agent_needs(
     facts = _facts(res)
     assert facts["pid"] == 1 and facts["proc_self"] == "1" and facts["init_mode"] is True
     assert facts["cgroup2"] is True and facts["resolv_conf"] is True
+    delegated = str(facts["cgroup_subtree_control"]).split()
+    assert {"cpu", "memory", "pids"} <= set(delegated), delegated  # for the agent's cgroups
     assert facts["nofile"] == 1048576 and facts["oom_score_adj"] == "-997"
     assert int(str(facts["run_bytes"])) >= 0.4 * int(str(facts["mem_bytes"]))
     assert facts["vsock_listen"] == 1024
