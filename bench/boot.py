@@ -141,7 +141,7 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
         memory_mib=opts.memory_mib, disks=image.disks, qemu=opts.qemu, entropy=opts.entropy,
         console_socket=os.path.join(res.workdir, "console.sock"), bar=opts.bar,
         machine=image.machine, firmware=opts.firmware,
-        root_ports=ROOT_PORTS if image.machine == "kata" else 0,
+        root_ports=ROOT_PORTS if image.machine == "kata" else 0, extensions=image.extensions,
     )
     res.argv = qemu_argv(spec)
     return res, spec

@@ -37,6 +37,7 @@ class Image:
     entry: str = "bzimage"  # how QEMU enters the kernel: bzimage (16-bit setup) or pvh
     machine: str = "microvm"  # or "kata": q35 + OVMF, the cmdline from configuration.toml
     kata_disk: str | None = None  # Kata's kata-containers.img (p1 erofs, p2 verity)
+    extensions: tuple[tuple[str, str], ...] = ()  # Kata extension images: (name, disk)
 
     @property
     def disks(self) -> list[str]:
@@ -131,11 +132,13 @@ def load(directory: str, *, erofs: bool = False, entry: str = "auto") -> Image:
 
 
 def load_kata(directory: str, *, initrd: bool = False, disk: str | None = None,
-              max_vcpus: int = 1, debug: bool = False) -> Image:
+              max_vcpus: int = 1, debug: bool = False,
+              extensions: dict[str, str] | None = None) -> Image:
     """The image as Kata boots it: ``configuration.toml`` (``image =``, the verity disk) or,
     with ``initrd``, ``configuration-initrd.toml``; the cmdline is the one Kata's runtime
-    would write for it (bench.kata). ``disk`` boots another copy of the disk (a tampered
-    one in the tests)."""
+    would write for it (bench.kata), with the configuration's extension images attached.
+    ``disk`` boots another copy of the disk and ``extensions`` other copies of extension
+    disks by name (tampered ones in the tests)."""
     from bench import kata
     from rootfs import kata as layout
     from rootfs.steps import BuildError
@@ -153,7 +156,11 @@ def load_kata(directory: str, *, initrd: bool = False, disk: str | None = None,
     rt = kata.Runtime(image=drop.image is not None, rootfs_type=drop.rootfs_type,
                       disable_image_nvdimm=drop.disable_image_nvdimm,
                       kernel_verity_params=drop.kernel_verity_params,
-                      kernel_params=drop.kernel_params, max_vcpus=max_vcpus, debug=debug)
+                      kernel_params=drop.kernel_params, max_vcpus=max_vcpus, debug=debug,
+                      extensions=tuple((n, v) for n, _p, v in drop.extensions))
+    extension_disks = tuple((n, (extensions or {}).get(n) or _need(directory,
+                                                                    os.path.basename(p)))
+                            for n, p, _v in drop.extensions)
     try:
         cmdline = kata.kernel_parameters(rt)
     except kata.KataConfigError as exc:
@@ -161,6 +168,7 @@ def load_kata(directory: str, *, initrd: bool = False, disk: str | None = None,
     kernel = _need(directory, os.path.basename(drop.kernel))
     if initrd:
         rd = _need(directory, os.path.basename(drop.initrd or INITRAMFS))
-        return Image(directory, kernel, rd, cmdline, machine="kata")
+        return Image(directory, kernel, rd, cmdline, machine="kata", extensions=extension_disks)
     image_disk = disk or _need(directory, os.path.basename(drop.image or layout.DISK))
-    return Image(directory, kernel, None, cmdline, machine="kata", kata_disk=image_disk)
+    return Image(directory, kernel, None, cmdline, machine="kata", kata_disk=image_disk,
+                 extensions=extension_disks)

@@ -164,10 +164,12 @@ def kernel_parameters(rt: Runtime) -> str:
 
 
 def machine_argv(firmware: str, disk: str | None, root_ports: int, console: str,
-                 devices: Sequence[str] = ()) -> list[str]:
-    """The q35 devices of a Kata sandbox: firmware, console, the image disk, root ports.
-    ``console`` is a chardev spec for the virtconsole; ``devices`` are -device specs
-    plugged into the root ports in order (cold-plugged stand-in GPUs)."""
+                 devices: Sequence[str] = (),
+                 extensions: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """The q35 devices of a Kata sandbox: firmware, console, the image disk, its extension
+    disks, root ports. ``console`` is a chardev spec for the virtconsole; ``devices`` are
+    -device specs plugged into the root ports in order (cold-plugged stand-in GPUs);
+    ``extensions`` are (name, disk): read-only, serial ``extension-<name>`` (qemu.go)."""
     argv = ["-M", "q35", "-bios", firmware,
             "-device", "virtio-serial-pci,id=serial0,max_ports=3",
             "-chardev", f"{console},id=charconsole0",
@@ -176,6 +178,11 @@ def machine_argv(firmware: str, disk: str | None, root_ports: int, console: str,
         argv += ["-drive", f"id=image,file={disk},aio=threads,format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-pci,drive=image,config-wce=off,share-rw=on,"
                  "serial=image"]
+    for name, path in extensions:
+        argv += ["-drive", f"id=extension-{name},file={path},aio=threads,format=raw,if=none,"
+                 "readonly=on",
+                 "-device", f"virtio-blk-pci,drive=extension-{name},serial=extension-{name},"
+                 "config-wce=off,share-rw=on"]
     if len(devices) > root_ports:
         raise KataConfigError(f"{len(devices)} cold-plugged devices but {root_ports} root "
                               "ports")

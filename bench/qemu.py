@@ -47,6 +47,7 @@ class VmSpec:
     machine: str = "microvm"  # or "kata": q35 + OVMF as Kata's runtime builds it
     firmware: str = ""  # kata: the OVMF image (-bios)
     root_ports: int = 0  # kata: pcie-root-ports; stand-in devices sit on the first ones
+    extensions: tuple[tuple[str, str], ...] = ()  # kata: extension images (name, disk)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def kata_argv(spec: VmSpec) -> list[str]:
     objects, devices = _standin_devices(spec.bar)
     disk = spec.disks[0] if spec.disks else None
     return [
-        spec.qemu, *kata.machine_argv(spec.firmware, disk, spec.root_ports, console, devices),
+        spec.qemu, *kata.machine_argv(spec.firmware, disk, spec.root_ports, console, devices,
+                                      spec.extensions),
         "-accel", spec.accel, "-cpu", cpu, "-m", str(spec.memory_mib), "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", spec.kernel, "-append", spec.cmdline,

@@ -100,10 +100,19 @@ STAGES: tuple[tuple[Stage, Callable[[Boot], None]], ...] = (
 )
 
 
+def run_extensions(boot: Boot) -> None:
+    from guestinit import extensions
+
+    extensions.run_extensions(boot)
+
+
 def boot_stages(boot: Boot) -> Iterator[tuple[Stage, Callable[[Boot], None]]]:
-    """STAGES, plus ``bench`` after ``discover`` when the config (read by then) asks."""
+    """STAGES, plus ``extensions`` after ``config`` when Kata names extension images on
+    the cmdline, and ``bench`` after ``discover`` when the config (read by then) asks."""
     for stage, fn in STAGES:
         yield stage, fn
+        if stage == Stage.CONFIG and "kata.extension." in boot.cmdline:
+            yield Stage.EXTENSIONS, run_extensions
         if stage == Stage.DISCOVER and boot.config().str("bench.bar"):
             yield Stage.BENCH, run_bench
 

@@ -299,6 +299,8 @@ def ready_fields(boot: Boot) -> dict[str, object]:
         out["bench"] = facts["bench"]
     if isinstance(facts.get("agent"), dict):  # argv, pid, ready, ready_by, listening_at, ...
         out["agent"] = facts["agent"]
+    if isinstance(facts.get("extensions"), dict):  # Kata extension images (extensions.py)
+        out["extensions"] = facts["extensions"]
     return out
 
 

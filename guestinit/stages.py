@@ -15,6 +15,7 @@ class Stage(StrEnum):
     EARLY = "early"
     LOG = "log"
     CONFIG = "config"
+    EXTENSIONS = "extensions"  # only with kata.extension.<name>.verity_params= (Kata)
     DISCOVER = "discover"
     BENCH = "bench"  # only with guestinit.bench.bar=: not part of a normal boot
     MODULES = "modules"

@@ -132,22 +132,27 @@ def _call(control: int, nr: int, buf: bytearray, what: str) -> bytearray:
     return buf
 
 
-def create(control: int, sectors: int, params: str) -> tuple[int, int]:
-    """Create, load and resume the read-only verity device; its (major, minor)."""
-    _call(control, DM_DEV_CREATE, dm_ioctl(DM_NAME, DM_READONLY_FLAG), "create")
+def create(control: int, sectors: int, params: str, name: str = DM_NAME) -> tuple[int, int]:
+    """Create, load and resume the read-only verity device ``name``; its (major, minor)."""
+    _call(control, DM_DEV_CREATE, dm_ioctl(name, DM_READONLY_FLAG), "create")
     spec = target_spec(sectors, "verity", params)
     try:
         _call(control, DM_TABLE_LOAD,
-              dm_ioctl(DM_NAME, DM_READONLY_FLAG, spec, targets=1), "load verity table")
-        out = _call(control, DM_DEV_SUSPEND, dm_ioctl(DM_NAME, DM_READONLY_FLAG), "resume")
+              dm_ioctl(name, DM_READONLY_FLAG, spec, targets=1), "load verity table")
+        out = _call(control, DM_DEV_SUSPEND, dm_ioctl(name, DM_READONLY_FLAG), "resume")
     except VerityError:
-        try:
-            _call(control, DM_DEV_REMOVE, dm_ioctl(DM_NAME), "remove")
-        except VerityError:
-            pass
+        remove(control, name)
         raise
     dev = DM_IOCTL_HEADER.unpack_from(out)[10]
     return os.major(dev), os.minor(dev)
+
+
+def remove(control: int, name: str) -> None:
+    """Remove the device-mapper device ``name``, quietly (a clean-up on a failure path)."""
+    try:
+        _call(control, DM_DEV_REMOVE, dm_ioctl(name), "remove")
+    except VerityError:
+        pass
 
 
 def virtio_disks(root: str, want: int = 2, wait: float = 5.0) -> list[str]:

@@ -75,6 +75,7 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "agent": _MAP,  # ready: argv, pid, ready (the condition), ready_by, wait_ms, listening_at
     "kernel": _MAP,  # shutdown: kernel marks (run_init_ns, crng_ready_ns) from the ring
     "bench": _MAP,  # ready: the bench stage's figures (bar-map), only when asked for
+    "extensions": _MAP,  # ready: Kata extension images mounted (mounted, usr_overlay)
     "init": _STR,  # which init sent it (the bench's baseline inits say so)
 }
 

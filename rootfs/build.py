@@ -14,6 +14,7 @@ from guestinit import config as guest_config
 from guestinit import modinfo, settings_doc
 from rootfs import (
     closure,
+    extension,
     fetch,
     kata,
     kbuild,
@@ -220,7 +221,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
                 compression: str = pack.DEFAULT_COMPRESSION,
                 formats: tuple[profile.Format, ...] | None = None,
                 kata_prefix: str = kata.DEFAULT_PREFIX, agent: Path | None = None,
-                pause_bundle: Path | None = None) -> manifest.Manifest:
+                pause_bundle: Path | None = None,
+                extension_name: str | None = None) -> manifest.Manifest:
     """Build ``out`` from ``prof`` in ``formats`` (default the profile's). Directories
     made along the way and the pycs the compiler writes take the process umask, so the
     build sets BUILD_UMASK for its run (and its tools') and puts the caller's back after."""
@@ -228,7 +230,8 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
     try:
         return _build_image(prof, out, driver_dir, extra_config, locked,
                             progress or Progress(), zstd_level, compression,
-                            formats or prof.formats, kata_prefix, agent, pause_bundle)
+                            formats or prof.formats, kata_prefix, agent, pause_bundle,
+                            extension_name)
     finally:
         os.umask(saved)
 
@@ -237,7 +240,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                  extra_config: dict[str, str] | None, locked: bool, progress: Progress,
                  zstd_level: int, compression: str, formats: tuple[profile.Format, ...],
                  kata_prefix: str, agent: Path | None,
-                 pause_bundle: Path | None) -> manifest.Manifest:
+                 pause_bundle: Path | None, extension_name: str | None) -> manifest.Manifest:
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
                          "use nvidia-gpu or nvidia-servicevm with --driver")
@@ -265,6 +268,11 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             progress.note(f"kernel {kt.release}: "
                           + ("from the cache" if built.cached else "built") + f" ({built.key})")
     wants_kata = {profile.Format.KATA, profile.Format.KATA_INITRD} & set(formats)
+    if extension_name is not None:
+        extension.check_name(extension_name)
+        if driver_dir is None or profile.Format.KATA not in formats:
+            raise BuildError(f"--extension {extension_name}: puts the driver bundle in a Kata "
+                             "extension image: needs --driver DIR and the kata format")
     if wants_kata:
         kata.check_kernel(kconfig.read_config(kt.config), prof.kernel.build, prof.name)
     korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)
@@ -339,33 +347,49 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_NAMES:  # only our own files: --out may be any directory
             (out / name).unlink(missing_ok=True)
+        for old in [*out.glob(extension.disk_name("*")), *out.glob(extension.root_hash_name("*"))]:
+            old.unlink()
         outputs: dict[str, Path] = {}
-        if {profile.Format.INITRAMFS, profile.Format.KATA_INITRD} & set(formats):
-            with progress.step(f"pack initramfs (cpio newc + {compression})"):
-                outputs["initramfs.img"] = pack.initramfs(tree.root, out, epoch, zstd_level,
-                                                          compression)
-        roothash = None
-        if profile.Format.EROFS in formats:
-            with progress.step("pack erofs + dm-verity"):
-                roothash = pack.erofs_verity(tree.root, out, epoch, prof.name)
-                outputs.update({n: out / n for n in ("rootfs.erofs", "rootfs.verity",
-                                                      "roothash.txt", "cmdline-erofs.txt")})
-        if wants_kata:
-            with progress.step("Kata's disk (msdos: p1 erofs, p2 verity) and drop-ins"):
-                erofs = None
-                if profile.Format.KATA in formats:
-                    erofs = out / "rootfs.erofs"
-                    if profile.Format.EROFS not in formats:
-                        erofs = pack.mkfs_erofs(tree.root, staging.parent / (
-                            staging.name + ".erofs"), epoch, prof.name)
-                rd = (outputs["initramfs.img"] if profile.Format.KATA_INITRD in formats
-                      else None)
-                try:
-                    outputs.update(kata.write_outputs(out, erofs, rd, prof.name, kata_prefix,
-                                                      prof.kernel.kata_params))
-                finally:
-                    if erofs is not None and erofs.parent != out:
-                        erofs.unlink(missing_ok=True)
+        ext_root, moved = staging.parent / f"{staging.name}.ext", list[str]()
+        if extension_name is not None:  # the bundle's files go to the extension image
+            assert bundle is not None
+            moved = extension.split(tree, bundle.origin, ext_root)
+        extra_toml = ""
+        try:
+            if {profile.Format.INITRAMFS, profile.Format.KATA_INITRD} & set(formats):
+                with progress.step(f"pack initramfs (cpio newc + {compression})"):
+                    outputs["initramfs.img"] = pack.initramfs(tree.root, out, epoch, zstd_level,
+                                                              compression)
+            roothash = None
+            if profile.Format.EROFS in formats:
+                with progress.step("pack erofs + dm-verity"):
+                    roothash = pack.erofs_verity(tree.root, out, epoch, prof.name)
+                    outputs.update({n: out / n for n in ("rootfs.erofs", "rootfs.verity",
+                                                          "roothash.txt", "cmdline-erofs.txt")})
+            if wants_kata:
+                with progress.step("Kata's disk (msdos: p1 erofs, p2 verity) and drop-ins"):
+                    erofs = None
+                    if profile.Format.KATA in formats:
+                        erofs = out / "rootfs.erofs"
+                        if profile.Format.EROFS not in formats:
+                            erofs = pack.mkfs_erofs(tree.root, staging.parent / (
+                                staging.name + ".erofs"), epoch, prof.name)
+                    rd = (outputs["initramfs.img"] if profile.Format.KATA_INITRD in formats
+                          else None)
+                    if extension_name is not None:
+                        ext, files = extension.write(ext_root, out, extension_name, epoch,
+                                                     kata_prefix, prof.name)
+                        outputs.update(files)
+                        extra_toml = extension.render([ext])
+                    try:
+                        outputs.update(kata.write_outputs(out, erofs, rd, prof.name, kata_prefix,
+                                                          prof.kernel.kata_params, extra_toml))
+                    finally:
+                        if erofs is not None and erofs.parent != out:
+                            erofs.unlink(missing_ok=True)
+        finally:
+            if moved:
+                extension.restore(tree, ext_root, moved)
         with progress.step("kernel, cmdline, manifest, SBOM"):
             shutil.copyfile(kt.vmlinuz, out / "vmlinuz")
             os.chmod(out / "vmlinuz", 0o644)

@@ -49,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
                      "libraries come from the profile's packages; a static one needs none)")
     img.add_argument("--pause-bundle", type=Path, metavar="DIR",
                      help="an OCI bundle (config.json, rootfs/) for kata-agent's /pause_bundle")
+    img.add_argument("--extension", metavar="NAME",
+                     help="put the driver bundle in a Kata extension image NAME (e.g. gpu) "
+                     "beside the base disk, listed in configuration.toml's "
+                     "guest_extension_images (docs/kata.md)")
     img.add_argument("-q", "--quiet", action="store_true")
     sg = sub.add_parser("sign", help="sign OUT/manifest.json (ECDSA P-256, cosign blob format)")
     sg.add_argument("--key", type=Path, required=True, help="PEM EC P-256 private key")
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         compression=args.compression,
                         formats=tuple(profile.Format(f) for f in args.formats) or None,
                         kata_prefix=args.kata_prefix, agent=args.agent,
-                        pause_bundle=args.pause_bundle)
+                        pause_bundle=args.pause_bundle, extension_name=args.extension)
         elif args.cmd == "sign":
             from rootfs.sign import sign
 

@@ -244,13 +244,15 @@ class Drop:
     firmware: str
     rootfs_type: str = "erofs"
     disable_image_nvdimm: bool = True
+    # [[hypervisor.qemu.guest_extension_images]]: (name, path, verity_params)
+    extensions: tuple[tuple[str, str, str], ...] = ()
 
 
-def _toml_str(text: str) -> str:
+def toml_str(text: str) -> str:
     return json.dumps(text)  # a JSON string is a TOML basic string for this alphabet
 
 
-def render_configuration(drop: Drop, profile: str) -> str:
+def render_configuration(drop: Drop, profile: str, extra: str = "") -> str:
     if drop.image and drop.initrd:
         raise BuildError("configuration.toml: image and initrd together; Kata refuses that "
                          "(hypervisor.go conflictingAssets): pick one")
@@ -258,17 +260,17 @@ def render_configuration(drop: Drop, profile: str) -> str:
              "# (copy to config.d/ next to it, or merge these keys into its [hypervisor.qemu];",
              "# docs/kata.md). Paths assume the image directory is installed at the prefix "
              "below.",
-             "[hypervisor.qemu]", f"kernel = {_toml_str(drop.kernel)}"]
+             "[hypervisor.qemu]", f"kernel = {toml_str(drop.kernel)}"]
     if drop.image:
-        lines += [f"image = {_toml_str(drop.image)}",
-                  f"rootfs_type = {_toml_str(drop.rootfs_type)}",
+        lines += [f"image = {toml_str(drop.image)}",
+                  f"rootfs_type = {toml_str(drop.rootfs_type)}",
                   f"disable_image_nvdimm = {'true' if drop.disable_image_nvdimm else 'false'}"]
     if drop.initrd:
-        lines.append(f"initrd = {_toml_str(drop.initrd)}")
-    lines += [f"kernel_params = {_toml_str(' '.join(drop.kernel_params))}",
-              f"kernel_verity_params = {_toml_str(drop.kernel_verity_params)}",
-              f"firmware = {_toml_str(drop.firmware)}"]
-    return "\n".join(lines) + "\n"
+        lines.append(f"initrd = {toml_str(drop.initrd)}")
+    lines += [f"kernel_params = {toml_str(' '.join(drop.kernel_params))}",
+              f"kernel_verity_params = {toml_str(drop.kernel_verity_params)}",
+              f"firmware = {toml_str(drop.firmware)}"]
+    return "\n".join(lines) + "\n" + extra
 
 
 def read_configuration(path: Path) -> Drop:
@@ -307,10 +309,28 @@ def read_configuration(path: Path) -> Drop:
         parse_verity_params(verity)
     except VerityParamsError as exc:
         raise BuildError(f"{path}: key hypervisor.qemu.kernel_verity_params: {exc}") from None
+    extensions = []
+    entries = qemu.get("guest_extension_images", [])
+    if not isinstance(entries, list):
+        raise BuildError(f"{path}: key hypervisor.qemu.guest_extension_images: expected an "
+                         "array of tables ([[hypervisor.qemu.guest_extension_images]])")
+    for i, entry in enumerate(entries):
+        fields = [entry.get(k, "") if isinstance(entry, dict) else None
+                  for k in ("name", "path", "verity_params")]
+        if not all(isinstance(f, str) for f in fields) or not fields[0]:
+            raise BuildError(f"{path}: guest_extension_images entry {i}: expected name, path "
+                             f"and verity_params strings, got {entry!r}")
+        try:
+            parse_verity_params(str(fields[2]))
+        except VerityParamsError as exc:
+            raise BuildError(f"{path}: guest_extension_images {fields[0]!r}: invalid "
+                             f"verity_params: {exc}") from None
+        extensions.append((str(fields[0]), str(fields[1]), str(fields[2])))
     return Drop(kernel=text("kernel", True), image=image, initrd=initrd,
                 kernel_params=tuple(text("kernel_params").split()),
                 kernel_verity_params=verity, firmware=text("firmware"),
-                rootfs_type=text("rootfs_type") or "ext4", disable_image_nvdimm=nvdimm)
+                rootfs_type=text("rootfs_type") or "ext4", disable_image_nvdimm=nvdimm,
+                extensions=tuple(extensions))
 
 
 # -- the outputs of --format kata / kata-initrd ----------------------------------------------
@@ -332,7 +352,8 @@ def check_kernel(config: dict[str, str], built: bool, profile: str) -> None:
 
 
 def write_outputs(out: Path, erofs: Path | None, initramfs: Path | None, profile: str,
-                  prefix: str, extra_params: tuple[str, ...] = ()) -> dict[str, Path]:
+                  prefix: str, extra_params: tuple[str, ...] = (),
+                  extra_toml: str = "") -> dict[str, Path]:
     """The Kata disk (from ``erofs``) and/or the initrd drop-in (for ``initramfs``) in
     ``out``; ``extra_params`` follow NVIDIA's kernel_params. Returns the files written."""
     base = f"{prefix.rstrip('/')}/{profile}"
@@ -345,12 +366,13 @@ def write_outputs(out: Path, erofs: Path | None, initramfs: Path | None, profile
         drop = Drop(kernel=f"{base}/vmlinuz", image=f"{base}/{DISK}", initrd=None,
                     kernel_params=params, kernel_verity_params=verity.format(),
                     firmware=KATA_FIRMWARE)
-        (out / CONFIGURATION).write_text(render_configuration(drop, profile))
+        (out / CONFIGURATION).write_text(render_configuration(drop, profile, extra_toml))
         written.update({n: out / n for n in (DISK, ROOT_HASH, CONFIGURATION)})
     if initramfs is not None:
         drop = Drop(kernel=f"{base}/vmlinuz", image=None, initrd=f"{base}/{initramfs.name}",
                     kernel_params=params, kernel_verity_params="",
                     firmware=KATA_FIRMWARE)
-        (out / CONFIGURATION_INITRD).write_text(render_configuration(drop, profile))
+        (out / CONFIGURATION_INITRD).write_text(render_configuration(drop, profile,
+                                                                      extra_toml))
         written[CONFIGURATION_INITRD] = out / CONFIGURATION_INITRD
     return written

@@ -159,3 +159,48 @@ def test_kernel_check_names_each_missing_builtin() -> None:
     assert "CONFIG_EFI_STUB (not set)" in str(err.value)
     with pytest.raises(BuildError, match=r"kernel\.build = true"):
         kata.check_kernel({o: "y" for o in kata.BUILTIN}, False, "cpu")
+
+
+def test_extension_split_moves_the_bundles_files_and_restore_puts_them_back(
+        tmp_path: Path) -> None:
+    from rootfs import extension
+    from rootfs.closure import Origin, Tree
+
+    tree = Tree(tmp_path / "tree")
+    bundle, deb = Origin("nvidia-driver", "580"), Origin("libc6", "2.36")
+    tree.add_bytes("usr/bin/nvidia-smi", b"smi", bundle, 0o755)
+    tree.add_bytes("usr/lib/modules/R/kernel/drivers/video/nvidia.ko", b"ko", bundle)
+    tree.add_bytes("usr/lib/x86_64-linux-gnu/libc.so.6", b"libc", deb)
+    ext = tmp_path / "ext"
+    moved = extension.split(tree, bundle, ext)
+    assert sorted(moved) == ["usr/bin/nvidia-smi",
+                             "usr/lib/modules/R/kernel/drivers/video/nvidia.ko"]
+    assert (ext / "usr/bin/nvidia-smi").read_bytes() == b"smi"
+    assert not tree.host("usr/bin/nvidia-smi").exists()
+    assert tree.host("usr/lib/x86_64-linux-gnu/libc.so.6").exists()  # not the bundle's
+    extension.restore(tree, ext, moved)
+    assert tree.host("usr/bin/nvidia-smi").read_bytes() == b"smi" and not ext.exists()
+    with pytest.raises(BuildError, match="nothing to move"):
+        extension.split(tree, Origin("other", "1"), ext)
+    with pytest.raises(BuildError, match="only ASCII letters"):
+        extension.check_name("gpu/x")
+
+
+def test_the_drop_in_lists_extension_images_as_runtime_rs_does(tmp_path: Path) -> None:
+    from rootfs import extension
+
+    verity = "root_hash=abc,salt=def,data_blocks=1,data_block_size=4096,hash_block_size=4096"
+    drop = kata.Drop(kernel="/k", image="/i", initrd=None, kernel_params=(),
+                     kernel_verity_params=verity, firmware="/fw")
+    ext = extension.Extension("gpu", "/opt/guestinit/x/extension-gpu.img", verity)
+    path = tmp_path / "configuration.toml"
+    path.write_text(kata.render_configuration(drop, "x", extension.render([ext])))
+    entries = tomllib.loads(path.read_text())["hypervisor"]["qemu"]["guest_extension_images"]
+    assert entries == [{"name": "gpu", "path": ext.path, "verity_params": verity}]
+    assert kata.read_configuration(path).extensions == (("gpu", ext.path, verity),)
+    text = path.read_text()
+    head, tail = text.split("[[hypervisor.qemu.guest_extension_images]]")
+    path.write_text(head + "[[hypervisor.qemu.guest_extension_images]]" +
+                    tail.replace(verity, "root_hash=abc"))
+    with pytest.raises(BuildError, match="guest_extension_images 'gpu': invalid verity_params"):
+        kata.read_configuration(path)

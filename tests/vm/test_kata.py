@@ -113,12 +113,14 @@ def kata_gpu_images(kata_image: str, tmp_path_factory: pytest.TempPathFactory
     except standin_bundle.StandinError as exc:
         pytest.fail(str(exc))
     out = {}
-    for name, profile, standin in (("gpu", "nvidia-gpu-kata", f"standin.gpu={GPU_ID}"),
-                                   ("servicevm", "nvidia-servicevm-kata",
-                                    f"standin.nvswitch={NVSWITCH_ID}")):
-        out[name] = str(tmp / profile)
+    for name, profile, standin, more in (
+            ("gpu", "nvidia-gpu-kata", f"standin.gpu={GPU_ID}", []),
+            ("servicevm", "nvidia-servicevm-kata", f"standin.nvswitch={NVSWITCH_ID}", []),
+            # composable: the driver bundle in the gpu extension image, beside the base
+            ("gpu-ext", "nvidia-gpu-kata", f"standin.gpu={GPU_ID}", ["--extension", "gpu"])):
+        out[name] = str(tmp / name)
         proc.run([_builder(), "image", profile, "--driver", str(bundle), "--out", out[name],
-                  "--append-config", standin, "--append-config", "agent=none", "-q"],
+                  "--append-config", standin, "--append-config", "agent=none", "-q", *more],
                  timeout=1800, cwd=str(REPO))
     return out
 
@@ -176,3 +178,52 @@ def test_the_init_lifts_the_kmsg_rate_limit_kata_leaves_on(kata_image: str,
     ours = [line for line in text.splitlines() if "guestinit: " in line]
     assert len(ours) > 10, text[-3000:]  # most of them within a second of each other
     assert "callbacks suppressed" not in text
+
+
+def test_base_plus_gpu_extension_runs_the_gpu_stages_from_the_extension(
+        kata_gpu_images: dict[str, str], tmp_path: Path) -> None:
+    from bench.qemu import BarDevice
+
+    img = image.load_kata(kata_gpu_images["gpu-ext"])
+    assert [n for n, _ in img.extensions] == ["gpu"]
+    assert "kata.extension.gpu.verity_params=root_hash=" in img.cmdline
+    res = boot(img, BootOptions(timeout=TIMEOUT, workdir=str(tmp_path),
+                                bar=BarDevice(64 << 20, count=2)), progress=None)
+    assert res.ok, explain(res)
+    ready = res.first(FrameType.READY)
+    assert ready is not None and ready.fields["mode"] == "gpu"
+    ext = ready.fields["extensions"]
+    assert isinstance(ext, dict)
+    assert [(m["name"], m["verity"]) for m in ext["mounted"]] == [("gpu", True)]
+    assert str(ext["usr_overlay"]).startswith("lowerdir=/run/kata-extensions/gpu/usr:")
+    # the modules, persistenced and the CDI spec came from the extension: the base has none
+    assert ready.fields["modules"] == ["nvidia", "nvidia_uvm"]
+    daemons = [d["name"] for d in ready.fields["daemons"]]  # type: ignore[index, union-attr]
+    assert "nvidia-persistenced" in daemons
+
+
+def test_a_changed_extension_or_a_missing_one_fails_the_boot_naming_it(
+        kata_gpu_images: dict[str, str], tmp_path: Path) -> None:
+    import dataclasses
+
+    directory = kata_gpu_images["gpu-ext"]
+    tampered = tmp_path / "extension-gpu.img"
+    shutil.copyfile(Path(directory) / "extension-gpu.img", tampered)
+    p1 = kata.partitions(tampered)[0][0]
+    with tampered.open("r+b") as fh:
+        fh.seek(p1 + 1024)  # the extension's erofs superblock
+        byte = fh.read(1)
+        fh.seek(p1 + 1024)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    img = image.load_kata(directory, extensions={"gpu": str(tampered)})
+    res = boot(img, BootOptions(timeout=TIMEOUT, workdir=str(tmp_path / "a")), progress=None)
+    failed = res.first(FrameType.FAILED)
+    assert failed is not None and failed.fields["stage"] == "extensions", explain(res)
+    assert "extension gpu: mount erofs" in str(failed.fields["reason"])
+    assert "does not match its hash tree" in str(failed.fields["reason"])
+    # named on the cmdline, not attached
+    absent = dataclasses.replace(image.load_kata(directory), extensions=())
+    res = boot(absent, BootOptions(timeout=TIMEOUT, workdir=str(tmp_path / "b")), progress=None)
+    failed = res.first(FrameType.FAILED)
+    assert failed is not None, explain(res)
+    assert "no disk with serial extension-gpu" in str(failed.fields["reason"])
