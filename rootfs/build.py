@@ -16,6 +16,7 @@ from rootfs import (
     closure,
     extension,
     fetch,
+    images,
     kata,
     kbuild,
     kconfig,
@@ -349,47 +350,10 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             (out / name).unlink(missing_ok=True)
         for old in [*out.glob(extension.disk_name("*")), *out.glob(extension.root_hash_name("*"))]:
             old.unlink()
-        outputs: dict[str, Path] = {}
-        ext_root, moved = staging.parent / f"{staging.name}.ext", list[str]()
-        if extension_name is not None:  # the bundle's files go to the extension image
-            assert bundle is not None
-            moved = extension.split(tree, bundle.origin, ext_root)
-        extra_toml = ""
-        try:
-            if {profile.Format.INITRAMFS, profile.Format.KATA_INITRD} & set(formats):
-                with progress.step(f"pack initramfs (cpio newc + {compression})"):
-                    outputs["initramfs.img"] = pack.initramfs(tree.root, out, epoch, zstd_level,
-                                                              compression)
-            roothash = None
-            if profile.Format.EROFS in formats:
-                with progress.step("pack erofs + dm-verity"):
-                    roothash = pack.erofs_verity(tree.root, out, epoch, prof.name)
-                    outputs.update({n: out / n for n in ("rootfs.erofs", "rootfs.verity",
-                                                          "roothash.txt", "cmdline-erofs.txt")})
-            if wants_kata:
-                with progress.step("Kata's disk (msdos: p1 erofs, p2 verity) and drop-ins"):
-                    erofs = None
-                    if profile.Format.KATA in formats:
-                        erofs = out / "rootfs.erofs"
-                        if profile.Format.EROFS not in formats:
-                            erofs = pack.mkfs_erofs(tree.root, staging.parent / (
-                                staging.name + ".erofs"), epoch, prof.name)
-                    rd = (outputs["initramfs.img"] if profile.Format.KATA_INITRD in formats
-                          else None)
-                    if extension_name is not None:
-                        ext, files = extension.write(ext_root, out, extension_name, epoch,
-                                                     kata_prefix, prof.name)
-                        outputs.update(files)
-                        extra_toml = extension.render([ext])
-                    try:
-                        outputs.update(kata.write_outputs(out, erofs, rd, prof.name, kata_prefix,
-                                                          prof.kernel.kata_params, extra_toml))
-                    finally:
-                        if erofs is not None and erofs.parent != out:
-                            erofs.unlink(missing_ok=True)
-        finally:
-            if moved:
-                extension.restore(tree, ext_root, moved)
+        outputs, roothash = images.pack_all(
+            tree, out, staging, formats, prof, epoch, progress,
+            images.Options(compression, zstd_level, kata_prefix, extension_name),
+            bundle.origin if bundle else None)
         with progress.step("kernel, cmdline, manifest, SBOM"):
             shutil.copyfile(kt.vmlinuz, out / "vmlinuz")
             os.chmod(out / "vmlinuz", 0o644)
