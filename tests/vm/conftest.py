@@ -39,18 +39,25 @@ def _builder() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def cpu_image() -> str:
-    if not all((CPU_IMAGE / name).is_file() for name in REQUIRED):
+def ensure_image(profile: str, directory: Path, needed: tuple[str, ...]) -> str:
+    """``directory`` holding ``needed``: built with guestinit-build when it does not (a
+    built kernel comes from the cache); fails, never skips, with the builder's message."""
+    if not all((directory / n).is_file() for n in needed):
         try:
-            proc.run([_builder(), "image", "cpu", "--out", str(CPU_IMAGE)], timeout=1800,
+            proc.run([_builder(), "image", profile, "--out", str(directory)], timeout=3600,
                      cwd=str(REPO))
         except proc.RunError as exc:
-            pytest.fail(f"building the cpu image for the vm tier failed:\n{exc}")
-    missing = [n for n in REQUIRED if not (CPU_IMAGE / n).is_file()]
+            pytest.fail(f"building the {profile} image for the vm tier failed:\n{exc}")
+    missing = [n for n in needed if not (directory / n).is_file()]
     if missing:
-        pytest.fail(f"guestinit-build image cpu left {CPU_IMAGE} without {', '.join(missing)}")
-    return str(CPU_IMAGE)
+        pytest.fail(f"guestinit-build image {profile} left {directory} without "
+                    f"{', '.join(missing)}")
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    return ensure_image("cpu", CPU_IMAGE, REQUIRED)
 
 
 TUNED_IMAGE = Path(os.environ.get("GUESTINIT_VM_TUNED_IMAGE") or REPO / "out" / "cpu-tuned")
@@ -59,18 +66,7 @@ TUNED_IMAGE = Path(os.environ.get("GUESTINIT_VM_TUNED_IMAGE") or REPO / "out" / 
 @pytest.fixture(scope="session")
 def tuned_image() -> str:
     """out/cpu-tuned: the cpu image on the kernel ./build.sh kernel builds (cached)."""
-    needed = (*REQUIRED, "vmlinux")
-    if not all((TUNED_IMAGE / name).is_file() for name in needed):
-        try:
-            proc.run([_builder(), "image", "cpu-tuned", "--out", str(TUNED_IMAGE)],
-                     timeout=3600, cwd=str(REPO))
-        except proc.RunError as exc:
-            pytest.fail(f"building the cpu-tuned image for the vm tier failed:\n{exc}")
-    missing = [n for n in needed if not (TUNED_IMAGE / n).is_file()]
-    if missing:
-        pytest.fail(f"guestinit-build image cpu-tuned left {TUNED_IMAGE} without "
-                    f"{', '.join(missing)}")
-    return str(TUNED_IMAGE)
+    return ensure_image("cpu-tuned", TUNED_IMAGE, (*REQUIRED, "vmlinux"))
 
 
 def boot_vm(directory: str, workdir: Path, *, erofs: bool = False, entry: str = "auto",
@@ -100,10 +96,4 @@ KATA_NEEDED = ("vmlinuz", "initramfs.img", "kata-containers.img", "root_hash.txt
 @pytest.fixture(scope="session")
 def kata_image() -> str:
     """out/kata: the kata profile (its kernel built by ./build.sh kernel, cached)."""
-    if not all((KATA_IMAGE / n).is_file() for n in KATA_NEEDED):
-        try:
-            proc.run([_builder(), "image", "kata", "--out", str(KATA_IMAGE)], timeout=3600,
-                     cwd=str(REPO))
-        except proc.RunError as exc:
-            pytest.fail(f"building the kata image for the vm tier failed:\n{exc}")
-    return str(KATA_IMAGE)
+    return ensure_image("kata", KATA_IMAGE, KATA_NEEDED)
