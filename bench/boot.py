@@ -31,7 +31,16 @@ from bench.qemu import (
     qemu_argv,
 )
 from bench.qmp import Qmp, QmpError
-from bench.vmio import Console, Progress, accept, listen, peak_rss_kib, read_text, recv
+from bench.vmio import (
+    Console,
+    Progress,
+    accept,
+    last_words,
+    listen,
+    peak_rss_kib,
+    read_text,
+    recv,
+)
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
 
@@ -347,22 +356,6 @@ class _Watch:
             sel.close()
 
 
-START_FAILURES = ("guestinit-launcher: ", "guestinit: cannot start: ")
-KERNEL_LAST_WORDS = ("is corrupted", "Kernel panic", "VFS: Cannot open root device")
-
-
-def _init_could_not_start(console_log: str) -> str:
-    text = read_text(console_log, limit=16384)
-    said = [line.strip() for line in text.splitlines() if line.startswith(START_FAILURES)]
-    if said:
-        return said[-1][:300]
-    # no init ran: the kernel's own last words (a verity root that fails its hash tree
-    # panics in mount_root; Kata's panic=1 then reboots, which -no-reboot ends)
-    kernel = [line.split("] ", 1)[-1].strip() for line in text.splitlines()
-              if any(k in line for k in KERNEL_LAST_WORDS)]
-    return "; ".join(dict.fromkeys(kernel))[:400]
-
-
 def _judge(res: BootResult) -> None:
     ready = res.first(FrameType.READY)
     failed = res.first(FrameType.FAILED)
@@ -384,7 +377,7 @@ def _judge(res: BootResult) -> None:
         res.reason = f"QEMU exited (status {res.qemu_rc}) before the guest was ready"
         if not res.frames:
             res.reason += " (no frame arrived on the report port or the console)"
-            said = _init_could_not_start(res.console_log)
+            said = last_words(res.console_log)
             if said:
                 res.reason += f"; the console says: {said}"
     elif shutdown is None:

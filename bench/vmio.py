@@ -122,3 +122,19 @@ def recv(sock: socket.socket) -> bytes:
 
 # What the image's launcher and its entry code print when guestinit cannot run at all
 # (rootfs/launcher.c): no frame can say it, the console does.
+START_FAILURES = ("guestinit-launcher: ", "guestinit: cannot start: ")
+KERNEL_LAST_WORDS = ("is corrupted", "Kernel panic", "VFS: Cannot open root device")
+
+
+def last_words(console_log: str) -> str:
+    """Why a guest stopped before its init could report: the launcher's or the init's
+    start-up failure line, else the kernel's own last words."""
+    text = read_text(console_log, limit=16384)
+    said = [line.strip() for line in text.splitlines() if line.startswith(START_FAILURES)]
+    if said:
+        return said[-1][:300]
+    # no init ran: the kernel's own last words (a verity root that fails its hash tree
+    # panics in mount_root; Kata's panic=1 then reboots, which -no-reboot ends)
+    kernel = [line.split("] ", 1)[-1].strip() for line in text.splitlines()
+              if any(k in line for k in KERNEL_LAST_WORDS)]
+    return "; ".join(dict.fromkeys(kernel))[:400]

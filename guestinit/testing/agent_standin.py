@@ -1,25 +1,18 @@
 """A kata-agent stand-in for tests (pid-namespace and VM tiers).
 
-Behaves like an agent on the interfaces the init sees: it is started by PID 1,
-logs to syslog, says when it is ready (``READY_MARKER`` on syslog, after listening
-on ``--listen PATH`` if given: ``guestinit.agent.ready=syslog:agent-standin-ready`` or
-``=unix:PATH``), runs until told to stop (SIGTERM) and exits with a status. Options
-make it misbehave on purpose: leave orphans, crash, ignore SIGTERM, flood syslog,
-become ready late or never.
-Runs with ``python3 -IS`` in the image (stdlib only).
+Behaves like an agent on the interfaces the init sees: logs to syslog, says when it is
+ready (``READY_MARKER`` on syslog, after ``--listen PATH`` if given), runs until SIGTERM
+and exits with a status; options make it misbehave on purpose (orphans, crashes, ignored
+SIGTERM, syslog floods, late or no readiness). ``python3 -IS`` in the image (stdlib only).
 
-In init mode (``getpid() == 1``, kata-agent's test in ``src/agent/src/main.rs``) it does
-what kata-agent does there, read from kata-containers @7c6ba40c54: the init-mode mounts
-(``mount.rs`` ``INIT_ROOTFS_MOUNTS``, each skipped when that file system is already
-there; cgroup2 on /sys/fs/cgroup), /dev/ptmx as a link to /dev/pts/ptmx, ``setsid()``,
-the hostname from /etc/hostname (``init_agent_as_init``), it reaps every child, and when
-it ends it syncs and calls ``reboot(RB_POWER_OFF)``. ``--cgroup`` creates a container
-cgroup as ``rpc.rs`` decides the driver: a systemd-style path (``slice:prefix:name``)
-takes the systemd driver outside init mode, which needs systemd on D-Bus, and the
-cgroupfs driver in init mode (``container.rs``: ``:`` becomes ``/``). ``--resolv``
-writes the sandbox's DNS and bind-mounts it over /etc/resolv.conf, skipped when that
-file is absent (``network.rs`` ``setup_guest_dns``). ``--vsock-listen`` listens where
-kata-agent does (vsock port 1024). ``--facts`` logs what it found as one JSON line.
+In init mode (``getpid() == 1``, kata-agent's test, ``src/agent/src/main.rs`` @7c6ba40c54)
+it does what kata-agent does then: the init-mode mounts (``mount.rs``, each skipped when
+already there), /dev/ptmx -> /dev/pts/ptmx, ``setsid()``, the hostname, reaping, and
+``reboot(RB_POWER_OFF)`` at its end. ``--cgroup`` picks the driver as ``rpc.rs`` does
+(systemd for a ``slice:prefix:name`` path outside init mode, which needs D-Bus; cgroupfs
+in init mode, ``:`` -> ``/``), ``--resolv`` bind-mounts the DNS over /etc/resolv.conf
+(``network.rs``), ``--vsock-listen`` listens as kata-agent does on 1024, ``--facts`` logs
+what it found as one JSON line.
 """
 
 from __future__ import annotations
