@@ -204,3 +204,36 @@ def test_the_drop_in_lists_extension_images_as_runtime_rs_does(tmp_path: Path) -
                     tail.replace(verity, "root_hash=abc"))
     with pytest.raises(BuildError, match="guest_extension_images 'gpu': invalid verity_params"):
         kata.read_configuration(path)
+
+
+def test_the_agent_and_pause_bundle_go_where_kata_agent_looks(tmp_path: Path) -> None:
+    from rootfs import tree_extras
+    from rootfs.closure import Tree
+
+    tree = Tree(tmp_path / "tree")
+    with pytest.raises(BuildError, match="no such file"):
+        tree_extras.install_agent(tree, tmp_path / "missing")
+    script = tmp_path / "agent.sh"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(BuildError, match="not executable"):
+        tree_extras.install_agent(tree, script)
+    script.chmod(0o755)
+    with pytest.raises(BuildError, match="not an ELF"):
+        tree_extras.install_agent(tree, script)
+    elf = tmp_path / "kata-agent"
+    elf.write_bytes(Path("/bin/true").read_bytes())
+    elf.chmod(0o755)
+    origin = tree_extras.install_agent(tree, elf)
+    assert tree.host("usr/bin/kata-agent").read_bytes() == elf.read_bytes()
+    assert origin.package == "kata-agent" and origin.version.startswith("sha256-")
+    bundle = tmp_path / "bundle"
+    with pytest.raises(BuildError, match="not an OCI bundle"):
+        tree_extras.install_pause_bundle(tree, bundle)
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text("{}")
+    (bundle / "rootfs/pause").write_bytes(b"\x7fELF")
+    assert tree_extras.install_pause_bundle(tree, bundle) == 2
+    assert tree.host("pause_bundle/rootfs/pause").read_bytes() == b"\x7fELF"
+    tree_extras.write_agent_files(tree, "gpu-vm")
+    assert tree.host("etc/resolv.conf").read_text() == ""
+    assert tree.host("etc/hostname").read_text() == "gpu-vm\n"
