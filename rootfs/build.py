@@ -350,7 +350,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             (out / name).unlink(missing_ok=True)
         for old in [*out.glob(extension.disk_name("*")), *out.glob(extension.root_hash_name("*"))]:
             old.unlink()
-        outputs, roothash = images.pack_all(
+        outputs, roothash, in_extension = images.pack_all(
             tree, out, staging, formats, prof, epoch, progress,
             images.Options(compression, zstd_level, kata_prefix, extension_name),
             bundle.origin if bundle else None)
@@ -377,6 +377,11 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                                  bundle.origin if bundle else None, roothash,
                                  guestinit_source(), host_tools(),
                                  {n: fetch.wheel_license(w) for n, w in inputs.wheels.items()})
+            if extension_name is not None:  # where each file ships: verify reads it
+                ext_disk, moved = extension.disk_name(extension_name), set(in_extension)
+                for row in man.data["files"]:
+                    if row["path"].lstrip("/") in moved:
+                        row["image"] = ext_disk
             man.write(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -22,8 +22,9 @@ class Options:
 
 def pack_all(tree: Tree, out: Path, staging: Path, formats: tuple[profile.Format, ...],
              prof: profile.Profile, epoch: int, progress: Progress, opts: Options,
-             bundle: Origin | None) -> tuple[dict[str, Path], str | None]:
-    """Every image of ``formats`` in ``out``; (outputs by name, the erofs root hash)."""
+             bundle: Origin | None) -> tuple[dict[str, Path], str | None, list[str]]:
+    """Every image of ``formats`` in ``out``; (outputs by name, the erofs root hash, the
+    image paths that went into the extension image instead of the base)."""
     outputs: dict[str, Path] = {}
     ext_root, moved = staging.parent / f"{staging.name}.ext", list[str]()
     if opts.extension_name is not None:  # the bundle's files go to the extension image
@@ -47,7 +48,7 @@ def pack_all(tree: Tree, out: Path, staging: Path, formats: tuple[profile.Format
     finally:
         if moved:
             extension.restore(tree, ext_root, moved)
-    return outputs, roothash
+    return outputs, roothash, moved
 
 
 def _kata(tree: Tree, out: Path, staging: Path, formats: tuple[profile.Format, ...],

@@ -227,3 +227,11 @@ def test_a_changed_extension_or_a_missing_one_fails_the_boot_naming_it(
     failed = res.first(FrameType.FAILED)
     assert failed is not None, explain(res)
     assert "no disk with serial extension-gpu" in str(failed.fields["reason"])
+
+
+def test_verify_checks_the_base_and_the_extension_image(kata_gpu_images: dict[str, str]) -> None:
+    said = proc.run([_builder(), "verify", "--allow-unsigned", kata_gpu_images["gpu-ext"]]).stdout
+    assert "extension-gpu.img p1 matches its p2 hash tree with root_hash_extension-gpu.txt" \
+        in said
+    assert "kata-containers.img p1 matches its p2 hash tree" in said
+    assert "initramfs entries match" in said  # the bundle's files are not in the base
