@@ -36,7 +36,11 @@ VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0")
 FEATURES: tuple[tuple[str, bool, str], ...] = (
     ("device nodes per GPU index, per UUID, and `all`", True,
      "from the driver's procfs; `fileMode` from `device.mode`, no `hostPath`"),
-    ("device name strategies", True, "index and uuid, both at once"),
+    ("device name strategies", True, "index and uuid, both at once; the index is the GPU's "
+     "rank in PCI bus order, as Kata annotates a cold-plugged GPU (`cdi.k8s.io/vfioN: "
+     "nvidia.com/gpu=<rank>`, `container.go` `annotateContainerWithVFIOMetadata`) and as "
+     "NVML numbers GPUs; `/dev/nvidiaM` keeps the driver's minor, which the `ready` facts "
+     "and the `assign gpuN BDF UUID MODEL as /dev/nvidiaM` audit line both show"),
     ("MIG devices", True, "`<gpu>:<gi>` per GPU instance with a compute instance: "
      "/dev/nvidiaN + the GI and CI access caps; no MIG UUID names (they come from NVML)"),
     ("IMEX channels", True, "a second spec, kind `nvidia.com/imex-channel`, one device per "
