@@ -204,8 +204,8 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
     for v in variants:
         doc_variants[v.name] = {
             "image": images[v.name].directory,
-            "root": ("kata disk (erofs + verity)" if v.machine == "kata"
-                     else "erofs" if v.erofs else "initramfs"),
+            # kata: Kata's disk, p1 erofs checked against p2 by dm-verity (docs/kata.md)
+            "root": "kata" if v.machine == "kata" else "erofs" if v.erofs else "initramfs",
             "kernel_entry": images[v.name].entry,
             "init": v.init, "append": v.append, "entropy": v.entropy or settings.entropy,
             "cmdline": "", "runs": [], "warmup_failures": [],

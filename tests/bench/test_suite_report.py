@@ -184,3 +184,21 @@ def test_report_command_renders_each_format(tmp_path: Path,
     capsys.readouterr()
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("guestinit-bench report: ")
+
+
+def test_a_kata_machine_suite_is_valid_and_its_table_splits_the_boot(tmp_path: Path) -> None:
+    """suite --machine kata writes root "kata"; the table shows VMM + firmware (OVMF under
+    Kata's machine), the kernel and the init apart."""
+    from bench.suite_report import markdown
+
+    doc = suite_doc()
+    for entry in doc["variants"].values():
+        entry["root"] = "kata"
+    doc["machine"]["machine_type"] = "q35 + OVMF (Kata's machine, bench/kata.py)"
+    assert validate(doc) is doc
+    doc["variants"]["guestinit"]["root"] = "kata disk"
+    with pytest.raises(SuiteError, match=r"\$\.variants\.guestinit\.root"):
+        validate(doc)
+    doc["variants"]["guestinit"]["root"] = "kata"
+    head = next(line for line in markdown(doc).splitlines() if line.startswith("| variant"))
+    assert "| VMM + firmware median s | Run /init median s | userspace median s |" in head
