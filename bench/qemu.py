@@ -150,19 +150,19 @@ def cpu_model(accel: str, entropy: str) -> str:
     return "qemu64,+rdrand" if "rdrand" in entropy else "qemu64"
 
 
-def _standin_devices(bar: BarDevice | None) -> tuple[list[str], list[str]]:
-    """(-object args, -device specs without a bus or address) of the stand-in devices."""
+def standin_devices(bar: BarDevice | None) -> list[tuple[list[str], str]]:
+    """The stand-in devices in slot order: (-object args, -device spec without a bus or
+    address) each; microvm puts them at ``bar.bdfs()``, Kata's machine on root ports."""
     if bar is None:
-        return [], []
-    objects, devices = [], []
+        return []
+    out: list[tuple[list[str], str]] = []
     for i in range(len(bar.bdfs())):
         if i >= bar.count or not bar.size:
-            devices.append("edu")
+            out.append(([], "edu"))
             continue
-        objects += ["-object", f"memory-backend-ram,id=bar{i},size={bar.size},share=on,"
-                    "reserve=off"]
-        devices.append(f"ivshmem-plain,memdev=bar{i}")
-    return objects, devices
+        out.append((["-object", f"memory-backend-ram,id=bar{i},size={bar.size},share=on,"
+                     "reserve=off"], f"ivshmem-plain,memdev=bar{i}"))
+    return out
 
 
 def kata_argv(spec: VmSpec) -> list[str]:
@@ -173,7 +173,9 @@ def kata_argv(spec: VmSpec) -> list[str]:
     cpu = cpu_model(spec.accel, spec.entropy)
     console = (f"socket,path={spec.console_socket}" if spec.console_socket
                else f"file,path={spec.console_log}")
-    objects, devices = _standin_devices(spec.bar)
+    standins = standin_devices(spec.bar)
+    objects = [arg for obj, _dev in standins for arg in obj]
+    devices = [dev for _obj, dev in standins]
     disk = spec.disks[0] if spec.disks else None
     return [
         spec.qemu, *kata.machine_argv(spec.firmware, disk, spec.root_ports, console, devices,
@@ -220,14 +222,8 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
                  "-device", "virtio-rng-device,rng=rng0"]
     if spec.bar is not None:
-        for i, bdf in enumerate(spec.bar.bdfs()):
-            slot = bdf.split(":", 2)[2]
-            if i >= spec.bar.count or not spec.bar.size:
-                argv += ["-device", f"edu,addr={slot}"]
-                continue
-            argv += ["-object", f"memory-backend-ram,id=bar{i},size={spec.bar.size},"
-                     "share=on,reserve=off",
-                     "-device", f"ivshmem-plain,memdev=bar{i},addr={slot}"]
+        for (obj, dev), bdf in zip(standin_devices(spec.bar), spec.bar.bdfs(), strict=True):
+            argv += [*obj, "-device", f"{dev},addr={bdf.split(':', 2)[2]}"]
     for i, disk in enumerate(spec.disks):
         argv += [
             "-drive", f"id=disk{i},file={disk},format=raw,if=none,readonly=on",
