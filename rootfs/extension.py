@@ -86,11 +86,9 @@ def write(ext_root: Path, out: Path, name: str, epoch: int, prefix: str,
     erofs = pack.mkfs_erofs(ext_root, out / f".extension-{name}.erofs", epoch,
                             f"extension {name}")
     try:
-        params = kata.write_disk(erofs, out / disk_name(name))
+        params = kata.write_checked_disk(erofs, out / disk_name(name), out / root_hash_name(name))
     finally:
         erofs.unlink(missing_ok=True)
-    kata.verify_disk(out / disk_name(name), params)
-    (out / root_hash_name(name)).write_text(params.format() + "\n")
     ext = Extension(name, f"{prefix.rstrip('/')}/{profile}/{disk_name(name)}",
                     params.format())
     return ext, {n: out / n for n in (disk_name(name), root_hash_name(name))}

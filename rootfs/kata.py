@@ -32,6 +32,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from rootfs.pack import verity_field
 from rootfs.steps import BuildError, run
 
 MIB = 1 << 20
@@ -146,32 +147,25 @@ def sfdisk_script(lay: Layout, label_id: int) -> str:
             f"start={lay.p2_start // SECTOR}, size={lay.p2_size // SECTOR}, type=83\n")
 
 
-def _verity_field(text: str, key: str) -> str:
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        if k.strip() == key:
-            return v.split("[", 1)[0].strip()  # "Data blocks: 12 [...]" in some versions
-    raise BuildError(f"veritysetup: no '{key}' in its output: {text[:300]!r}")
-
-
 def write_disk(erofs: Path, disk: Path) -> VerityParams:
     """``disk``: msdos label, p1 = ``erofs`` zero-padded to the partition, p2 = the
     dm-verity hash tree of all of p1 without a superblock. Returns the parameters."""
-    lay = layout_for(erofs.stat().st_size)
-    salt = hashlib.sha256(b"guestinit-kata-salt\0" + erofs.read_bytes()).hexdigest()
+    data = erofs.read_bytes()
+    lay = layout_for(len(data))
+    salt = hashlib.sha256(b"guestinit-kata-salt\0" + data).hexdigest()
     with tempfile.TemporaryDirectory(prefix="kata-disk-", dir=disk.parent) as tmp:
         p1, p2 = Path(tmp) / "p1", Path(tmp) / "p2"
-        p1.write_bytes(erofs.read_bytes())
+        p1.write_bytes(data)
         with p1.open("r+b") as fh:
             fh.truncate(lay.p1_size)
         text = run(["veritysetup", "format", "--no-superblock", "--hash=sha256",
                     f"--data-block-size={BLOCK}", f"--hash-block-size={BLOCK}",
                     f"--salt={salt}", p1, p2], what=f"veritysetup format for {disk.name}"
                    ).decode()
-        params = VerityParams(_verity_field(text, "Root hash"), _verity_field(text, "Salt"),
-                              int(_verity_field(text, "Data blocks")),
-                              int(_verity_field(text, "Data block size")),
-                              int(_verity_field(text, "Hash block size")))
+        params = VerityParams(verity_field(text, "Root hash"), verity_field(text, "Salt"),
+                              int(verity_field(text, "Data blocks")),
+                              int(verity_field(text, "Data block size")),
+                              int(verity_field(text, "Hash block size")))
         tree = p2.read_bytes()
         if len(tree) > lay.p2_size:
             raise BuildError(f"{disk.name}: the hash tree ({len(tree)} bytes) does not fit "
@@ -188,6 +182,15 @@ def write_disk(erofs: Path, disk: Path) -> VerityParams:
                 fh.write(chunk)
             fh.seek(lay.p2_start)
             fh.write(tree)
+    return params
+
+
+def write_checked_disk(erofs: Path, disk: Path, root_hash: Path) -> VerityParams:
+    """``write_disk``, then its own check (``verify_disk``), then ``root_hash`` (the
+    ``kernel_verity_params`` line): a base image or an extension image."""
+    params = write_disk(erofs, disk)
+    verify_disk(disk, params)
+    root_hash.write_text(params.format() + "\n")
     return params
 
 
@@ -360,9 +363,7 @@ def write_outputs(out: Path, erofs: Path | None, initramfs: Path | None, profile
     params = (*KERNEL_PARAMS_NV, *extra_params)
     written: dict[str, Path] = {}
     if erofs is not None:
-        verity = write_disk(erofs, out / DISK)
-        verify_disk(out / DISK, verity)
-        (out / ROOT_HASH).write_text(verity.format() + "\n")
+        verity = write_checked_disk(erofs, out / DISK, out / ROOT_HASH)
         drop = Drop(kernel=f"{base}/vmlinuz", image=f"{base}/{DISK}", initrd=None,
                     kernel_params=params, kernel_verity_params=verity.format(),
                     firmware=KATA_FIRMWARE)

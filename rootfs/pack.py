@@ -97,10 +97,11 @@ def erofs_verity(root: Path, out: Path, epoch: int, name: str) -> str:
 
 
 def verity_field(text: str, key: str) -> str:
+    """A field of ``veritysetup format``'s output (``Data blocks: 12 [...]``: 12)."""
     for line in text.splitlines():
         k, _, v = line.partition(":")
         if k.strip() == key:
-            return v.strip()
+            return v.split("[", 1)[0].strip()
     raise BuildError(f"veritysetup: no '{key}' in its output: {text[:300]!r}")
 
 
