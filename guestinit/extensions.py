@@ -76,28 +76,22 @@ def verity_fields(text: str) -> dict[str, str]:
 
 def find_disk(root: str, name: str, wait: float | None = None) -> str | None:
     """The block device (``vdb``) whose virtio serial is ``extension-<name>``, waiting up
-    to ``wait`` (default DISK_WAIT) seconds for it."""
-    want = f"extension-{name}"
+    to ``wait`` (default DISK_WAIT) seconds for it (a partition has no serial)."""
+    from guestinit.sysfs import find_named
+
     deadline = time.monotonic() + (DISK_WAIT if wait is None else wait)
-    base = os.path.join(root, "sys/block")
-    while True:
-        for disk in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-            try:
-                with open(os.path.join(base, disk, "serial")) as fh:
-                    if fh.read().strip() == want:
-                        return disk
-            except OSError:
-                continue
+    while (disk := find_named(root, "block", f"extension-{name}", "serial")) is None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.01)
+    return disk
 
 
 def partition(root: str, disk: str, number: int) -> tuple[str, str] | None:
     """(name, ``major:minor``) of partition ``number`` of ``disk`` (vdb1, nvme0n1p1)."""
     part = f"{disk}{'p' if disk[-1].isdigit() else ''}{number}"
     try:
-        with open(os.path.join(root, "sys/block", disk, part, "dev")) as fh:
+        with open(os.path.join(root, "sys/class/block", part, "dev")) as fh:
             return part, fh.read().strip()
     except OSError:
         return None

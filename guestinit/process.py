@@ -70,11 +70,16 @@ def _child(
             os.chdir(cwd)
         os.execve(exe, list(argv), dict(env))
     except BaseException as exc:  # report any failure to the parent, then die
-        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-        try:
-            os.write(err_w, f"{code}:{type(exc).__name__}: {exc}".encode()[:500])
-        finally:
-            os._exit(127)
+        _die(err_w, exc)
+
+
+def _die(err_w: int, exc: BaseException) -> None:
+    """In a forked child: tell the parent what failed (``spawn`` raises it), exit 127."""
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+    try:
+        os.write(err_w, f"{code}:{type(exc).__name__}: {exc}".encode()[:500])
+    finally:
+        os._exit(127)
 
 
 def _fork_pid_namespace(err_w: int) -> int:
@@ -110,11 +115,7 @@ def _fork_pid_namespace(err_w: int) -> int:
             os.write(pid_w, str(first).encode())
             os._exit(0)
         except BaseException as exc:  # tell the parent through the exec-error pipe
-            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-            try:
-                os.write(err_w, f"{code}:{type(exc).__name__}: {exc}".encode()[:500])
-            finally:
-                os._exit(127)
+            _die(err_w, exc)
     os.close(pid_w)
     try:
         text = os.read(pid_r, 32)

@@ -245,6 +245,11 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
                          "use nvidia-gpu or nvidia-servicevm with --driver")
+    if extension_name is not None:  # before any fetch or kernel build
+        extension.check_name(extension_name)
+        if driver_dir is None or profile.Format.KATA not in formats:
+            raise BuildError(f"--extension {extension_name}: puts the driver bundle in a Kata "
+                             "extension image: needs --driver DIR and the kata format")
     if prof.driver is profile.Driver.REQUIRED and driver_dir is None:
         raise BuildError(f"profile {prof.name}: needs a driver bundle: pass --driver DIR "
                          "(layout in docs/image.md)")
@@ -269,11 +274,6 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             progress.note(f"kernel {kt.release}: "
                           + ("from the cache" if built.cached else "built") + f" ({built.key})")
     wants_kata = {profile.Format.KATA, profile.Format.KATA_INITRD} & set(formats)
-    if extension_name is not None:
-        extension.check_name(extension_name)
-        if driver_dir is None or profile.Format.KATA not in formats:
-            raise BuildError(f"--extension {extension_name}: puts the driver bundle in a Kata "
-                             "extension image: needs --driver DIR and the kata format")
     if wants_kata:
         kata.check_kernel(kconfig.read_config(kt.config), prof.kernel.build, prof.name)
     korigin = Origin(inputs.kernel_package, inputs.lock.debs[inputs.kernel_package].version)

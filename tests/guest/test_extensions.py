@@ -18,9 +18,11 @@ PARAMS = ("root_hash=ab12,salt=cd34,data_blocks=512,data_block_size=4096,"
 
 
 def disk(root: Path, name: str, serial: str, parts: int, major: int = 254) -> None:
-    base = root / "sys/block" / name
-    base.mkdir(parents=True)
-    (base / "serial").write_text(serial + "\n")
+    """/sys/class/block as the kernel has it: the disk with its serial, each partition
+    beside it with its dev and no serial."""
+    base = root / "sys/class/block"
+    (base / name).mkdir(parents=True)
+    (base / name / "serial").write_text(serial + "\n")
     for i in range(1, parts + 1):
         (base / f"{name}{i}").mkdir()
         (base / f"{name}{i}" / "dev").write_text(f"{major}:{16 + i}\n")
@@ -69,7 +71,7 @@ def test_katas_fail_closed_rules(tmp_path: Path, parts: int, params: str, error:
 
 def test_a_named_extension_without_its_disk_fails_naming_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "sys/block").mkdir(parents=True)
+    (tmp_path / "sys/class/block").mkdir(parents=True)
     boot = make_boot(tmp_path, cmdline=f"kata.extension.gpu.verity_params={PARAMS}")
     monkeypatch.setattr(extensions, "DISK_WAIT", 0.0)
     with pytest.raises(BootError, match="no disk with serial extension-gpu"):

@@ -237,3 +237,15 @@ def test_the_agent_and_pause_bundle_go_where_kata_agent_looks(tmp_path: Path) ->
     tree_extras.write_agent_files(tree, "gpu-vm")
     assert tree.host("etc/resolv.conf").read_text() == ""
     assert tree.host("etc/hostname").read_text() == "gpu-vm\n"
+
+
+def test_extension_without_a_bundle_fails_before_any_fetch_or_kernel_build(
+        tmp_path: Path) -> None:
+    from rootfs import profile
+    from rootfs.build import build_image
+
+    with pytest.raises(BuildError, match="needs --driver DIR and the kata format"):
+        build_image(profile.load("kata"), tmp_path / "out", extension_name="gpu")
+    with pytest.raises(BuildError, match="only ASCII letters"):
+        build_image(profile.load("kata"), tmp_path / "out", extension_name="g/x")
+    assert not (tmp_path / "out").exists()  # nothing fetched, built or written
