@@ -29,6 +29,19 @@ def boot_kata(img: image.Image, workdir: Path, append: str) -> BootResult:
                 progress=None)
 
 
+def tampered_copy(disk: Path, copy: Path) -> Path:
+    """``copy`` of a Kata disk with one bit changed in p1's erofs superblock, which the
+    kernel reads first when it mounts the file system."""
+    shutil.copyfile(disk, copy)
+    at = kata.partitions(copy)[0][0] + 1024
+    with copy.open("r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    return copy
+
+
 def console_text(res: BootResult) -> str:
     with open(res.console_log, encoding="utf-8", errors="replace") as fh:
         return fh.read()
@@ -61,14 +74,7 @@ def test_kata_disk_boots_to_ready_on_q35_ovmf_with_katas_cmdline(kata_image: str
 
 def test_a_disk_with_one_byte_changed_in_p1_never_reaches_ready(kata_image: str,
                                                                tmp_path: Path) -> None:
-    tampered = tmp_path / "tampered.img"
-    shutil.copyfile(Path(kata_image) / kata.DISK, tampered)
-    p1 = kata.partitions(tampered)[0][0]
-    with tampered.open("r+b") as fh:
-        fh.seek(p1 + 1024)  # the erofs superblock: the kernel reads it to mount the root
-        byte = fh.read(1)
-        fh.seek(p1 + 1024)
-        fh.write(bytes([byte[0] ^ 0x01]))
+    tampered = tampered_copy(Path(kata_image) / kata.DISK, tmp_path / "tampered.img")
     res = boot_kata(image.load_kata(kata_image, disk=str(tampered)), tmp_path / "w", AGENT)
     assert not res.ok and res.first(FrameType.READY) is None
     assert "is corrupted" in res.reason and "Kernel panic" in res.reason, res.reason
@@ -207,14 +213,8 @@ def test_a_changed_extension_or_a_missing_one_fails_the_boot_naming_it(
     import dataclasses
 
     directory = kata_gpu_images["gpu-ext"]
-    tampered = tmp_path / "extension-gpu.img"
-    shutil.copyfile(Path(directory) / "extension-gpu.img", tampered)
-    p1 = kata.partitions(tampered)[0][0]
-    with tampered.open("r+b") as fh:
-        fh.seek(p1 + 1024)  # the extension's erofs superblock
-        byte = fh.read(1)
-        fh.seek(p1 + 1024)
-        fh.write(bytes([byte[0] ^ 0x01]))
+    tampered = tampered_copy(Path(directory) / "extension-gpu.img",
+                             tmp_path / "extension-gpu.img")
     img = image.load_kata(directory, extensions={"gpu": str(tampered)})
     res = boot(img, BootOptions(timeout=TIMEOUT, workdir=str(tmp_path / "a")), progress=None)
     failed = res.first(FrameType.FAILED)
