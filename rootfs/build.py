@@ -318,7 +318,8 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 except guest_config.ConfigError as exc:
                     raise BuildError(f"--append-config / profile config: {exc}") from None
                 tree.add_bytes("etc/guestinit.conf", text.encode(), GENERATED)
-                tree_extras.write_agent_files(tree, cfg.get("hostname", "localhost"))
+                # the hostname the init will set: the baked file read as the init reads it
+                tree_extras.write_agent_files(tree, guest_config.build(text).str("hostname"))
             if agent is not None:
                 tree_extras.install_agent(tree, agent)
             if pause_bundle is not None:
