@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.suite_report import DASH, PROM_PREFIX, exposition, machine_line
-from guestinit.barmap import format_size
+from guestinit.sizes import format_size
 
 OUTPUTS = ("bar-sweep.md", "bar-sweep.svg", "bar-sweep.png", "bar-sweep.prom")
 

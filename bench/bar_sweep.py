@@ -23,7 +23,8 @@ from bench.boot import BootResult
 from bench.qemu import BAR_BDF, BAR_INDEX, MAX_PHYS_BITS, BarDevice, phys_bits_for
 from bench.stats import ok_runs, stage_durations, summarize
 from bench.suite import SuiteError, Variant
-from guestinit.barmap import MIN_SPAN, format_size, parse_size
+from guestinit.barmap import MIN_SPAN
+from guestinit.sizes import format_size, parse_size
 from guestinit.wire import FrameType
 
 DEFAULT_SIZES = "0,1G,4G,16G,64G,128G,256G"

@@ -19,7 +19,7 @@ def cmd_bar_sweep(args: argparse.Namespace) -> int:
     from bench import bar_report, bar_sweep, suite
     from bench.cli import _write_results, run_interleaved, suite_settings, verdict
     from bench.qemu import BAR_BDF
-    from guestinit.barmap import parse_size
+    from guestinit.sizes import parse_size
 
     try:
         sizes = bar_sweep.parse_sizes(args.sizes)
@@ -70,15 +70,16 @@ def host_description() -> dict[str, object]:
 
 def cmd_bar_map(args: argparse.Namespace) -> int:
     from guestinit import barmap
+    from guestinit.sizes import parse_size, parse_target
 
     try:
-        span = barmap.parse_size(args.span) if args.span else None
+        span = parse_size(args.span) if args.span else None
         if args.file:
             path, enable_dir, target = args.file, None, args.file
         else:
             if not args.target:
                 raise ValueError("give a BAR as <bdf>:<bar> (e.g. 0000:3b:00.0:1) or --file")
-            bdf, bar = barmap.parse_target(args.target)
+            bdf, bar = parse_target(args.target)
             sysfs = args.sysfs
             path = barmap.resource_path(bdf, bar, sysfs)
             dev = barmap.device_dir(bdf, sysfs)
@@ -115,7 +116,7 @@ def _read(path: str) -> str:
 
 def describe(r: dict[str, object], target: str) -> str:
     """The figures of one bar-map, for people."""
-    from guestinit.barmap import format_size
+    from guestinit.sizes import format_size
 
     t4, t2, pte = r["touch_4k"], r["touch_2m"], r["vm_pte_kib"]
     assert isinstance(t4, dict) and isinstance(t2, dict) and isinstance(pte, dict)

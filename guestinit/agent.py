@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-from guestinit.config import Restart
-from guestinit.readiness import Condition, Ready
 from guestinit.stages import BootError, Stage, StopRequested
+from guestinit.values import Condition, Ready, Restart
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import builtins
 
-from guestinit.readiness import NONE as READY_NONE
-from guestinit.readiness import parse_ready
 from guestinit.values import (
     MODE_ALIASES,
     NVRC_PREFIX,
     PREFIX,
+    READY_NONE,
     ConfigError,
     LogLevel,
     Mode,
@@ -33,6 +32,7 @@ from guestinit.values import (
     parse_mode_octal,
     parse_port,
     parse_rail_policy,
+    parse_ready,
     parse_report,
     parse_seconds,
     parse_size_text,

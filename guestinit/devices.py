@@ -17,8 +17,8 @@ import os
 import stat
 
 from guestinit import mig
-from guestinit.config import Mode
 from guestinit.stages import BootError, Stage
+from guestinit.values import Mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from guestinit.config import LogLevel
+from guestinit.values import LogLevel
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 
-from guestinit.config import Mode
 from guestinit.daemon_ready import (
     DAEMONS,
     EXPORTER,
@@ -36,6 +35,7 @@ from guestinit.daemon_ready import (
     wait_ready,
 )
 from guestinit.stages import BootError, Stage
+from guestinit.values import Mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from guestinit.config import Mode
 from guestinit.stages import BootError, Stage
+from guestinit.values import Mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

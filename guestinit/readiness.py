@@ -1,6 +1,6 @@
-"""When is the agent ready: ``guestinit.agent.ready`` and the wait for it.
+"""When is the agent ready: the wait for ``guestinit.agent.ready``.
 
-Conditions (``parse_ready``, pure):
+Conditions (``values.parse_ready``, pure):
 
 - ``none``: spawned is ready (nothing is observed; the ``ready`` frame says so);
 - ``syslog:TEXT``: a line containing TEXT reaches the init's syslog server;
@@ -32,87 +32,22 @@ import os
 import select
 import time
 
+from guestinit.values import Condition, Ready
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from enum import StrEnum
 
     from guestinit.syslog import SyslogServer
-else:
-    from guestinit.choice import StrChoice as StrEnum
 
 LISTEN_RETRY = 0.005  # s between connects while a socket file refuses (bind -> listen)
 VSOCK_RETRY, VSOCK_RETRY_MAX = 0.005, 0.1  # s between vsock diag dumps (doubling)
-VSOCK_PORT_MAX = 0xFFFFFFFE  # VMADDR_PORT_ANY (-1U) is no port to wait for
-SUN_PATH_MAX = 107
 # <sys/inotify.h>
 IN_MOVED_TO = 0x80
 IN_CREATE = 0x100
 IN_ONLYDIR = 0x01000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
-
-
-class Ready(StrEnum):
-    NONE = "none"
-    SYSLOG = "syslog"
-    UNIX = "unix"
-    VSOCK = "vsock"
-
-
-class Condition:
-    """``Condition(Ready.UNIX, "/run/agent.sock")``; ``str()`` gives it as configured."""
-
-    __slots__ = ("kind", "target")
-
-    def __init__(self, kind: Ready, target: str = "") -> None:
-        self.kind = kind
-        self.target = target
-
-    def __str__(self) -> str:
-        return str(self.kind) if self.kind == Ready.NONE else f"{self.kind}:{self.target}"
-
-    def __repr__(self) -> str:
-        return f"Condition({self})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Condition) and str(self) == str(other)
-
-    def __hash__(self) -> int:
-        return hash(str(self))
-
-    def describe(self) -> str:
-        """What was waited for, for a ``failed`` reason."""
-        if self.kind == Ready.SYSLOG:
-            return f"no line containing {self.target!r} on syslog"
-        if self.kind == Ready.UNIX:
-            return f"no listener on unix:{self.target}"
-        if self.kind == Ready.VSOCK:
-            return f"no listener on vsock port {self.target}"
-        return "spawned"
-
-
-NONE = Condition(Ready.NONE)
-
-
-def parse_ready(value: str) -> Condition:
-    kind, sep, target = value.partition(":")
-    low = kind.lower()
-    if low == "none" and not sep:
-        return NONE
-    if low == "syslog" and target:
-        return Condition(Ready.SYSLOG, target)
-    if low == "unix" and target:
-        if not target.startswith("/"):
-            raise ValueError("unix: takes an absolute path")
-        if len(target.encode()) > SUN_PATH_MAX:
-            raise ValueError(f"a unix socket path has at most {SUN_PATH_MAX} bytes")
-        return Condition(Ready.UNIX, os.path.normpath(target))
-    if low == "vsock" and target:
-        if not target.isascii() or not target.isdigit() or not 0 < int(target) <= VSOCK_PORT_MAX:
-            raise ValueError(f"vsock: takes a port 1-{VSOCK_PORT_MAX}, got {target!r}")
-        return Condition(Ready.VSOCK, str(int(target)))
-    raise ValueError("expected none, syslog:TEXT, unix:PATH or vsock:PORT")
 
 
 class ExitedBeforeReady(Exception):

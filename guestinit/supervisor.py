@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from guestinit.config import Restart
+from guestinit.values import Restart
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

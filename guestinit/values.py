@@ -8,6 +8,8 @@ spellings are accepted where they differ from ours (``nvrc.log=trace``,
 
 from __future__ import annotations
 
+import os
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
     from collections.abc import Callable
@@ -18,6 +20,8 @@ else:
 
 PREFIX = "guestinit."
 NVRC_PREFIX = "nvrc."
+VSOCK_PORT_MAX = 0xFFFFFFFE  # VMADDR_PORT_ANY (-1U) is no port to wait for
+SUN_PATH_MAX = 107
 
 
 class ConfigError(ValueError):
@@ -43,6 +47,14 @@ class Mode(StrEnum):
     GPU = "gpu"
     NVL4 = "nvl4"  # service VM: NVSwitches, nv-fabricmanager
     NVL5 = "nvl5"  # service VM: Mellanox SW_MNG, nvlsm
+
+
+class Fabric(StrEnum):
+    """The NVLink fabric beside GPUs (``discover`` decides it with the mode)."""
+
+    NONE = ""
+    NVL4 = "nvl4"  # NVSwitches: nv-fabricmanager, FABRIC_MODE 0
+    NVL5 = "nvl5"  # SW_MNG bridges: nvlsm, then nv-fabricmanager
 
 
 class Restart(StrEnum):
@@ -204,14 +216,14 @@ def _enum(cls: type[Enum]) -> Callable[[str], object]:
 
 def parse_bar_target(value: str) -> str:
     """``<bdf>:<bar>`` for the bench stage's bar-map, normalised (barmap only when given)."""
-    from guestinit.barmap import parse_target
+    from guestinit.sizes import parse_target
 
     bdf, bar = parse_target(value)
     return f"{bdf}:{bar}"
 
 
 def parse_size_text(value: str) -> str:
-    from guestinit.barmap import parse_size
+    from guestinit.sizes import parse_size
 
     parse_size(value)
     return value
@@ -229,3 +241,65 @@ def parse_mode_octal(value: str) -> int:
     if not 0 <= n <= 0o7777:
         raise ValueError("expected an octal file mode like 0666")
     return n
+
+
+class Ready(StrEnum):
+    NONE = "none"
+    SYSLOG = "syslog"
+    UNIX = "unix"
+    VSOCK = "vsock"
+
+
+class Condition:
+    """``Condition(Ready.UNIX, "/run/agent.sock")``; ``str()`` gives it as configured."""
+
+    __slots__ = ("kind", "target")
+
+    def __init__(self, kind: Ready, target: str = "") -> None:
+        self.kind = kind
+        self.target = target
+
+    def __str__(self) -> str:
+        return str(self.kind) if self.kind == Ready.NONE else f"{self.kind}:{self.target}"
+
+    def __repr__(self) -> str:
+        return f"Condition({self})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Condition) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def describe(self) -> str:
+        """What was waited for, for a ``failed`` reason."""
+        if self.kind == Ready.SYSLOG:
+            return f"no line containing {self.target!r} on syslog"
+        if self.kind == Ready.UNIX:
+            return f"no listener on unix:{self.target}"
+        if self.kind == Ready.VSOCK:
+            return f"no listener on vsock port {self.target}"
+        return "spawned"
+
+
+READY_NONE = Condition(Ready.NONE)
+
+
+def parse_ready(value: str) -> Condition:
+    kind, sep, target = value.partition(":")
+    low = kind.lower()
+    if low == "none" and not sep:
+        return READY_NONE
+    if low == "syslog" and target:
+        return Condition(Ready.SYSLOG, target)
+    if low == "unix" and target:
+        if not target.startswith("/"):
+            raise ValueError("unix: takes an absolute path")
+        if len(target.encode()) > SUN_PATH_MAX:
+            raise ValueError(f"a unix socket path has at most {SUN_PATH_MAX} bytes")
+        return Condition(Ready.UNIX, os.path.normpath(target))
+    if low == "vsock" and target:
+        if not target.isascii() or not target.isdigit() or not 0 < int(target) <= VSOCK_PORT_MAX:
+            raise ValueError(f"vsock: takes a port 1-{VSOCK_PORT_MAX}, got {target!r}")
+        return Condition(Ready.VSOCK, str(int(target)))
+    raise ValueError("expected none, syslog:TEXT, unix:PATH or vsock:PORT")

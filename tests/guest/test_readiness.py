@@ -17,18 +17,16 @@ from guestinit import config, settings_doc
 from guestinit.config import LogLevel
 from guestinit.kmsg import Kmsg
 from guestinit.readiness import (
-    NONE,
-    Condition,
     ExitedBeforeReady,
     NotReady,
-    Ready,
     deepest_dir,
-    parse_ready,
     probe_unix,
     wait_ready,
 )
 from guestinit.syslog import SyslogServer
 from guestinit.testing import agent_standin
+from guestinit.values import READY_NONE as NONE
+from guestinit.values import Condition, Ready, parse_ready
 
 STANDIN = agent_standin.__file__
 
