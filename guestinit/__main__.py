@@ -9,11 +9,13 @@ from guestinit import agent, early, wire
 from guestinit.boot import Boot
 from guestinit.effects import Effects
 from guestinit.kmsg import Kmsg
-from guestinit.pid1 import Init, ready_fields
+from guestinit.pid1 import Init
 from guestinit.process import ProcessTable
 from guestinit.report import VERSION, Reporter
 from guestinit.stages import Stage, Timeline
 from guestinit.supervisor import Supervisor
+from guestinit.sysfs import read_text
+from guestinit.values import Mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,9 +23,9 @@ if TYPE_CHECKING:
 
 
 def run_discover(boot: Boot) -> None:
-    from guestinit import pci
+    from guestinit import discover
 
-    pci.run_discover(boot)
+    discover.run_discover(boot)
 
 
 def run_bench(boot: Boot) -> None:
@@ -33,42 +35,46 @@ def run_bench(boot: Boot) -> None:
 
 
 def run_modules(boot: Boot) -> None:
-    if not boot.config().words("modules") and not boot.facts.get("inventory"):
-        boot.facts["modules"] = []  # nothing to load: the loader (and mmap) is not imported
+    facts = boot.facts
+    if not boot.config().words("modules") and not facts.inventory:
+        facts.modules = []  # nothing to load: the loader (and mmap) is not imported
         return
     from guestinit import kmod
 
-    kmod.run_modules(boot)
+    accel: tuple[list[str], list[str]] = ([], [])
+    if facts.inventory:
+        from guestinit.nvidia import modules
+
+        accel = modules.plan(facts, boot.config())
+    kmod.run_modules(boot, *accel)
 
 
-def _nvidia_mode(boot: Boot) -> bool:
-    """cpu mode has no NVIDIA work: its stages then skip importing their modules."""
-    return str(boot.facts.get("mode", "cpu")) != "cpu"
+# cpu mode has no NVIDIA work: its stages then skip importing their modules
 
 
 def run_devices(boot: Boot) -> None:
-    if not _nvidia_mode(boot):
+    if boot.facts.mode == Mode.CPU:
         return
-    from guestinit import devices
+    from guestinit.nvidia import devices
 
     devices.run_devices(boot)
 
 
 def run_daemons(boot: Boot) -> None:
-    if not _nvidia_mode(boot):
-        boot.facts.setdefault("daemons", [])
+    if boot.facts.mode == Mode.CPU:
         return
-    from guestinit import nvidia
+    from guestinit.nvidia import daemons
 
-    nvidia.run_daemons(boot)
+    daemons.run_daemons(boot)
 
 
 def run_cdi(boot: Boot) -> None:
-    if not boot.facts.get("gpus"):  # a spec describes GPUs (gpu mode, found by devices)
+    if not boot.facts.gpus:  # a spec describes GPUs (gpu mode, assigned by devices)
         return
-    from guestinit import cdi
+    from guestinit.nvidia import cdi, daemons
 
     cdi.run_cdi(boot)
+    daemons.set_ready_state(boot)  # smi.srs: the last step of GPU bring-up (NVRC's order)
 
 
 def run_lockdown(boot: Boot) -> None:
@@ -77,12 +83,10 @@ def run_lockdown(boot: Boot) -> None:
     lockdown.run_lockdown(boot)
 
 
-def run_ready(boot: Boot) -> None:
-    if not boot.reporter.open(wait=2.0):
-        boot.kmsg.log(3, f"report channel {boot.reporter.uri} did not open; using the console")
-        boot.reporter.configure("console")
-    boot.timeline.end(Stage.READY)  # the ready frame carries its own stage, closed
-    boot.reporter.send(wire.FrameType.READY, **ready_fields(boot))
+def run_extensions(boot: Boot) -> None:
+    from guestinit import extensions
+
+    extensions.run_extensions(boot)
 
 
 STAGES: tuple[tuple[Stage, Callable[[Boot], None]], ...] = (
@@ -96,25 +100,21 @@ STAGES: tuple[tuple[Stage, Callable[[Boot], None]], ...] = (
     (Stage.CDI, run_cdi),
     (Stage.LOCKDOWN, run_lockdown),
     (Stage.AGENT, agent.run_agent),
-    (Stage.READY, run_ready),
-)
+)  # then Stage.READY: the init's own (Init.run_ready: power button, control socket, frame)
 
 
-def run_extensions(boot: Boot) -> None:
-    from guestinit import extensions
-
-    extensions.run_extensions(boot)
-
-
-def boot_stages(boot: Boot) -> Iterator[tuple[Stage, Callable[[Boot], None]]]:
+def boot_stages(boot: Boot, ready: Callable[[Boot], None]
+                ) -> Iterator[tuple[Stage, Callable[[Boot], None]]]:
     """STAGES, plus ``extensions`` after ``config`` when Kata names extension images on
-    the cmdline, and ``bench`` after ``discover`` when the config (read by then) asks."""
+    the cmdline, and ``bench`` after ``discover`` when the config (read by then) asks;
+    ``ready`` last."""
     for stage, fn in STAGES:
         yield stage, fn
         if stage == Stage.CONFIG and "kata.extension." in boot.cmdline:
             yield Stage.EXTENSIONS, run_extensions
         if stage == Stage.DISCOVER and boot.config().str("bench.bar"):
             yield Stage.BENCH, run_bench
+    yield Stage.READY, ready
 
 
 def new_boot_id() -> str:
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # the kernel passes unknown cmdline words as init arguments: ignore them
     from_proc = cmdline is None
     if cmdline is None:
-        cmdline = early.read_text(os.path.join(root, "proc/cmdline"))
+        cmdline = read_text(os.path.join(root, "proc/cmdline")) or ""
     kmsg = Kmsg(os.path.join(root, "dev/kmsg"))
     procs = ProcessTable()
     boot = Boot(root, Effects(), Timeline(), Reporter(root, new_boot_id(), kmsg), kmsg, procs,
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             boot.timeline.add(name, start, end)
     init = Init(boot)
     boot.reporter.send(wire.FrameType.HELLO, version=VERSION, pid=os.getpid())
-    init.run(boot_stages(boot))
+    init.run(boot_stages(boot, init.run_ready))
 
 
 if __name__ == "__main__":

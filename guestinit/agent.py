@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from guestinit.stages import BootError, Stage, StopRequested
-from guestinit.values import Condition, Ready, Restart
+from guestinit.values import Mode, Ready
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from guestinit.boot import Boot
     from guestinit.effects import Effects
     from guestinit.supervisor import Service
+    from guestinit.values import Condition
 
 AGENT = "agent"
 
@@ -20,28 +21,26 @@ def run_agent(boot: Boot) -> None:
     cfg = boot.config()
     argv = cfg.words("agent")
     if argv == ("none",):  # nothing waits on the deferred mounts (teardown collects them)
-        boot.facts["agent"] = None
         boot.kmsg.log(5, "no agent (guestinit.agent=none): the init stays up until told to stop")
         return
     try:  # the deferred mounts (cgroup2): the agent needs them
         for name, result in boot.wait_background():
             if name == "mounts" and isinstance(result, list):
-                boot.facts.setdefault("mounts", []).extend(result)  # type: ignore[attr-defined]
+                boot.facts.mounts.extend(result)
     except (OSError, TimeoutError) as exc:
         raise BootError(Stage.AGENT, f"deferred mounts: {exc}") from None
     if boot.root == "/":  # a test root shares the host's cgroup2 hierarchy: leave it
         delegated = delegate_controllers(boot.root, boot.effects)
         if delegated:
             boot.kmsg.log(6, f"cgroup2: {' '.join(delegated)} delegated below the root")
-    restart = cfg["agent.restart"]
-    assert isinstance(restart, Restart)
+    restart = cfg.restart("agent.restart")
     exe = argv[0]
     if "/" in exe and not os.access(exe, os.X_OK):
         raise BootError(Stage.AGENT, f"start agent {exe}: not found or not executable "
                         "(set guestinit.agent=PATH)")
     nofile, oom = agent_limits(boot, cfg.int("agent.nofile"), cfg.int("agent.oom_score_adj"))
     init_mode = cfg.bool("agent.init_mode")
-    env = agent_env(cfg.words("agent.env"), gpu=str(boot.facts.get("mode", "cpu")) != "cpu")
+    env = agent_env(cfg.words("agent.env"), gpu=boot.facts.mode != Mode.CPU)
     try:
         service = boot.supervisor.add(
             AGENT, argv, restart=restart, nofile=nofile, oom_score_adj=oom,
@@ -50,11 +49,10 @@ def run_agent(boot: Boot) -> None:
     except OSError as exc:
         raise BootError(Stage.AGENT, f"start agent {exe}: {exc.strerror or exc}") from None
     assert service.pid is not None
-    cond = cfg["agent.ready"]
-    assert isinstance(cond, Condition)
+    cond = cfg.ready("agent.ready")
     facts: dict[str, object] = {"argv": list(argv), "pid": service.pid, "ready": str(cond),
                                 "init_mode": init_mode}
-    boot.facts["agent"] = facts
+    boot.facts.agent = facts
     boot.kmsg.log(6, f"agent {exe} started as pid {service.pid}")
     if cond.kind == Ready.NONE:
         facts["ready_by"] = "spawned"

@@ -213,7 +213,7 @@ def run_bench(boot: Boot) -> None:
                          enable_dir=device_dir(bdf, sysfs), proc=os.path.join(boot.root, "proc"))
     except (BarMapError, OSError) as exc:
         raise BootError(Stage.BENCH, f"bar-map of {bdf} BAR {bar}: {exc}") from None
-    boot.facts["bench"] = {"bar": {"bdf": bdf, "bar": bar, **result}}
+    boot.facts.bench = {"bar": {"bdf": bdf, "bar": bar, **result}}
     mapped, size, took = (result[k] for k in ("span_bytes", "bar_bytes", "mmap_ns"))
     boot.kmsg.log(6, f"bench: bar-map {bdf} BAR {bar}: {mapped} of {size} bytes mapped "
                   f"in {took} ns")

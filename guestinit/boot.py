@@ -2,13 +2,16 @@
 
 A stage function has the signature ``def run_<stage>(boot: Boot) -> None`` and
 raises ``BootError`` to fail the boot. What a stage learns that later stages or
-the ``ready`` frame need goes in ``boot.facts`` (a plain dict of msgpack-able
-values: ``inventory``, ``mode``, ``modules``, ``daemons``, ``cdi``...).
+the ``ready`` frame need goes in ``boot.facts`` (``Facts``: typed attributes, each
+written once by the stage named beside it; nothing re-parses a string into a mode, and
+``Facts.ready_fields`` is the one place that turns them into the frame's maps).
 """
 
 from __future__ import annotations
 
 import os
+
+from guestinit.values import Fabric, Mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -17,11 +20,76 @@ if TYPE_CHECKING:
     from guestinit.config import Config
     from guestinit.effects import Effects
     from guestinit.kmsg import Kmsg
+    from guestinit.pci import Accelerator, Kind
     from guestinit.process import ProcessTable
     from guestinit.report import Reporter
     from guestinit.stages import Timeline
     from guestinit.supervisor import Supervisor
     from guestinit.syslog import SyslogServer
+
+
+class AssignedGpu:
+    """One GPU the devices stage gave a node (``index``: its rank in PCI bus order, CDI's
+    ``nvidia.com/gpu=N`` and the audit's gpuN), with its MIG instances' nodes."""
+
+    __slots__ = ("bdf", "index", "mig", "minor", "model", "node", "uuid")
+
+    def __init__(self, index: int, bdf: str, uuid: str, model: str, minor: int,
+                 node: dict[str, object], mig: list[dict[str, object]]) -> None:
+        self.index = index
+        self.bdf = bdf
+        self.uuid = uuid
+        self.model = model
+        self.minor = minor
+        self.node = node  # /dev/nvidiaM as a CDI device node map
+        self.mig = mig  # [{"gi": N, "nodes": [...]}] for GPU instances with access caps
+
+    def to_map(self) -> dict[str, object]:
+        out: dict[str, object] = {"index": self.index, "bdf": self.bdf, "uuid": self.uuid,
+                                  "model": self.model, "minor": self.minor, "node": self.node}
+        if self.mig:
+            out["mig"] = self.mig
+        return out
+
+
+class Facts:
+    __slots__ = ("agent", "bench", "cdi", "daemons", "device_nodes", "extensions", "fabric",
+                 "gpus", "inventory", "lockdown", "mode", "modules", "mounts", "pci")
+
+    def __init__(self) -> None:
+        self.mounts: list[str] = []  # early (and its deferred mounts): what was mounted
+        self.extensions: dict[str, object] | None = None  # extensions: Kata's images
+        self.mode = Mode.CPU  # discover: never AUTO once decided
+        self.fabric = Fabric.NONE  # discover: the NVLink fabric beside GPUs
+        self.inventory: list[Accelerator] = []  # discover: devices that matched a profile
+        self.pci: list[dict[str, object]] = []  # discover: every device, briefly (ready)
+        self.bench: dict[str, object] | None = None  # bench: bar-map figures
+        self.modules: list[str] | None = None  # modules; None: the stage has not run
+        self.gpus: list[AssignedGpu] = []  # devices, in PCI bus order
+        self.device_nodes: dict[str, list[dict[str, object]]] = {}  # devices: control, imex, other
+        self.daemons: list[str] = []  # daemons: started, in order
+        self.cdi: list[str] = []  # cdi: spec files written
+        self.lockdown = False  # lockdown: modules_disabled written
+        self.agent: dict[str, object] | None = None  # agent: argv, pid, ready, ready_by...
+
+    def of_kind(self, kind: Kind) -> list[Accelerator]:
+        return [a for a in self.inventory if a.kind == kind]
+
+    def ready_fields(self) -> dict[str, object]:
+        """The facts the ``ready`` frame carries (the timeline and daemons come from the init)."""
+        out: dict[str, object] = {
+            "inventory": {"devices": [a.to_map() for a in self.inventory], "pci": self.pci,
+                          "fabric": str(self.fabric)},
+            "mode": str(self.mode),
+            "modules": list(self.modules or ()),
+        }
+        if self.bench is not None:
+            out["bench"] = self.bench
+        if self.agent is not None:
+            out["agent"] = self.agent
+        if self.extensions is not None:
+            out["extensions"] = self.extensions
+        return out
 
 
 MAX_AUDIT = 256  # audit events kept; older ones are counted in audit_dropped
@@ -65,7 +133,7 @@ class SideWork:
 class Boot:
     __slots__ = (
         "_background", "audit", "audit_dropped", "cfg", "cmdline", "cmdline_from_proc",
-        "effects", "facts",
+        "draft_cfg", "effects", "facts",
         "kmsg", "procs", "reporter", "root", "stop_requested", "supervisor", "syslog",
         "timeline", "wake_fd",
     )
@@ -93,8 +161,9 @@ class Boot:
         # (the kernel starts PID 1 with no /proc).
         self.cmdline_from_proc = False
         self.cfg: Config | None = None  # set by the config stage
+        self.draft_cfg: Config | None = None  # read leniently before it (early.lenient_config)
         self.syslog: SyslogServer | None = None  # set by the log stage
-        self.facts: dict[str, object] = {}
+        self.facts = Facts()
         self.audit: list[str] = []  # device assignment / teardown events (a ring)
         self.audit_dropped = 0  # events the ring no longer holds
         self._background: list[SideWork] = []

@@ -15,6 +15,7 @@ from guestinit.values import (
     NVRC_PREFIX,
     PREFIX,
     READY_NONE,
+    Condition,
     ConfigError,
     LogLevel,
     Mode,
@@ -198,7 +199,7 @@ _Bool = builtins.bool
 
 
 class Config:
-    """Typed values, read with ``cfg["agent.restart"]``; immutable once built."""
+    """Typed values (``cfg.int("restart.max")``, ``cfg.mode()``); immutable once built."""
 
     __slots__ = ("_values", "ignored", "problems", "sources")
 
@@ -235,6 +236,27 @@ class Config:
     def words(self, key: _Str) -> tuple[_Str, ...]:
         value = self._values[key]
         assert isinstance(value, tuple)
+        return value
+
+    # typed access to the settings whose values are enums or conditions
+    def mode(self) -> Mode:
+        value = self._values["mode"]
+        assert isinstance(value, Mode)
+        return value
+
+    def log_level(self) -> LogLevel:
+        value = self._values["log"]
+        assert isinstance(value, LogLevel)
+        return value
+
+    def restart(self, key: _Str) -> Restart:
+        value = self._values[key]
+        assert isinstance(value, Restart)
+        return value
+
+    def ready(self, key: _Str) -> Condition:
+        value = self._values[key]
+        assert isinstance(value, Condition)
         return value
 
     def as_dict(self) -> dict[_Str, object]:

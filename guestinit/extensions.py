@@ -203,4 +203,4 @@ def run_extensions(boot: Boot) -> None:
     for m in mounted:
         how = f"verity root hash {str(m['root_hash'])[:16]}..." if m["verity"] else "unverified"
         boot.audit_event(f"extension {m['name']}: /dev/{m['disk']} at {m['mounted_at']} ({how})")
-    boot.facts["extensions"] = {"mounted": mounted, "usr_overlay": overlay}
+    boot.facts.extensions = {"mounted": mounted, "usr_overlay": overlay}

@@ -17,8 +17,9 @@ from __future__ import annotations
 import errno
 import os
 
-from guestinit.config import Mode, split_cmdline
+from guestinit.config import split_cmdline
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import read_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,15 +29,6 @@ if TYPE_CHECKING:
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 FIRMWARE_PARAM = "sys/module/firmware_class/parameters/path"
-
-# what each mode loads beyond the early modules (names as the kernel spells them)
-MODE_MODULES: dict[Mode, tuple[str, ...]] = {
-    Mode.CPU: (),
-    Mode.GPU: ("nvidia", "nvidia_uvm"),
-    Mode.NVL4: ("nvidia",),
-    Mode.NVL5: ("nvidia", "ib_umad", "mlx5_ib"),
-}
-
 
 class ModuleError(ValueError):
     """A module that cannot be planned or loaded; the message names it and why."""
@@ -107,19 +99,11 @@ def parse_aliases(text: str, index: ModuleIndex) -> None:
             index.aliases.setdefault(normalize(words[1]), []).append(normalize(words[2]))
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
 def load_index(release_dir: str, kernel_release: str) -> ModuleIndex:
     """The index from modules.dep, or generated from .modinfo when the builder left none."""
     dep_path = os.path.join(release_dir, "modules.dep")
-    dep = _read_text(dep_path)
-    soft = _read_text(os.path.join(release_dir, "modules.softdep"))
+    dep = read_text(dep_path)
+    soft = read_text(os.path.join(release_dir, "modules.softdep"))
     source = dep_path
     if dep is None:
         if not os.path.isdir(release_dir):
@@ -136,7 +120,7 @@ def load_index(release_dir: str, kernel_release: str) -> ModuleIndex:
     index = parse_modules_dep(dep, release_dir, source)
     if soft:
         parse_softdeps(soft, index)
-    aliases = _read_text(os.path.join(release_dir, "modules.alias"))
+    aliases = read_text(os.path.join(release_dir, "modules.alias"))
     if aliases:
         parse_aliases(aliases, index)
     return index
@@ -248,62 +232,6 @@ def cmdline_params(cmdline: str, modules: Iterable[str]) -> list[str]:
             if "." in k and normalize(k.partition(".")[0]) in names]
 
 
-def accel_modules(mode: Mode, inventory: Sequence[Mapping[str, object]],
-                  nvidia_extra: Sequence[str], fabric: str = "") -> list[str]:
-    """The modules the inventory needs: the mode's NVIDIA set (with the NVL5 fabric's
-    InfiniBand drivers beside GPUs) plus each generic profile's."""
-    out = list(MODE_MODULES[mode])
-    if mode == Mode.GPU:
-        if fabric == "nvl5":
-            out.extend(m for m in MODE_MODULES[Mode.NVL5] if m not in out)
-        out.extend(normalize(m) for m in nvidia_extra)
-    for dev in inventory:
-        mods = dev.get("modules", [])
-        assert isinstance(mods, list)
-        out.extend(normalize(str(m)) for m in mods)
-    return list(dict.fromkeys(out))
-
-
-def auto_params(mode: Mode, gpus: int, device_mode: int, device_gid: int) -> list[str]:
-    """Parameters the init chooses: node mode/group, NVLink off on a lone GPU."""
-    if mode == Mode.CPU:
-        return []
-    out = [f"nvidia.NVreg_DeviceFileMode=0{device_mode:o}",
-           f"nvidia.NVreg_DeviceFileGID={device_gid}"]
-    if mode == Mode.GPU and gpus == 1:
-        out.append("nvidia.NVreg_NvLinkDisable=1")
-    return out
-
-
-def read_vermagic(path: str) -> str:
-    """The ``vermagic=`` string of an uncompressed module, without parsing its ELF."""
-    import mmap  # only when a load failed: not on the boot path
-
-    with open(path, "rb") as f:
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            return ""  # empty file
-        with mm:
-            at = mm.find(b"\0vermagic=")
-            if at < 0:
-                return ""
-            end = mm.find(b"\0", at + 1)
-            return mm[at + 10:end].decode("utf-8", "replace")
-
-
-def check_vermagic(name: str, path: str, kernel_release: str) -> None:
-    if not path.endswith(".ko"):
-        return  # compressed: the kernel decompresses and checks it
-    magic = read_vermagic(path)
-    if not magic:
-        raise ModuleError(f"module {name}: {path} has no vermagic (not a kernel module?)")
-    built_for = magic.split()[0]
-    if built_for != kernel_release:
-        raise ModuleError(f"module {name}: built for kernel {built_for}, running {kernel_release} "
-                          f"({path}; rebuild the image for this kernel)")
-
-
 def loaded_modules(root: str) -> set[str]:
     """Modules the kernel has (loaded or built in with parameters): ``/sys/module``."""
     try:
@@ -400,9 +328,11 @@ def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
         if exc.errno == errno.ENOEXEC:
             # vermagic is read only now, not before every load: the kernel checks it
             # itself, and reading each module (and importing mmap) first cost boot time
+            from guestinit.modinfo import ModinfoError, check_vermagic
+
             try:
                 check_vermagic(step.name, step.path, kernel_release)
-            except ModuleError as why:
+            except ModinfoError as why:
                 raise BootError(Stage.MODULES, str(why)) from None
             except OSError as why:
                 raise BootError(Stage.MODULES, f"read module {step.name} ({step.path}): "
@@ -457,19 +387,15 @@ def load_early(boot: Boot, names: Sequence[str], kernel_release: str | None = No
     return load_modules(boot, [normalize(n) for n in names], kernel_release=kernel_release)
 
 
-def run_modules(boot: Boot, kernel_release: str | None = None) -> None:
-    """Early modules (``modules``), then what the mode and the inventory need."""
+def run_modules(boot: Boot, accel: Sequence[str] = (), accel_params: Sequence[str] = (),
+                kernel_release: str | None = None) -> None:
+    """Early modules (``modules``), then ``accel``, what the inventory needs (the caller's
+    policy: ``nvidia.modules.plan``), with the parameters it chose (``accel_params``)."""
     cfg = boot.config()
-    mode = Mode(str(boot.facts.get("mode", Mode.CPU)))
-    inventory = boot.facts.get("inventory", [])
-    assert isinstance(inventory, list)
     early = [normalize(m) for m in cfg.words("modules")]
-    accel = accel_modules(mode, inventory, cfg.words("nvidia.modules"),
-                          str(boot.facts.get("fabric", "")))
     names = load_modules(boot, early, kernel_release=kernel_release)
     if accel:
         set_firmware_path(boot, cfg.str("firmware.path"))
-        gpus = sum(1 for d in inventory if d.get("kind") == "gpu")
-        extra = auto_params(mode, gpus, cfg.int("device.mode"), cfg.int("device.gid"))
-        names += [n for n in load_modules(boot, accel, extra, kernel_release) if n not in names]
-    boot.facts["modules"] = names
+        names += [n for n in load_modules(boot, accel, accel_params, kernel_release)
+                  if n not in names]
+    boot.facts.modules = names

@@ -82,5 +82,5 @@ def run_lockdown(boot: Boot) -> None:
         boot.effects.write(path, "1")
     except OSError as exc:
         raise BootError(Stage.LOCKDOWN, f"disable module loading: {exc.strerror or exc}") from None
-    boot.facts["lockdown"] = True
+    boot.facts.lockdown = True
     boot.audit_event("lockdown: modules_disabled=1")

@@ -160,3 +160,32 @@ def generate(modules_dir: str, kernel_release: str) -> dict[str, str]:
         "modules.alias": "".join(alias_lines),
         "modules.softdep": "".join(softdep_lines),
     }
+
+
+def read_vermagic(path: str) -> str:
+    """The ``vermagic=`` string of an uncompressed module, without parsing its ELF."""
+    import mmap  # only when a load failed: not on the boot path
+
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            return ""  # empty file
+        with mm:
+            at = mm.find(b"\0vermagic=")
+            if at < 0:
+                return ""
+            end = mm.find(b"\0", at + 1)
+            return mm[at + 10:end].decode("utf-8", "replace")
+
+
+def check_vermagic(name: str, path: str, kernel_release: str) -> None:
+    if not path.endswith(".ko"):
+        return  # compressed: the kernel decompresses and checks it
+    magic = read_vermagic(path)
+    if not magic:
+        raise ModinfoError(f"module {name}: {path} has no vermagic (not a kernel module?)")
+    built_for = magic.split()[0]
+    if built_for != kernel_release:
+        raise ModinfoError(f"module {name}: built for kernel {built_for}, running {kernel_release} "
+                          f"({path}; rebuild the image for this kernel)")

@@ -1,4 +1,4 @@
-"""PCI discovery: the accelerator inventory and the boot mode it implies.
+"""PCI discovery: the devices, and the accelerators among them that match a profile.
 
 Enumeration: the entries of ``<root>/sys/bus/pci/devices``, each read by
 ``read_device`` from the device's sysfs attribute files. That is what libudev's
@@ -7,24 +7,22 @@ enumeration does too; pyudev was dropped from the boot path because finding libu
 TCG boot with PCI devices. A unit test runs the reader on "/" under ``umockdev-run``
 (umockdev's fake sysfs) and compares it with the same fixture laid out as a tree.
 
-Profiles are data: NVIDIA GPUs (class 0x0300/0x0302), NVSwitches (0x0680),
-Mellanox SW_MNG bridges (NVL5, "SW_MNG" in the VPD) and generic
-``vendor:device[:class]=module+module`` profiles from the ``accel`` setting.
+Profiles are data, given by the caller: NVIDIA's (``nvidia.PROFILES``: GPUs,
+NVSwitches, Mellanox SW_MNG bridges found by their VPD), stand-ins, and generic
+``vendor:device[:class]=module+module`` profiles from the ``accel`` setting. A device's
+VPD is read only for vendors a profile matches VPD on (slow on real hardware).
 """
 
 from __future__ import annotations
 
 import os
 
-from guestinit.stages import BootError, Stage
-from guestinit.values import Mode
+from guestinit.sysfs import read_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Container, Iterable, Sequence
     from enum import StrEnum
-
-    from guestinit.boot import Boot
 else:  # the type checker sees a real enum; the boot path does without enum
     from guestinit.choice import StrChoice as StrEnum
 
@@ -36,8 +34,6 @@ IORESOURCE_MEM_64 = 0x00100000
 BAR_LINES = 6  # lines 0-5 are the BARs; 6 is the expansion ROM, then bridge windows
 
 MAX_REPORTED = 64  # PCI devices listed in the ready frame (it is at most 64 KiB)
-NVIDIA = 0x10DE
-MELLANOX = 0x15B3
 
 
 class Kind(StrEnum):
@@ -76,13 +72,6 @@ class Profile:
         ):
             return False
         return not self.vpd or self.vpd in dev.vpd
-
-
-BUILTIN_PROFILES: tuple[Profile, ...] = (
-    Profile("nvidia-gpu", Kind.GPU, NVIDIA, classes=(0x0300, 0x0302)),
-    Profile("nvidia-nvswitch", Kind.NVSWITCH, NVIDIA, classes=(0x0680,)),
-    Profile("mellanox-sw-mng", Kind.SW_MNG, MELLANOX, vpd=b"SW_MNG"),
-)
 
 
 def parse_accel(spec: str) -> Profile:
@@ -181,12 +170,9 @@ class PciDevice:
         }
 
 
-def _read(path: str, name: str) -> str:
-    try:
-        with open(os.path.join(path, name)) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+def _attr(path: str, name: str) -> str:
+    """A sysfs attribute, stripped; "" if it cannot be read (absent, or refused)."""
+    return (read_text(os.path.join(path, name), (OSError,)) or "").strip()
 
 
 def _link_base(path: str, name: str) -> str:
@@ -196,10 +182,11 @@ def _link_base(path: str, name: str) -> str:
         return ""
 
 
-def read_device(sys_path: str) -> PciDevice:
-    """One PCI device from its sysfs directory; errors name the directory and file."""
+def read_device(sys_path: str, read_vpd_of: Container[int] = ()) -> PciDevice:
+    """One PCI device from its sysfs directory, its VPD read for the vendors in
+    ``read_vpd_of``; errors name the directory and file."""
     def hexattr(name: str, required: bool = True) -> int:
-        text = _read(sys_path, name)
+        text = _attr(sys_path, name)
         if not text and not required:
             return 0
         try:
@@ -209,18 +196,18 @@ def read_device(sys_path: str) -> PciDevice:
                              f"got {text!r}") from None
 
     try:
-        bars = parse_resource(_read(sys_path, "resource"))
+        bars = parse_resource(_attr(sys_path, "resource"))
     except ValueError as exc:
         raise ValueError(f"read {sys_path}/resource: {exc}") from None
     vendor = hexattr("vendor")
     vpd = b""
-    if vendor == MELLANOX:  # VPD reads are slow on real hardware; only profiles that need it
+    if vendor in read_vpd_of:  # VPD reads are slow on real hardware; only profiles that need it
         try:
             with open(os.path.join(sys_path, "vpd"), "rb") as f:
                 vpd = f.read(4096)
         except OSError:
             vpd = b""
-    numa = _read(sys_path, "numa_node")
+    numa = _attr(sys_path, "numa_node")
     group = _link_base(sys_path, "iommu_group")
     return PciDevice(
         os.path.basename(sys_path), vendor, hexattr("device"), hexattr("class"),
@@ -242,8 +229,8 @@ def pci_paths(root: str) -> list[str]:
     return [os.path.join(base, n) for n in names]
 
 
-def scan(root: str = "/") -> list[PciDevice]:
-    return [read_device(p) for p in pci_paths(root)]
+def scan(root: str = "/", read_vpd_of: Container[int] = ()) -> list[PciDevice]:
+    return [read_device(p, read_vpd_of) for p in pci_paths(root)]
 
 
 class Accelerator:
@@ -276,95 +263,12 @@ def classify(devices: Iterable[PciDevice], profiles: Sequence[Profile]) -> list[
     return found
 
 
-def _summary(accels: Sequence[Accelerator]) -> str:
+def summary(accels: Sequence[Accelerator]) -> str:
     if not accels:
         return "no accelerators"
     return "; ".join(f"{a.kind} {a.dev.describe()}" for a in accels)
 
 
-_NEEDS = {Mode.GPU: "GPU", Mode.NVL4: "NVSwitch", Mode.NVL5: "SW_MNG bridge"}
-# NVRC's topologies: (GPUs, NVSwitches, SW_MNG bridges) present -> mode, fabric
-TOPOLOGIES = (
-    "GPUs alone -> gpu",
-    "GPUs + NVSwitches -> gpu with the NVL4 fabric (nv-fabricmanager, FABRIC_MODE 0)",
-    "GPUs + SW_MNG bridges -> gpu with the NVL5 fabric (nvlsm + nv-fabricmanager, "
-    "symmetric rails)",
-    "NVSwitches alone -> nvl4 service VM (FABRIC_MODE 1)",
-    "SW_MNG bridges alone -> nvl5 service VM (FABRIC_MODE 1, symmetric rails)",
-    "none of them -> cpu",
-)
-
-
-def counts(accels: Sequence[Accelerator]) -> str:
-    n = {k: sum(1 for a in accels if a.kind == k) for k in (Kind.GPU, Kind.NVSWITCH,
-                                                             Kind.SW_MNG)}
-    return (f"{n[Kind.GPU]} GPUs, {n[Kind.NVSWITCH]} NVSwitches, "
-            f"{n[Kind.SW_MNG]} SW_MNG bridges")
-
-
-def decide_mode(accels: Sequence[Accelerator], forced: Mode = Mode.AUTO) -> tuple[Mode, str]:
-    """The mode and the NVLink fabric ("", "nvl4", "nvl5") the inventory implies (NVRC's
-    rules), or the forced mode if the inventory allows it.
-
-    Raises ValueError with the counts found and the topologies accepted when nothing fits.
-    """
-    kinds = {a.kind for a in accels}
-    gpus, switches, swmng = Kind.GPU in kinds, Kind.NVSWITCH in kinds, Kind.SW_MNG in kinds
-    if forced == Mode.CPU:
-        return Mode.CPU, ""
-    if switches and swmng and forced in (Mode.AUTO, Mode.GPU):
-        # NVRC: a mixed management topology stops the boot; forcing nvl4/nvl5 picks one
-        raise ValueError(f"inventory fits no topology: NVSwitches and SW_MNG bridges together "
-                         f"(found {counts(accels)}: {_summary(accels)}); accepted: "
-                         + "; ".join(TOPOLOGIES))
-    fabric = "nvl4" if switches else "nvl5" if swmng else ""  # for a GPU mode
-    need = {Mode.GPU: gpus, Mode.NVL4: switches, Mode.NVL5: swmng}
-    if forced != Mode.AUTO:
-        if not need[forced]:
-            raise ValueError(f"mode {forced} was forced but the inventory has no "
-                             f"{_NEEDS[forced]} (found {counts(accels)}: {_summary(accels)})")
-        return forced, fabric if forced == Mode.GPU else ""
-    if gpus:
-        return Mode.GPU, fabric
-    if switches:
-        return Mode.NVL4, ""
-    if swmng:
-        return Mode.NVL5, ""
-    return Mode.CPU, ""
-
-
-def profiles_from(accel_specs: Sequence[str], standin_gpus: Sequence[str] = (),
-                  standin_switches: Sequence[str] = ()) -> list[Profile]:
-    return [*(parse_accel(s) for s in accel_specs),
-            *(parse_standin(s, Kind.GPU) for s in standin_gpus),
-            *(parse_standin(s, Kind.NVSWITCH) for s in standin_switches), *BUILTIN_PROFILES]
-
-
-def run_discover(boot: Boot) -> None:
-    cfg = boot.config()
-    try:
-        profiles = profiles_from(cfg.words("accel"), cfg.words("standin.gpu"),
-                                 cfg.words("standin.nvswitch"))
-        start = boot.timeline.now()
-        devices = scan(boot.root)
-        accels = classify(devices, profiles)
-        boot.timeline.add("discover:pci", start, boot.timeline.now())
-        mode, fabric = decide_mode(accels, Mode(cfg.str("mode")))
-    except (ValueError, OSError) as exc:
-        raise BootError(Stage.DISCOVER, str(exc)) from None
-    boot.facts["inventory"] = [a.to_map() for a in accels]
-    boot.facts["pci"] = [d.brief() for d in devices[:MAX_REPORTED]]
-    boot.facts["mode"] = str(mode)
-    boot.facts["fabric"] = fabric
-    boot.kmsg.log(6, f"discover: mode {mode}{' with the ' + fabric + ' fabric' if fabric else ''}"
-                  f" ({counts(accels)}): {_summary(accels)}")
-
-
-def inventory_kinds(boot: Boot) -> dict[str, list[dict[str, object]]]:
-    """The discovered accelerators grouped by kind (for the later stages)."""
-    out: dict[str, list[dict[str, object]]] = {}
-    inventory = boot.facts.get("inventory", [])
-    assert isinstance(inventory, list)
-    for dev in inventory:
-        out.setdefault(str(dev["kind"]), []).append(dev)
-    return out
+def vpd_vendors(profiles: Iterable[Profile]) -> frozenset[int]:
+    """Vendors whose devices' VPD a profile matches on (only those are read)."""
+    return frozenset(p.vendor for p in profiles if p.vpd)

@@ -16,6 +16,7 @@ from guestinit.agent import agent_exit_reason
 from guestinit.boot import Boot
 from guestinit.effects import RB_POWER_OFF
 from guestinit.stages import BootError, Stage, StopRequested
+from guestinit.sysfs import read_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 else:  # signal.py imports enum (boot path); the C module has everything used here
     import _signal as signal
 
-StageFn = "Callable[[Boot], None]"
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGPWR, signal.SIGINT)
 WATCHED = (*SHUTDOWN_SIGNALS, signal.SIGCHLD, signal.SIGHUP)
 SIGNAL_NAMES: dict[int, str] = {
@@ -89,10 +89,6 @@ class Init:
             self.install_signals()
             for stage, fn in stages:
                 self.current = stage
-                if stage == Stage.READY:
-                    # both before the ready frame: whoever reads it may ask at once
-                    self._watch_power_button()
-                    self._control_server = self._control()
                 self._run_stage(stage, fn)
         except StopRequested as exc:
             self.shutdown(f"{exc.reason}, during stage {self.current}")
@@ -115,6 +111,18 @@ class Init:
             fn(boot)
         boot.reporter.progress(stage, "done")
         boot.kmsg.log(7, f"stage {stage} done")
+
+    def run_ready(self, boot: Boot) -> None:
+        """The ready stage: the power button and the control socket (both before the
+        frame: whoever reads it may ask at once), the report channel, the frame."""
+        self._watch_power_button()
+        self._control_server = self._control()
+        if not boot.reporter.open(wait=2.0):
+            boot.kmsg.log(3, f"report channel {boot.reporter.uri} did not open; using the "
+                          "console")
+            boot.reporter.configure("console")
+        boot.timeline.end(Stage.READY)  # the ready frame carries its own stage, closed
+        boot.reporter.send(wire.FrameType.READY, **ready_fields(boot))
 
     def _watch_power_button(self) -> None:
         """Before ``ready``: the host may ask for a powerdown as soon as it reads it."""
@@ -235,8 +243,8 @@ class Init:
             from guestinit.sweep import sweep
 
             audit += sweep(boot, grace)
-            if boot.facts.get("gpus"):
-                from guestinit.devices import audit_teardown
+            if boot.facts.gpus:
+                from guestinit.nvidia.devices import audit_teardown
 
                 audit += audit_teardown(boot)
             if boot.syslog is not None:
@@ -248,7 +256,7 @@ class Init:
                 audit.append(f"background work: {exc}")
             boot.effects.sync()
             audit.append("sync")
-            info = _read("/proc/self/mountinfo")
+            info = read_text("/proc/self/mountinfo", (OSError,)) or ""
             audit += mounts.apply_teardown(mounts.plan_teardown(info, boot.root), boot.effects)
         except Exception as exc:  # teardown is best effort: we power off regardless
             audit.append(f"teardown error: {_describe(exc)}")
@@ -285,23 +293,8 @@ class Init:
 
 
 def ready_fields(boot: Boot) -> dict[str, object]:
-    facts = boot.facts
-    modules = facts.get("modules", [])
-    out: dict[str, object] = {
-        "timeline": boot.timeline.snapshot(),
-        "inventory": {"devices": facts.get("inventory", []), "pci": facts.get("pci", []),
-                      "fabric": facts.get("fabric") or ""},
-        "mode": str(facts.get("mode", "cpu")),
-        "modules": list(modules) if isinstance(modules, list | tuple) else [],
-        "daemons": [s.status() for s in boot.supervisor.services.values()],
-    }
-    if isinstance(facts.get("bench"), dict):  # the bench stage's figures (bar-map)
-        out["bench"] = facts["bench"]
-    if isinstance(facts.get("agent"), dict):  # argv, pid, ready, ready_by, listening_at, ...
-        out["agent"] = facts["agent"]
-    if isinstance(facts.get("extensions"), dict):  # Kata extension images (extensions.py)
-        out["extensions"] = facts["extensions"]
-    return out
+    return {"timeline": boot.timeline.snapshot(), **boot.facts.ready_fields(),
+            "daemons": [s.status() for s in boot.supervisor.services.values()]}
 
 
 def _rescue_transport(boot: Boot) -> None:
@@ -320,7 +313,7 @@ def _rescue_transport(boot: Boot) -> None:
         boot.reporter.configure(lenient.str("report"))
     if boot.reporter.open():
         return
-    if "modules" not in boot.facts:
+    if boot.facts.modules is None:  # the modules stage has not run
         try:
             from guestinit import kmod
 
@@ -338,14 +331,6 @@ def _describe(exc: BaseException) -> str:
     where = (f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
              if tb is not None else "")
     return f"{type(exc).__name__}: {exc}{where}"
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _rss(root: str, pid: int | None) -> int | None:

@@ -90,6 +90,6 @@ def test_an_unmeasured_extension_mounts_p1_and_its_usr_goes_over_usr(tmp_path: P
                          f"{tmp_path}/run/kata-extensions/tools", "erofs", MS_RDONLY, "")
     assert mounts[1] == ("mount", "overlay", f"{tmp_path}/usr", "overlay", MS_RDONLY,
                          f"lowerdir={tmp_path}/run/kata-extensions/tools/usr:{tmp_path}/usr")
-    facts = boot.facts["extensions"]
+    facts = boot.facts.extensions
     assert isinstance(facts, dict) and facts["mounted"][0]["verity"] is False  # type: ignore[index]
     assert boot.audit[-1].startswith("extension tools: /dev/vdb at /run/kata-extensions/tools")

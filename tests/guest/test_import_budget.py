@@ -19,7 +19,7 @@ FORBIDDEN = {"dataclasses", "typing", "logging", "tomllib", "subprocess", "async
              "enum", "functools", "socket", "signal", "selectors",  # see guestinit/choice.py
              "msgpack", "datetime", "collections"}  # see guestinit/pack.py
 # what a cpu boot imports, exec -> ready: __main__ at exec, then what its stages import
-BOOT_PATH = ("guestinit.__main__", "guestinit._libc_cffi", "guestinit.syslog", "guestinit.pci",
+BOOT_PATH = ("guestinit.__main__", "guestinit._libc_cffi", "guestinit.syslog", "guestinit.discover",
              "resource", "guestinit.lockdown", "guestinit.powerbutton", "guestinit.control")
 
 

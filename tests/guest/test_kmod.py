@@ -8,10 +8,12 @@ import pathlib
 import pytest
 
 from guestinit import kmod, modinfo
-from guestinit.config import Mode
+from guestinit.boot import Boot
 from guestinit.effects import DryEffects
+from guestinit.nvidia import modules
 from guestinit.stages import BootError
-from tests.fixtures.accel import make_boot
+from guestinit.values import Mode
+from tests.fixtures.accel import accelerators, gpu_bdfs, make_boot
 from tests.fixtures.kernel import extract_modules
 
 REL = "6.1.0-test-amd64"
@@ -98,25 +100,6 @@ def test_parameters_from_config_cmdline_and_auto() -> None:
         kmod.parse_params(["NVreg_X=1"])
     assert kmod.cmdline_params("quiet nvidia.NVreg_X=1 vsock.y=2 guestinit.mode=gpu",
                                ["nvidia"]) == ["nvidia.NVreg_X=1"]
-    assert kmod.auto_params(Mode.GPU, 1, 0o660, 44) == [
-        "nvidia.NVreg_DeviceFileMode=0660", "nvidia.NVreg_DeviceFileGID=44",
-        "nvidia.NVreg_NvLinkDisable=1"]
-    assert "nvidia.NVreg_NvLinkDisable=1" not in kmod.auto_params(Mode.GPU, 8, 0o666, 0)
-    assert kmod.auto_params(Mode.CPU, 0, 0o666, 0) == []
-
-
-def test_mode_module_sets() -> None:
-    gpu = [{"kind": "gpu", "modules": []}]
-    assert kmod.accel_modules(Mode.GPU, gpu, ["nvidia-drm"]) == ["nvidia", "nvidia_uvm",
-                                                                 "nvidia_drm"]
-    assert kmod.accel_modules(Mode.NVL4, [], ["nvidia-drm"]) == ["nvidia"]
-    assert kmod.accel_modules(Mode.NVL5, [], []) == ["nvidia", "ib_umad", "mlx5_ib"]
-    # GPUs with SW_MNG bridges (HGX B200): the NVL5 fabric's InfiniBand drivers too
-    assert kmod.accel_modules(Mode.GPU, gpu, [], fabric="nvl5") == [
-        "nvidia", "nvidia_uvm", "ib_umad", "mlx5_ib"]
-    assert kmod.accel_modules(Mode.GPU, gpu, [], fabric="nvl4") == ["nvidia", "nvidia_uvm"]
-    fpga = [{"kind": "generic", "modules": ["xdma", "qdma"]}]
-    assert kmod.accel_modules(Mode.CPU, fpga, []) == ["xdma", "qdma"]
 
 
 # -- a fake module tree with vermagic strings, loaded through DryEffects ------------------
@@ -151,13 +134,18 @@ def finits(boot_effects: object) -> list[tuple[str, str]]:
             if c[0] == "finit_module"]
 
 
+def run_stage(boot: Boot) -> None:
+    """The modules stage as the boot script runs it: NVIDIA's plan, then the loader."""
+    plan = modules.plan(boot.facts, boot.config()) if boot.facts.inventory else ([], [])
+    kmod.run_modules(boot, *plan, kernel_release=REL)
+
+
 def test_cpu_mode_loads_only_the_early_modules(tmp_path: pathlib.Path) -> None:
     module_tree(tmp_path, GPU_DEP)
     boot = make_boot(tmp_path, cmdline=EARLY)
-    boot.facts.update(mode="cpu", inventory=[])
-    kmod.run_modules(boot, kernel_release=REL)
+    run_stage(boot)
     assert finits(boot.effects) == [("vsock.ko", ""), ("vmw_vsock_virtio_transport.ko", "")]
-    assert boot.facts["modules"] == ["vsock", "vmw_vsock_virtio_transport"]
+    assert boot.facts.modules == ["vsock", "vmw_vsock_virtio_transport"]
     assert [s[0] for s in boot.timeline.spans] == ["module:vsock",
                                                    "module:vmw_vsock_virtio_transport"]
 
@@ -172,9 +160,8 @@ def test_load_early_works_before_the_config_stage(tmp_path: pathlib.Path) -> Non
 
 def test_cpu_mode_without_modules_touches_nothing(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tmp_path)  # no module tree at all
-    boot.facts.update(mode="cpu", inventory=[])
-    kmod.run_modules(boot, kernel_release=REL)
-    assert boot.facts["modules"] == [] and finits(boot.effects) == []
+    run_stage(boot)
+    assert boot.facts.modules == [] and finits(boot.effects) == []
 
 
 def test_gpu_mode_sets_firmware_path_then_loads_with_parameters(tmp_path: pathlib.Path) -> None:
@@ -185,8 +172,8 @@ def test_gpu_mode_sets_firmware_path_then_loads_with_parameters(tmp_path: pathli
     (tmp_path / "sys/module/vsock").mkdir()  # already loaded
     boot = make_boot(tmp_path, cmdline=EARLY + " nvidia.NVreg_EnableGpuFirmware=1",
                      conf="module.params=nvidia-uvm.uvm_perf_prefetch_enable=0\ndevice.mode=0660")
-    boot.facts.update(mode="gpu", inventory=[{"kind": "gpu", "modules": []}])
-    kmod.run_modules(boot, kernel_release=REL)
+    boot.facts.mode, boot.facts.inventory = Mode.GPU, accelerators("gpu", gpu_bdfs(1))
+    run_stage(boot)
     assert isinstance(boot.effects, DryEffects)
     writes = [c for c in boot.effects.calls if c[0] == "write"]
     assert writes == [("write", str(param), "/lib/firmware")]
@@ -198,7 +185,7 @@ def test_gpu_mode_sets_firmware_path_then_loads_with_parameters(tmp_path: pathli
                       "NVreg_EnableGpuFirmware=1"),
         ("nvidia-uvm.ko", "uvm_perf_prefetch_enable=0"),
     ]
-    assert boot.facts["modules"] == ["vsock (already loaded)", "vmw_vsock_virtio_transport",
+    assert boot.facts.modules == ["vsock (already loaded)", "vmw_vsock_virtio_transport",
                                      "nvidia", "nvidia_uvm"]
 
 
@@ -207,16 +194,15 @@ class VermagicChecking(DryEffects):
 
     def finit_module(self, path: str, params: str = "") -> None:
         super().finit_module(path, params)
-        if kmod.read_vermagic(path).split()[0] != REL:
+        if modinfo.read_vermagic(path).split()[0] != REL:
             raise OSError(errno.ENOEXEC, "Exec format error")
 
 
 def test_vermagic_mismatch_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     module_tree(tmp_path, GPU_DEP, release="5.10.0-old-amd64")
     boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock", effects=VermagicChecking())
-    boot.facts.update(mode="cpu", inventory=[])
     with pytest.raises(BootError) as err:
-        kmod.run_modules(boot, kernel_release=REL)
+        run_stage(boot)
     assert err.value.stage == "modules"
     assert f"module vsock: built for kernel 5.10.0-old-amd64, running {REL}" in err.value.reason
 
@@ -226,9 +212,8 @@ def test_modules_are_not_read_before_the_kernel_refuses_one(tmp_path: pathlib.Pa
     # would fail our check loads when the kernel takes it (nothing read it first)
     module_tree(tmp_path, GPU_DEP, release="5.10.0-old-amd64")
     boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
-    boot.facts.update(mode="cpu", inventory=[])
-    kmod.run_modules(boot, kernel_release=REL)
-    assert boot.facts["modules"] == ["vsock"]
+    run_stage(boot)
+    assert boot.facts.modules == ["vsock"]
 
 
 def test_kernel_refusal_names_module_errno_and_params(tmp_path: pathlib.Path) -> None:
@@ -243,37 +228,35 @@ def test_kernel_refusal_names_module_errno_and_params(tmp_path: pathlib.Path) ->
                 raise OSError(errno.EEXIST, "File exists")
 
     boot = make_boot(tmp_path, effects=Refusing())
-    boot.facts.update(mode="gpu", inventory=[{"kind": "gpu", "modules": []}] * 2)
+    boot.facts.mode, boot.facts.inventory = Mode.GPU, accelerators("gpu", gpu_bdfs(2))
     with pytest.raises(BootError, match=r"finit_module nvidia_uvm: ENOENT \(No such file or "
                                         r"directory\): unknown symbol or missing firmware"):
-        kmod.run_modules(boot, kernel_release=REL)
+        run_stage(boot)
 
 
 def test_missing_module_fails_the_stage_naming_it(tmp_path: pathlib.Path) -> None:
     module_tree(tmp_path, GPU_DEP)
     boot = make_boot(tmp_path, cmdline="guestinit.modules=virtio_console")
-    boot.facts.update(mode="cpu", inventory=[])
     with pytest.raises(BootError, match=r"module virtio_console \(requested\): not in .*"
                                         r"modules.dep"):
-        kmod.run_modules(boot, kernel_release=REL)
+        run_stage(boot)
 
 
 def test_present_modules_need_no_module_tree(tmp_path: pathlib.Path) -> None:
     for name in ("vsock", "nvidia", "nvidia_uvm"):
         (tmp_path / "sys/module" / name).mkdir(parents=True)
     boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
-    boot.facts.update(mode="gpu", inventory=[{"kind": "gpu", "modules": []}])
-    kmod.run_modules(boot, kernel_release=REL)
+    boot.facts.mode, boot.facts.inventory = Mode.GPU, accelerators("gpu", gpu_bdfs(1))
+    run_stage(boot)
     assert finits(boot.effects) == []
-    assert boot.facts["modules"] == ["vsock (already loaded)", "nvidia (already loaded)",
+    assert boot.facts.modules == ["vsock (already loaded)", "nvidia (already loaded)",
                                      "nvidia_uvm (already loaded)"]
 
 
 def test_missing_tree_is_named(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tmp_path, cmdline="guestinit.modules=vsock")
-    boot.facts.update(mode="cpu", inventory=[])
     with pytest.raises(BootError, match=f"no module tree at .*/lib/modules/{REL}"):
-        kmod.run_modules(boot, kernel_release=REL)
+        run_stage(boot)
 
 
 # -- real Debian modules -------------------------------------------------------------------
@@ -303,7 +286,7 @@ def test_real_modinfo_has_depends_vermagic_softdep(debian_root: tuple[pathlib.Pa
     assert modinfo.dependencies(transport) == ["virtio", "vmw_vsock_virtio_transport_common",
                                                "virtio_ring", "vsock"]
     assert transport["vermagic"][0].split()[0] == release
-    assert kmod.read_vermagic(str(base / REAL[2])) == transport["vermagic"][0]
+    assert modinfo.read_vermagic(str(base / REAL[2])) == transport["vermagic"][0]
     assert modinfo.read_modinfo(str(base / REAL[6]))["softdep"] == ["post: ipmi_devintf"]
 
 
@@ -321,19 +304,18 @@ def test_real_modules_plan_from_generated_index(debian_root: tuple[pathlib.Path,
     assert names(kmod.plan_load(["ipmi_msghandler"], index)) == ["ipmi_msghandler",
                                                                  "ipmi_devintf"]
     for step in kmod.plan_load(["vmw_vsock_virtio_transport"], index):
-        kmod.check_vermagic(step.name, step.path, release)
-    with pytest.raises(kmod.ModuleError, match=f"built for kernel {release}, running 6.9.9"):
-        kmod.check_vermagic("vsock", str(base / REAL[0]), "6.9.9")
+        modinfo.check_vermagic(step.name, step.path, release)
+    with pytest.raises(modinfo.ModinfoError, match=f"built for kernel {release}, running 6.9.9"):
+        modinfo.check_vermagic("vsock", str(base / REAL[0]), "6.9.9")
 
 
 def test_real_modules_load_through_effects_in_order(debian_root: tuple[pathlib.Path, str]) -> None:
     root, release = debian_root
     boot = make_boot(root, cmdline="guestinit.modules=vsock,vmw_vsock_virtio_transport,"
                                    "virtio_console")
-    boot.facts.update(mode="cpu", inventory=[])
     kmod.run_modules(boot, kernel_release=release)
     loaded = [n.removesuffix(".ko").replace("-", "_") for n, _ in finits(boot.effects)]
-    assert len(loaded) == 6 and boot.facts["modules"][0] in ("virtio_ring", "vsock")  # type: ignore[index]
+    assert len(loaded) == 6 and boot.facts.modules[0] in ("virtio_ring", "vsock")  # type: ignore[index]
     # whatever order the threads of one wave finished in, each module came after its needs
     index = kmod.load_index(str(root / "lib/modules" / release), release)
     for name in loaded:

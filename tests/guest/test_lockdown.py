@@ -54,7 +54,7 @@ def test_lockdown_writes_modules_disabled_and_audits(tmp_path: pathlib.Path) -> 
         ("write", str(flag), "1"),
     ]
     assert boot.audit == [f"lockdown: {tmp_path}/usr read-only", "lockdown: modules_disabled=1"]
-    assert boot.facts["lockdown"] is True
+    assert boot.facts.lockdown is True
 
 
 def test_real_write_to_a_fake_flag_file(tmp_path: pathlib.Path) -> None:

@@ -1,4 +1,5 @@
-"""PCI discovery, profiles and mode, against umockdev fixtures (tests/fixtures/pci)."""
+"""PCI discovery (pci, discover) and NVIDIA's mode and fabric (the nvidia package), against
+umockdev fixtures (tests/fixtures/pci)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import sys
 
 import pytest
 
-from guestinit import pci
-from guestinit.config import Mode
+from guestinit import discover, nvidia, pci
 from guestinit.stages import BootError
+from guestinit.values import Fabric, Mode
 from tests.fixtures.accel import kmsg_text, make_boot
 from tests.fixtures.umockdev_tree import FIXTURES, load, materialize
 
@@ -26,7 +27,8 @@ def tree(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
 
 
 def accels(root: pathlib.Path, specs: tuple[str, ...] = ()) -> list[pci.Accelerator]:
-    return pci.classify(pci.scan(str(root)), pci.profiles_from(specs))
+    profiles = discover.profiles_from(specs)
+    return pci.classify(pci.scan(str(root), pci.vpd_vendors(profiles)), profiles)
 
 
 def test_resource_file_gives_bars_with_size_and_flags() -> None:
@@ -57,18 +59,17 @@ def test_single_h100_is_gpu_mode_with_its_bars(tmp_path: pathlib.Path) -> None:
     assert gpu["iommu_group"] == 10 and gpu["numa_node"] == 0
     assert [(b["index"], b["size"], b["prefetch"]) for b in gpu["bars"]] == [  # type: ignore[union-attr]
         (0, 16 << 20, False), (1, 128 << 30, True), (3, 32 << 20, True)]
-    assert pci.decide_mode(found) == (Mode.GPU, "")
+    assert nvidia.decide_mode(found) == (Mode.GPU, "")
 
 
 def test_hgx_board_is_gpu_mode_with_fabric(tmp_path: pathlib.Path) -> None:
     root = tree(tmp_path, "h100x8_nvswitch4")
     boot = make_boot(root)
-    pci.run_discover(boot)
-    inventory = boot.facts["inventory"]
-    assert isinstance(inventory, list)
+    discover.run_discover(boot)
+    inventory = [a.to_map() for a in boot.facts.inventory]
     kinds = [d["kind"] for d in inventory]
     assert kinds.count("gpu") == 8 and kinds.count("nvswitch") == 4
-    assert boot.facts["mode"] == "gpu" and boot.facts["fabric"] == "nvl4"
+    assert boot.facts.mode is Mode.GPU and boot.facts.fabric is Fabric.NVL4
     assert {d["numa_node"] for d in inventory if d["kind"] == "gpu"} == {0, 1}
     assert any(span[0] == "discover:pci" for span in boot.timeline.spans)
     assert ("discover: mode gpu with the nvl4 fabric (8 GPUs, 4 NVSwitches, 0 SW_MNG bridges)"
@@ -85,26 +86,26 @@ def test_hgx_board_is_gpu_mode_with_fabric(tmp_path: pathlib.Path) -> None:
 ])
 def test_nvrc_topologies_give_nvrc_modes(tmp_path: pathlib.Path, fixture: str, mode: Mode,
                                         fabric: str) -> None:
-    assert pci.decide_mode(accels(tree(tmp_path, fixture))) == (mode, fabric)
+    assert nvidia.decide_mode(accels(tree(tmp_path, fixture))) == (mode, fabric)
 
 
 def test_sw_mng_bridges_alone_are_nvl5(tmp_path: pathlib.Path) -> None:
     found = accels(tree(tmp_path, "sw_mng2"))
     assert [a.kind for a in found] == [pci.Kind.SW_MNG] * 2
-    assert pci.decide_mode(found) == (Mode.NVL5, "")
+    assert nvidia.decide_mode(found) == (Mode.NVL5, "")
 
 
 @pytest.mark.parametrize(("forced", "want"), [
     (Mode.GPU, (Mode.GPU, "nvl5")), (Mode.NVL5, (Mode.NVL5, "")), (Mode.CPU, (Mode.CPU, ""))])
 def test_forced_modes_on_a_b200_board(tmp_path: pathlib.Path, forced: Mode,
                                       want: tuple[Mode, str]) -> None:
-    assert pci.decide_mode(accels(tree(tmp_path, "b200x8_sw_mng4")), forced) == want
+    assert nvidia.decide_mode(accels(tree(tmp_path, "b200x8_sw_mng4")), forced) == want
 
 
 def test_forcing_a_mode_the_inventory_lacks_names_the_counts(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match=r"mode nvl4 was forced but the inventory has no "
                        r"NVSwitch \(found 1 GPUs, 0 NVSwitches, 0 SW_MNG bridges"):
-        pci.decide_mode(accels(tree(tmp_path, "h100x1")), Mode.NVL4)
+        nvidia.decide_mode(accels(tree(tmp_path, "h100x1")), Mode.NVL4)
 
 
 def test_mellanox_without_sw_mng_vpd_is_not_an_accelerator(tmp_path: pathlib.Path) -> None:
@@ -115,8 +116,8 @@ def test_mellanox_without_sw_mng_vpd_is_not_an_accelerator(tmp_path: pathlib.Pat
 
 def test_no_accelerators_is_cpu_mode(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tree(tmp_path, "empty"))
-    pci.run_discover(boot)
-    assert boot.facts["mode"] == "cpu" and boot.facts["inventory"] == []
+    discover.run_discover(boot)
+    assert boot.facts.mode == "cpu" and boot.facts.inventory == []
 
 
 def test_missing_sysfs_is_cpu_mode(tmp_path: pathlib.Path) -> None:
@@ -127,12 +128,12 @@ def test_fpga_profile_from_config_names_its_modules(tmp_path: pathlib.Path) -> N
     root = tree(tmp_path, "fpga")
     assert accels(root) == []  # not an accelerator without a profile
     boot = make_boot(root, cmdline="guestinit.accel=10ee:903f:1200=xdma+qdma")
-    pci.run_discover(boot)
-    inventory = boot.facts["inventory"]
-    assert isinstance(inventory, list) and len(inventory) == 1
+    discover.run_discover(boot)
+    inventory = [a.to_map() for a in boot.facts.inventory]
+    assert len(inventory) == 1
     assert inventory[0]["kind"] == "generic" and inventory[0]["modules"] == ["xdma", "qdma"]
     assert inventory[0]["profile"] == "accel:10ee:903f"
-    assert boot.facts["mode"] == "cpu"
+    assert boot.facts.mode == "cpu"
 
 
 def test_generic_profile_class_must_match(tmp_path: pathlib.Path) -> None:
@@ -149,13 +150,13 @@ def test_bad_accel_profile_names_the_spec(spec: str) -> None:
 def test_mixed_topology_fails_listing_what_was_found(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tree(tmp_path, "mixed_invalid"))
     with pytest.raises(BootError) as err:
-        pci.run_discover(boot)
+        discover.run_discover(boot)
     assert err.value.stage == "discover"
     reason = err.value.reason
     assert "NVSwitches and SW_MNG bridges together" in reason
     assert "found 0 GPUs, 1 NVSwitches, 1 SW_MNG bridges" in reason
     assert "0000:50:00.0" in reason and "0000:80:00.0" in reason
-    for accepted in pci.TOPOLOGIES:  # the explanation lists every topology that would boot
+    for accepted in nvidia.TOPOLOGIES:  # the explanation lists every topology that would boot
         assert accepted in reason
     assert "nvswitch 0000:50:00.0 [10de:22a3]" in reason
     assert "sw_mng 0000:80:00.0 [15b3:1021]" in reason
@@ -165,23 +166,23 @@ def test_forced_mode_needs_matching_devices(tmp_path: pathlib.Path) -> None:
     root = tree(tmp_path, "nvswitch4")
     boot = make_boot(root, cmdline="guestinit.mode=gpu")
     with pytest.raises(BootError, match="mode gpu was forced but the inventory has no GPU"):
-        pci.run_discover(boot)
+        discover.run_discover(boot)
     boot = make_boot(root, cmdline="nvrc.mode=cpu")
-    pci.run_discover(boot)
-    assert boot.facts["mode"] == "cpu"
+    discover.run_discover(boot)
+    assert boot.facts.mode == "cpu"
 
 
 def test_forcing_a_service_vm_mode_picks_one_of_a_mixed_topology(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tree(tmp_path, "mixed_invalid"), cmdline="nvrc.mode=nvswitch-nvl4")
-    pci.run_discover(boot)
-    assert boot.facts["mode"] == "nvl4" and boot.facts["fabric"] == ""
+    discover.run_discover(boot)
+    assert boot.facts.mode is Mode.NVL4 and boot.facts.fabric is Fabric.NONE
 
 
 def test_bad_sysfs_attribute_names_the_file(tmp_path: pathlib.Path) -> None:
     root = tree(tmp_path, "h100x1")
     (root / "sys/devices/pci0000:18/0000:18:00.0/class").write_text("garbage\n")
     with pytest.raises(BootError, match=r"0000:18:00.0/class: expected a hex number"):
-        pci.run_discover(make_boot(root))
+        discover.run_discover(make_boot(root))
 
 
 SCAN = ("import json; from guestinit import pci; "
@@ -222,12 +223,12 @@ def test_stand_in_profiles_discover_emulated_devices_as_gpus_and_switches(
     gpu = pci.PciDevice("0000:00:01.0", 0x1AF4, 0x1110, 0x050000)
     switch = pci.PciDevice("0000:00:02.0", 0x1234, 0x11E8, 0x00FF00)
     other = pci.PciDevice("0000:00:03.0", 0x1B36, 0x0008, 0x060000)
-    profiles = pci.profiles_from((), ["1af4:1110"], ["1234:11e8"])
+    profiles = discover.profiles_from((), ["1af4:1110"], ["1234:11e8"])
     found = pci.classify([gpu, switch, other], profiles)
     assert [(a.dev.bdf, a.kind) for a in found] == [("0000:00:01.0", pci.Kind.GPU),
                                                    ("0000:00:02.0", pci.Kind.NVSWITCH)]
-    assert pci.decide_mode(found) == (Mode.GPU, "nvl4")
+    assert nvidia.decide_mode(found) == (Mode.GPU, "nvl4")
     with pytest.raises(ValueError, match=r"stand-in gpu id 'zz:1': expected vendor:device"):
-        pci.profiles_from((), ["zz:1"])
+        discover.profiles_from((), ["zz:1"])
     with pytest.raises(ValueError, match=r"stand-in nvswitch id '1:2:3'"):
-        pci.profiles_from((), (), ["1:2:3"])
+        discover.profiles_from((), (), ["1:2:3"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from guestinit import driver_files
+from guestinit.nvidia import driver_files
 from guestinit.stages import BootError, Stage
 
 TYPE_CHECKING = False
@@ -118,7 +118,7 @@ def _with_version(kind: str, devices: list[dict[str, object]],
 
 def plan_spec(gpus: Sequence[Mapping[str, object]], control: Sequence[Mapping[str, object]],
               gid: int = 0, files: driver_files.Userspace | None = None) -> dict[str, object]:
-    """The GPU spec; ``gpus`` as ``boot.facts["gpus"]``, ``control`` as device maps,
+    """The GPU spec; ``gpus`` as ``AssignedGpu.to_map`` gives them, ``control`` as device maps,
     ``files`` as ``driver_files.read_userspace`` found them (none: no mounts, no hooks)."""
     devices: list[dict[str, object]] = []
     every: list[dict[str, object]] = []
@@ -185,13 +185,11 @@ def _warn_about(boot: Boot, files: driver_files.Userspace) -> None:
 
 
 def run_cdi(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
-    """Write the specs in gpu mode (other modes have no GPUs to describe), then
-    ``smi.srs``."""
-    gpus = boot.facts.get("gpus", [])
-    nodes = boot.facts.get("device_nodes", {})
-    assert isinstance(gpus, list) and isinstance(nodes, dict)
-    if boot.facts.get("mode") != "gpu" or not gpus:
-        return
+    """Write the specs of the GPUs the devices stage assigned (the caller runs this only
+    when there are some: gpu mode)."""
+    facts = boot.facts
+    gpus = [g.to_map() for g in facts.gpus]
+    nodes = facts.device_nodes
     cfg = boot.config()
     gid = cfg.int("device.gid")
     try:
@@ -208,11 +206,8 @@ def run_cdi(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
             write_spec(path, spec)
         except OSError as exc:
             raise BootError(Stage.CDI, f"write CDI spec {path}: {exc.strerror or exc}") from None
-    boot.facts["cdi"] = ["/" + rel for rel, _ in specs]
+    facts.cdi = ["/" + rel for rel, _ in specs]
     boot.kmsg.log(6, f"cdi: {len(gpus)} GPUs, {len(files.libraries)} libraries in "
                   f"/{SPEC_PATH} (cdiVersion {specs[0][1]['cdiVersion']})"
                   + (f"; {len(nodes['imex'])} IMEX channels in /{IMEX_SPEC_PATH}"
                      if len(specs) > 1 else ""))
-    from guestinit import nvidia
-
-    nvidia.set_ready_state(boot)

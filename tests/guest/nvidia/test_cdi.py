@@ -11,11 +11,14 @@ from typing import Any
 import jsonschema
 import pytest
 
-from guestinit import cdi, devices, pci
-from guestinit.boot import Boot
-from guestinit.driver_files import Library, Userspace
+import guestinit.__main__ as boot_script
+from guestinit import discover
+from guestinit.boot import AssignedGpu, Boot
+from guestinit.nvidia import cdi, devices
+from guestinit.nvidia.driver_files import Library, Userspace
 from guestinit.stages import BootError
 from guestinit.testing import nvidia_bundle
+from guestinit.values import Mode
 from tests.fixtures.accel import (
     CAPS_MAJOR,
     IMEX_MAJOR,
@@ -226,8 +229,8 @@ def gpu_root(root: pathlib.Path, topology: str, count: int, conf: str = "",
     if bundle:
         nvidia_bundle.install(root)
     boot = make_boot(root, conf=conf)
-    pci.run_discover(boot)
-    boot.facts["modules"] = ["nvidia", "nvidia_uvm"]
+    discover.run_discover(boot)
+    boot.facts.modules = ["nvidia", "nvidia_uvm"]
     devices.run_devices(boot)
     return boot
 
@@ -265,7 +268,7 @@ def test_run_cdi_on_eight_gpus_with_the_standin_bundle(tmp_path: pathlib.Path) -
                             "libnvidia-ptxjitcompiler.so.1"]},
         {"hookName": "createContainer", "path": "/usr/bin/nvidia-cdi-hook",
          "args": ["nvidia-cdi-hook", "update-ldcache", "--folder", LIB]}]
-    assert boot.facts["cdi"] == ["/var/run/cdi/nvidia.json"]
+    assert boot.facts.cdi == ["/var/run/cdi/nvidia.json"]
     assert not (tmp_path / "var/run/cdi/nvidia-imex.json").exists()
     path = tmp_path / "var/run/cdi/nvidia.json"
     assert oct(path.stat().st_mode & 0o777) == "0o644"
@@ -295,7 +298,7 @@ def test_run_cdi_writes_the_imex_spec_when_channels_are_asked_for(
     imex = read_spec(tmp_path, "nvidia-imex.json")
     assert imex["kind"] == "nvidia.com/imex-channel"
     assert [d["name"] for d in imex["devices"]] == ["0", "1"]
-    assert boot.facts["cdi"] == ["/var/run/cdi/nvidia.json", "/var/run/cdi/nvidia-imex.json"]
+    assert boot.facts.cdi == ["/var/run/cdi/nvidia.json", "/var/run/cdi/nvidia-imex.json"]
     read_spec(tmp_path)
 
 
@@ -319,16 +322,21 @@ def test_without_a_driver_version_no_libraries_are_mounted(tmp_path: pathlib.Pat
     assert "no driver version in /proc/driver/nvidia/version" in kmsg_text(tmp_path)
 
 
-def test_run_cdi_is_a_no_op_without_gpus(tmp_path: pathlib.Path) -> None:
-    boot = make_boot(tmp_path)
-    boot.facts.update(mode="nvl4", inventory=[], gpus=[])
-    cdi.run_cdi(boot)
-    assert "cdi" not in boot.facts and not (tmp_path / "var").exists()
+def test_the_cdi_stage_is_a_no_op_without_gpus(tmp_path: pathlib.Path) -> None:
+    boot = make_boot(tmp_path, cmdline="guestinit.smi.srs=1")
+    boot.facts.mode = Mode.NVL4
+    boot_script.run_cdi(boot)  # the boot script's gate: a spec describes GPUs
+    assert boot.facts.cdi == [] and not (tmp_path / "var").exists()
+    assert boot.timeline.spans == []  # and no nvidia-smi -srs either
 
 
 def test_unwritable_spec_dir_is_named(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tmp_path)
-    boot.facts.update(mode="gpu", gpus=gpus(1), device_nodes={"control": CONTROL})
+    boot.facts.mode = Mode.GPU
+    boot.facts.gpus = [AssignedGpu(int(str(g["index"])), str(g["bdf"]), str(g["uuid"]),
+                                   str(g["model"]), 0, g["node"], [])  # type: ignore[arg-type]
+                       for g in gpus(1)]
+    boot.facts.device_nodes = {"control": CONTROL}
     (tmp_path / "var").write_text("a file where the directory should be")
     with pytest.raises(BootError, match=r"write CDI spec .*/var/run/cdi/nvidia.json"):
         cdi.run_cdi(boot)
@@ -346,6 +354,6 @@ def test_features_table_says_why_for_what_is_left_out() -> None:
 
 
 def test_the_docs_feature_table_is_features() -> None:
-    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs/guest.md").read_text()
+    doc = (pathlib.Path(__file__).resolve().parents[3] / "docs/guest.md").read_text()
     for name, ok, how in cdi.features():
         assert f"  | {name} | {'✓' if ok else '✗'} | {how} |\n" in doc, name

@@ -10,11 +10,13 @@ import stat
 
 import pytest
 
-from guestinit import devices, mig, pci
+import guestinit.__main__ as boot_script
+from guestinit import discover
 from guestinit.boot import Boot
-from guestinit.config import Mode
 from guestinit.effects import DryEffects, Effects
+from guestinit.nvidia import devices, mig
 from guestinit.stages import BootError
+from guestinit.values import Mode
 from tests.fixtures.accel import (
     CAPS_MAJOR,
     IMEX_MAJOR,
@@ -36,8 +38,8 @@ def gpu_boot(root: pathlib.Path, topology: str, registered: int, conf: str = "",
     fake_nvidia_proc(root, gpu_bdfs(registered), caps=caps, imex=imex)
     (root / "dev").mkdir(exist_ok=True)
     boot = make_boot(root, conf=conf, effects=effects)
-    pci.run_discover(boot)
-    boot.facts["modules"] = ["nvidia", "nvidia_uvm"]
+    discover.run_discover(boot)
+    boot.facts.modules = ["nvidia", "nvidia_uvm"]
     return boot
 
 
@@ -134,13 +136,12 @@ def test_run_devices_creates_real_nodes_idempotently(tmp_path: pathlib.Path) -> 
     channel = os.stat(tmp_path / "dev/nvidia-caps-imex-channels/channel1")
     assert stat.S_ISCHR(channel.st_mode) and channel.st_rdev == os.makedev(IMEX_MAJOR, 1)
     assert stat.S_IMODE(channel.st_mode) == 0o660 and channel.st_gid == 44
-    gpus = boot.facts["gpus"]
+    gpus = [g.to_map() for g in boot.facts.gpus]
     assert gpus == [{"index": 0, "bdf": "0000:18:00.0",
                      "uuid": "GPU-00000000-1111-2222-3333-444455556666",
                      "model": "NVIDIA H100 80GB HBM3", "minor": 0,
                      "node": {"path": "/dev/nvidia0", "major": 195, "minor": 0, "mode": 0o660}}]
-    nodes = boot.facts["device_nodes"]
-    assert isinstance(nodes, dict)
+    nodes = boot.facts.device_nodes
     assert [n["path"] for n in nodes["control"]] == ["/dev/nvidiactl", "/dev/nvidia-uvm"]
     assert [n["minor"] for n in nodes["imex"]] == [0, 1]
     assert any("assign gpu0 0000:18:00.0 GPU-00000000" in a for a in boot.audit)
@@ -167,12 +168,10 @@ def test_recorded_effects_for_mig_caps(tmp_path: pathlib.Path) -> None:
     assert ("mknod", cap(ci0), stat.S_IFCHR | 0o444, CAPS_MAJOR, ci0) in calls
     made = [c[1] for c in calls if c[0] == "mknod" and "nvidia-caps/" in str(c[1])]
     assert len(made) == 7 and cap(cap_minor(0, 0)) not in made  # gi0 does not exist
-    gpus = boot.facts["gpus"]
-    assert isinstance(gpus, list)
-    gpu = gpus[0]
-    assert [(m["gi"], [n["minor"] for n in m["nodes"]]) for m in gpu["mig"]] == [
+    gpu = boot.facts.gpus[0]
+    assert [(m["gi"], [n["minor"] for n in m["nodes"]]) for m in gpu.mig] == [  # type: ignore[attr-defined]
         (1, [gi1, ci0]), (2, [cap_minor(0, 2), cap_minor(0, 2, 0)])]  # gi3 has no CI
-    assert {n["mode"] for m in gpu["mig"] for n in m["nodes"]} == {0o444}
+    assert {n["mode"] for m in gpu.mig for n in m["nodes"]} == {0o444}  # type: ignore[attr-defined]
 
 
 def test_uvm_tools_setting_creates_the_node(tmp_path: pathlib.Path) -> None:
@@ -181,9 +180,7 @@ def test_uvm_tools_setting_creates_the_node(tmp_path: pathlib.Path) -> None:
     assert isinstance(boot.effects, DryEffects)
     tools = str(tmp_path / "dev/nvidia-uvm-tools")
     assert ("mknod", tools, stat.S_IFCHR | 0o666, UVM_MAJOR, 1) in boot.effects.calls
-    nodes = boot.facts["device_nodes"]
-    assert isinstance(nodes, dict)
-    control = nodes["control"]
+    control = boot.facts.device_nodes["control"]
     assert [n["path"] for n in control] == [
         "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
 
@@ -205,26 +202,24 @@ def test_wrong_existing_file_is_an_error(tmp_path: pathlib.Path) -> None:
 
 def test_cpu_mode_is_a_no_op(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tmp_path)
-    boot.facts.update(mode="cpu", inventory=[])
-    devices.run_devices(boot)
+    boot_script.run_devices(boot)  # the boot script's gate: no NVIDIA work in cpu mode
     assert isinstance(boot.effects, DryEffects) and boot.effects.calls == []
 
 
 def test_gpu_index_is_pci_bus_order_whatever_the_minor_numbers(tmp_path: pathlib.Path) -> None:
     """Kata annotates a cold-plugged GPU with nvidia.com/gpu=<its rank in bus order>
     (container.go annotateContainerWithVFIOMetadata); the driver's minors may differ."""
-    from guestinit import cdi
+    from guestinit.nvidia import cdi
 
     materialize(load("h100x8_nvswitch4"), tmp_path)
     bdfs = gpu_bdfs(8)
     fake_nvidia_proc(tmp_path, [*reversed(bdfs[:2]), *bdfs[2:]])  # minor 0 on bus 0x19
     (tmp_path / "dev").mkdir(exist_ok=True)
     boot = make_boot(tmp_path, effects=DryEffects())
-    pci.run_discover(boot)
-    boot.facts["modules"] = ["nvidia", "nvidia_uvm"]
+    discover.run_discover(boot)
+    boot.facts.modules = ["nvidia", "nvidia_uvm"]
     devices.run_devices(boot)
-    gpus = boot.facts["gpus"]
-    assert isinstance(gpus, list)
+    gpus = [g.to_map() for g in boot.facts.gpus]
     assert [(g["index"], g["bdf"], g["minor"]) for g in gpus[:3]] == [
         (0, "0000:18:00.0", 1), (1, "0000:19:00.0", 0), (2, "0000:1a:00.0", 2)]
     spec = cdi.plan_spec(gpus, [])

@@ -6,7 +6,7 @@
 nodes in service-VM or fabric mode, ``imex.channels`` IMEX channels
 ``/dev/nvidia-caps-imex-channels/channel<N>`` (at most ``ImexChannelCount`` of
 ``/proc/driver/nvidia/params``), and the MIG capabilities that exist
-(``guestinit.mig``: ``/dev/nvidia-caps/nvidia-cap<N>``, with the driver's modes and group
+(``nvidia.mig``: ``/dev/nvidia-caps/nvidia-cap<N>``, with the driver's modes and group
 0). Mode and group of the others come from ``device.mode``/``device.gid``. Applying a
 plan twice changes nothing.
 """
@@ -16,8 +16,11 @@ from __future__ import annotations
 import os
 import stat
 
-from guestinit import mig
+from guestinit.boot import AssignedGpu
+from guestinit.nvidia import mig
+from guestinit.pci import Kind
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import read_text
 from guestinit.values import Mode
 
 TYPE_CHECKING = False
@@ -82,14 +85,6 @@ def parse_information(text: str) -> dict[str, str]:
     return out
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
 def read_gpus(root: str) -> list[Gpu]:
     """The GPUs the driver registered, by minor; errors name the file."""
     base = os.path.join(root, "proc", "driver", "nvidia", "gpus")
@@ -100,7 +95,7 @@ def read_gpus(root: str) -> list[Gpu]:
     gpus = []
     for bdf in bdfs:
         path = os.path.join(base, bdf, "information")
-        info = parse_information(_read(path) or "")
+        info = parse_information(read_text(path) or "")
         minor = info.get("Device Minor", "")
         if not minor.isdigit():
             raise ValueError(f"read {path}: no 'Device Minor' line (got {minor!r})")
@@ -117,7 +112,7 @@ def bus_order(gpu: Gpu) -> tuple[int, ...]:
 
 def imex_channel_count(root: str) -> int:
     """``ImexChannelCount`` of ``/proc/driver/nvidia/params``; 0 when absent."""
-    params = parse_information(_read(os.path.join(root, "proc/driver/nvidia/params")) or "")
+    params = parse_information(read_text(os.path.join(root, "proc/driver/nvidia/params")) or "")
     count = params.get("ImexChannelCount", "")
     return int(count) if count.isdigit() else 0
 
@@ -130,7 +125,7 @@ def plan_nodes(root: str, mode: Mode, gpus: Sequence[Gpu], switches: int,
     the driver makes none itself, and its ImexChannelCount defaults to 2048)."""
     if mode == Mode.CPU:
         return []
-    majors = parse_proc_devices(_read(os.path.join(root, "proc", "devices")) or "")
+    majors = parse_proc_devices(read_text(os.path.join(root, "proc", "devices")) or "")
     nvidia = majors.get("nvidia-frontend", majors.get("nvidia", NVIDIA_MAJOR))
     nodes = [Node("nvidiactl", nvidia, CTL_MINOR, node_mode, gid)]
     nodes += [Node(f"nvidia{g.minor}", nvidia, g.minor, node_mode, gid) for g in gpus]
@@ -189,36 +184,25 @@ def apply_nodes(boot: Boot, nodes: Sequence[Node]) -> list[str]:
     return created
 
 
-def _inventory(boot: Boot, kind: str) -> list[Mapping[str, object]]:
-    inventory = boot.facts.get("inventory", [])
-    assert isinstance(inventory, list)
-    return [d for d in inventory if d.get("kind") == kind]
-
-
 CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
 
-def _gpu_facts(index: int, gpu: Gpu, by_path: Mapping[str, Node],
-               caps: Sequence[mig.Cap]) -> dict[str, object]:
+def assigned(index: int, gpu: Gpu, by_path: Mapping[str, Node],
+             caps: Sequence[mig.Cap]) -> AssignedGpu:
     """What the cdi stage needs of one GPU: its node and, with MIG, each GPU instance's
     access caps (the GI's, then its CIs')."""
-    facts: dict[str, object] = {"index": index, "bdf": gpu.bdf, "uuid": gpu.uuid,
-                                "model": gpu.model, "minor": gpu.minor,
-                                "node": by_path[f"nvidia{gpu.minor}"].to_map()}
-    instances = [{"gi": gi, "nodes": [by_path[c.node].to_map() for c in group]}
-                 for gi, group in mig.instances(caps, gpu.minor)
-                 if all(c.node in by_path for c in group)]
-    if instances:
-        facts["mig"] = instances
-    return facts
+    instances: list[dict[str, object]] = [
+        {"gi": gi, "nodes": [by_path[c.node].to_map() for c in group]}
+        for gi, group in mig.instances(caps, gpu.minor) if all(c.node in by_path for c in group)]
+    return AssignedGpu(index, gpu.bdf, gpu.uuid, gpu.model, gpu.minor,
+                       by_path[f"nvidia{gpu.minor}"].to_map(), instances)
 
 
 def run_devices(boot: Boot) -> None:
-    mode = Mode(str(boot.facts.get("mode", Mode.CPU)))
-    if mode == Mode.CPU:
-        return
+    """Check the driver's GPUs against discover's and make the nodes (outside cpu mode)."""
+    facts = boot.facts
     cfg = boot.config()
-    want = sorted(str(d["bdf"]) for d in _inventory(boot, "gpu"))
+    want = sorted(a.dev.bdf for a in facts.of_kind(Kind.GPU))
     try:
         gpus = read_gpus(boot.root)
     except ValueError as exc:
@@ -228,12 +212,10 @@ def run_devices(boot: Boot) -> None:
         raise BootError(Stage.DEVICES, f"the nvidia driver registered {len(gpus)} of "
                         f"{len(want)} GPUs; missing {', '.join(missing)} "
                         "(see dmesg for NVRM errors)")
-    loaded = boot.facts.get("modules", [])
-    assert isinstance(loaded, list)
-    modeset = any(str(m).split()[0] == "nvidia_modeset" for m in loaded)
+    modeset = any(m.split()[0] == "nvidia_modeset" for m in facts.modules or ())
     caps = mig.read_caps(boot.root)
     try:
-        nodes = plan_nodes(boot.root, mode, gpus, len(_inventory(boot, "nvswitch")),
+        nodes = plan_nodes(boot.root, facts.mode, gpus, len(facts.of_kind(Kind.NVSWITCH)),
                            cfg.int("device.mode"), cfg.int("device.gid"), modeset=modeset,
                            uvm_tools=cfg.bool("uvm.tools"), caps=caps,
                            imex_channels=cfg.int("imex.channels"))
@@ -247,8 +229,8 @@ def run_devices(boot: Boot) -> None:
     # annotateContainerWithVFIOMetadata sorts by bus) and NVML's order; the driver's minor
     # numbers (/dev/nvidiaM) need not follow it
     gpus = sorted(gpus, key=bus_order)
-    boot.facts["gpus"] = [_gpu_facts(i, g, by_path, caps) for i, g in enumerate(gpus)]
-    boot.facts["device_nodes"] = {
+    facts.gpus = [assigned(i, g, by_path, caps) for i, g in enumerate(gpus)]
+    facts.device_nodes = {
         "control": control,
         "imex": [n.to_map() for n in nodes if n.path.startswith(IMEX_DIR + "/")],
         "other": [n.to_map() for n in nodes if n.path.startswith(("nvidia-caps/", "nvidia-nvs"))],
@@ -262,7 +244,4 @@ def run_devices(boot: Boot) -> None:
 def audit_teardown(boot: Boot) -> list[str]:
     """At shutdown: one audit line per GPU assigned at boot (the shutdown's teardown puts
     them in its audit, which goes to kmsg and into the ``shutdown`` frame)."""
-    gpus = boot.facts.get("gpus", [])
-    if not isinstance(gpus, list):
-        return []
-    return [f"release gpu{g['index']} {g['bdf']} {g.get('uuid') or '(no uuid)'}" for g in gpus]
+    return [f"release gpu{g.index} {g.bdf} {g.uuid or '(no uuid)'}" for g in boot.facts.gpus]

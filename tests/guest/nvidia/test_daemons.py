@@ -9,13 +9,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from guestinit import daemon_ready, nvidia
+import guestinit.__main__ as boot_script
 from guestinit.boot import Boot
-from guestinit.config import Mode
 from guestinit.effects import Effects
+from guestinit.nvidia import daemon_ready, daemons
 from guestinit.stages import BootError
 from guestinit.testing import nvidia_bundle
-from tests.fixtures.accel import fake_nvidia_proc, frames, gpu_bdfs, kmsg_text, make_boot
+from guestinit.values import Fabric, Mode
+from tests.fixtures.accel import (
+    accelerators,
+    fake_nvidia_proc,
+    frames,
+    gpu_bdfs,
+    kmsg_text,
+    make_boot,
+)
 
 BIN = "/usr/bin"
 
@@ -31,10 +39,10 @@ def test_registered_gpus_from_persistenced_lines() -> None:
 
 
 def test_persistenced_argv() -> None:
-    assert nvidia.persistenced_argv(BIN, True, "nvidia-persistenced") == [
+    assert daemons.persistenced_argv(BIN, True, "nvidia-persistenced") == [
         "/usr/bin/nvidia-persistenced", "--foreground", "--verbose", "--uvm-persistence-mode",
         "--user", "nvidia-persistenced"]
-    assert nvidia.persistenced_argv(BIN, False, None) == [
+    assert daemons.persistenced_argv(BIN, False, None) == [
         "/usr/bin/nvidia-persistenced", "--foreground", "--verbose"]
 
 
@@ -42,14 +50,14 @@ def test_user_lookup(tmp_path: pathlib.Path) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n"
                                          "nvidia-persistenced:x:120:130::/:/usr/sbin/nologin\n")
-    assert nvidia.user_ids(str(tmp_path), "nvidia-persistenced") == (120, 130)
-    assert nvidia.user_ids(str(tmp_path), "nobody") is None
-    assert nvidia.user_ids(str(tmp_path / "none"), "root") is None
+    assert daemons.user_ids(str(tmp_path), "nvidia-persistenced") == (120, 130)
+    assert daemons.user_ids(str(tmp_path), "nobody") is None
+    assert daemons.user_ids(str(tmp_path / "none"), "root") is None
 
 
 def test_fabric_manager_config_rewrite() -> None:
     text = "# FABRIC_MODE=9 stays a comment\nLOG_LEVEL=4\nFABRIC_MODE=0\nDAEMONIZE=1\n"
-    out = nvidia.rewrite_fm_config(text, {"FABRIC_MODE": "1", "DAEMONIZE": "0",
+    out = daemons.rewrite_fm_config(text, {"FABRIC_MODE": "1", "DAEMONIZE": "0",
                                           "LOG_USE_SYSLOG": "1"})
     assert out == ("# FABRIC_MODE=9 stays a comment\nLOG_LEVEL=4\nFABRIC_MODE=1\nDAEMONIZE=0\n"
                    "LOG_USE_SYSLOG=1\n")
@@ -63,34 +71,34 @@ def ib_port(root: pathlib.Path, name: str, cap_mask: str, gid: str) -> None:
 
 
 def test_port_guid_skips_ports_with_sm_disabled(tmp_path: pathlib.Path) -> None:
-    assert nvidia.port_guid(str(tmp_path)) is None
+    assert daemons.port_guid(str(tmp_path)) is None
     ib_port(tmp_path, "mlx5_1", "0x00000200", "fe80:0000:0000:0000:1111:2222:3333:4444")
     ib_port(tmp_path, "mlx5_0", "0x00000400", "fe80:0000:0000:0000:aaaa:bbbb:cccc:dddd")
-    assert nvidia.port_guid(str(tmp_path)) == "0x1111222233334444"
+    assert daemons.port_guid(str(tmp_path)) == "0x1111222233334444"
 
 
-def plan(mode: Mode, fabric: str = "", dcgm: bool = False,
+def plan(mode: Mode, fabric: Fabric = Fabric.NONE, dcgm: bool = False,
          guid: str | None = None) -> list[str]:
-    p = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, dcgm=dcgm, guid=guid)
+    p = daemons.plan_daemons(mode, fabric, BIN, uvm=True, user=None, dcgm=dcgm, guid=guid)
     return [name for name, _ in p.daemons]
 
 
 def test_daemon_plans_per_mode_in_nvrcs_order() -> None:
     assert plan(Mode.CPU, dcgm=True) == []
     assert plan(Mode.GPU) == ["nvidia-persistenced"]
-    assert plan(Mode.GPU, fabric="nvl4", dcgm=True) == [
+    assert plan(Mode.GPU, fabric=Fabric.NVL4, dcgm=True) == [
         "nv-fabricmanager", "nvidia-persistenced", "nv-hostengine", "dcgm-exporter"]
-    assert plan(Mode.GPU, fabric="nvl5", guid="0x2") == [
+    assert plan(Mode.GPU, fabric=Fabric.NVL5, guid="0x2") == [
         "nvlsm", "nv-fabricmanager", "nvidia-persistenced"]
     assert plan(Mode.NVL4, dcgm=True) == ["nv-fabricmanager"]
     assert plan(Mode.NVL5, guid="0x1") == ["nvlsm", "nv-fabricmanager"]
-    p = nvidia.plan_daemons(Mode.NVL5, "", BIN, uvm=True, user=None, guid="0x1111")
-    assert p.daemons[0][1] == ["/usr/bin/nvlsm", "-F", nvidia.NVLSM_CONFIG, "-g", "0x1111"]
+    p = daemons.plan_daemons(Mode.NVL5, Fabric.NONE, BIN, uvm=True, user=None, guid="0x1111")
+    assert p.daemons[0][1] == ["/usr/bin/nvlsm", "-F", daemons.NVLSM_CONFIG, "-g", "0x1111"]
     assert p.fm_settings["FM_SM_MGMT_PORT_GUID"] == "0x1111"
     with pytest.raises(ValueError, match="nvl5: no InfiniBand port with SM enabled"):
         plan(Mode.NVL5)
     with pytest.raises(ValueError, match="nvl5: no InfiniBand port"):
-        plan(Mode.GPU, fabric="nvl5")
+        plan(Mode.GPU, fabric=Fabric.NVL5)
 
 
 @pytest.mark.parametrize(("mode", "fabric", "fm", "rail"), [
@@ -100,16 +108,16 @@ def test_daemon_plans_per_mode_in_nvrcs_order() -> None:
     (Mode.GPU, "nvl5", "0", "symmetric"),  # HGX B200 with GPUs: full, symmetric
 ])
 def test_fabric_defaults_are_nvrcs(mode: Mode, fabric: str, fm: str, rail: str) -> None:
-    p = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, guid="0x1")
+    p = daemons.plan_daemons(mode, fabric, BIN, uvm=True, user=None, guid="0x1")
     assert (p.fm_settings["FABRIC_MODE"], p.fm_settings["PARTITION_RAIL_POLICY"]) == (fm, rail)
-    forced = nvidia.plan_daemons(mode, fabric, BIN, uvm=True, user=None, guid="0x1",
+    forced = daemons.plan_daemons(mode, fabric, BIN, uvm=True, user=None, guid="0x1",
                                  fm_mode="2", rail_policy="greedy")
     assert forced.fm_settings["FABRIC_MODE"] == "2"
     assert forced.fm_settings["PARTITION_RAIL_POLICY"] == "greedy"
 
 
 def test_dcgm_argv_points_the_exporter_at_the_host_engine() -> None:
-    p = nvidia.plan_daemons(Mode.GPU, "", BIN, uvm=False, user=None, dcgm=True,
+    p = daemons.plan_daemons(Mode.GPU, "", BIN, uvm=False, user=None, dcgm=True,
                             ports=(6000, 9500))
     argv = dict(p.daemons)
     assert argv["nv-hostengine"] == ["/usr/bin/nv-hostengine", "-n", "--service-account",
@@ -132,7 +140,7 @@ def test_each_daemon_has_its_own_timeout_unless_only_daemon_timeout_is_set() -> 
 
 
 def test_smi_settings_in_order() -> None:
-    assert nvidia.smi_settings({"smi.lgc": "1500,1980", "smi.lmc": "", "smi.pl": "500"}) == [
+    assert daemons.smi_settings({"smi.lgc": "1500,1980", "smi.lmc": "", "smi.pl": "500"}) == [
         ["-lgc", "1500,1980"], ["-pl", "500"]]
 
 
@@ -154,10 +162,10 @@ def gpu_root(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, list[Boot]]
 
 
 def gpu_boot(root: pathlib.Path, boots: list[Boot], cmdline: str = "", gpus: int = 4,
-             fabric: str = "", effects: Effects | None = None) -> Boot:
+             fabric: Fabric = Fabric.NONE, effects: Effects | None = None) -> Boot:
     boot = make_boot(root, cmdline=cmdline, syslog=True, effects=effects)
-    boot.facts.update(mode="gpu", fabric=fabric, inventory=[
-        {"kind": "gpu", "bdf": bdf} for bdf in gpu_bdfs(gpus)])
+    boot.facts.mode, boot.facts.fabric = Mode.GPU, fabric
+    boot.facts.inventory = accelerators("gpu", gpu_bdfs(gpus))
     boots.append(boot)
     return boot
 
@@ -168,9 +176,9 @@ def test_gpu_mode_persistenced_ready_with_progress_and_smi_settings(
     root, boots = gpu_root
     nvidia_bundle.install(root, behaviour={"gpu_delay": "0.15"})
     boot = gpu_boot(root, boots, "nvrc.smi.lgc=1500,1980 guestinit.smi.pl=500")
-    nvidia.run_daemons(boot)
+    daemons.run_daemons(boot)
     service = boot.supervisor.service("nvidia-persistenced")
-    assert service.running and boot.facts["daemons"] == ["nvidia-persistenced"]
+    assert service.running and boot.facts.daemons == ["nvidia-persistenced"]
     assert (root / "var/run/nvidia-persistenced/socket").exists()
     gpu_frames = [f for f in frames(boot) if f.get("event") == "gpu"]
     assert [f["detail"] for f in gpu_frames] == [  # one per GPU, in order
@@ -181,7 +189,7 @@ def test_gpu_mode_persistenced_ready_with_progress_and_smi_settings(
     assert calls[1:] == ["nvidia-smi -lgc 1500,1980", "nvidia-smi -pl 500"]
     spans = [s[0] for s in boot.timeline.spans]
     assert spans == ["daemon:nvidia-persistenced", "smi:lgc", "smi:pl"]
-    nvidia.check_daemons(boot)
+    daemons.check_daemons(boot)
 
 
 def test_persistenced_runs_as_its_user_when_the_image_has_one(
@@ -191,7 +199,7 @@ def test_persistenced_runs_as_its_user_when_the_image_has_one(
     nvidia_bundle.install(root)
     (root / "etc/passwd").write_text("nvidia-persistenced:x:120:130::/:/usr/sbin/nologin\n")
     boot = gpu_boot(root, boots, "guestinit.uvm.persistence=0", effects=Effects())
-    nvidia.run_daemons(boot)
+    daemons.run_daemons(boot)
     assert nvidia_bundle.calls(root)[0] == (
         "nvidia-persistenced --foreground --verbose --user nvidia-persistenced")
     st = os.stat(root / "var/run/nvidia-persistenced")
@@ -206,7 +214,7 @@ def test_marker_never_logged_fails_after_the_timeout_naming_the_daemon(
     boot = gpu_boot(root, boots, "guestinit.persistenced.timeout=1.5")
     start = time.monotonic()
     with pytest.raises(BootError) as err:
-        nvidia.run_daemons(boot)
+        daemons.run_daemons(boot)
     took = time.monotonic() - start
     assert err.value.stage == "daemons"
     assert err.value.reason.startswith(
@@ -228,7 +236,7 @@ def test_daemon_that_keeps_crashing_fails_fast_with_its_status(
     start = time.monotonic()
     with pytest.raises(BootError, match=r"nvidia-persistenced exited with status 1 before it "
                                         r"was ready"):
-        nvidia.run_daemons(boot)
+        daemons.run_daemons(boot)
     assert time.monotonic() - start < 10
     assert boot.supervisor.service("nvidia-persistenced").restarts == 1
     assert len([c for c in nvidia_bundle.calls(root) if c.startswith("nvidia-persistenced")]) == 2
@@ -242,14 +250,14 @@ def test_smi_failure_names_the_setting_and_output(
     boot = gpu_boot(root, boots, "guestinit.smi.pl=900")
     with pytest.raises(BootError, match=r"nvidia-smi pl \(-pl 900\) exited 2: Provided power "
                                         r"limit 900.00 W is not a valid power limit"):
-        nvidia.run_daemons(boot)
+        daemons.run_daemons(boot)
 
 
 def test_set_ready_state_runs_conf_compute(gpu_root: tuple[pathlib.Path, list[Boot]]) -> None:
     root, boots = gpu_root
     nvidia_bundle.install(root)
     boot = gpu_boot(root, boots, "nvrc.smi.srs=1")
-    nvidia.set_ready_state(boot)
+    daemons.set_ready_state(boot)
     assert nvidia_bundle.calls(root) == ["nvidia-smi conf-compute -srs 1"]
 
 
@@ -258,33 +266,32 @@ def test_fabric_manager_with_rewritten_config(gpu_root: tuple[pathlib.Path, list
     nvidia_bundle.install(root)
     for i in range(4):
         (root / f"dev/nvidia-nvswitch{i}").touch()
-    boot = gpu_boot(root, boots, "nvrc.fm.mode=1 nvrc.fm.rail.policy=symmetric", fabric="nvl4")
-    nvidia.run_daemons(boot)
-    assert boot.facts["daemons"] == ["nv-fabricmanager", "nvidia-persistenced"]
-    cfg = (root / nvidia.FM_RUN_CONFIG).read_text()
+    boot = gpu_boot(root, boots, "nvrc.fm.mode=1 nvrc.fm.rail.policy=symmetric", fabric=Fabric.NVL4)
+    daemons.run_daemons(boot)
+    assert boot.facts.daemons == ["nv-fabricmanager", "nvidia-persistenced"]
+    cfg = (root / daemons.FM_RUN_CONFIG).read_text()
     assert "FABRIC_MODE=1\n" in cfg and "PARTITION_RAIL_POLICY=symmetric\n" in cfg
     assert "DAEMONIZE=0\n" in cfg and "LOG_USE_SYSLOG=1\n" in cfg
     assert boot.supervisor.service("nv-fabricmanager").running
-    nvidia.check_daemons(boot)
+    daemons.check_daemons(boot)
     boot.supervisor.stop(["nv-fabricmanager"], grace=2.0)
     with pytest.raises(BootError, match="health check: nv-fabricmanager is not running"):
-        nvidia.check_daemons(boot)
+        daemons.check_daemons(boot)
 
 
 def test_missing_fm_template_is_named(gpu_root: tuple[pathlib.Path, list[Boot]]) -> None:
     root, boots = gpu_root
     boot = gpu_boot(root, boots)
-    boot.facts["mode"] = "nvl4"
+    boot.facts.mode = Mode.NVL4
     with pytest.raises(BootError, match=r"prepare nv-fabricmanager config from .*"
                                         r"fabricmanager.cfg: No such file"):
-        nvidia.run_daemons(boot)
+        daemons.run_daemons(boot)
 
 
 def test_cpu_mode_starts_nothing(tmp_path: pathlib.Path) -> None:
     boot = make_boot(tmp_path)
-    boot.facts.update(mode="cpu", inventory=[])
-    nvidia.run_daemons(boot)
-    assert boot.facts["daemons"] == [] and boot.supervisor.services == {}
+    boot_script.run_daemons(boot)  # the boot script's gate: no NVIDIA work in cpu mode
+    assert boot.facts.daemons == [] and boot.supervisor.services == {}
 
 
 def free_ports(n: int) -> list[int]:
@@ -316,8 +323,8 @@ def test_dcgm_daemons_are_ready_when_their_ports_listen(
     root, boots = gpu_root
     nvidia_bundle.install(root)
     boot, engine, metrics = dcgm_boot(root, boots)
-    nvidia.run_daemons(boot)
-    assert boot.facts["daemons"] == ["nvidia-persistenced", "nv-hostengine", "dcgm-exporter"]
+    daemons.run_daemons(boot)
+    assert boot.facts.daemons == ["nvidia-persistenced", "nv-hostengine", "dcgm-exporter"]
     assert [s[0] for s in boot.timeline.spans] == [
         "daemon:nvidia-persistenced", "daemon:nv-hostengine", "daemon:dcgm-exporter"]
     waits = [f["detail"] for f in frames(boot) if f.get("event") == "wait"]
@@ -326,7 +333,7 @@ def test_dcgm_daemons_are_ready_when_their_ports_listen(
         body = resp.read().decode()
     assert body.count("DCGM_FI_DEV_GPU_TEMP{") == 4  # one gauge per GPU the driver has
     assert f"daemons: nv-hostengine ready: 127.0.0.1:{engine}" in kmsg_text(root)
-    nvidia.check_daemons(boot)
+    daemons.check_daemons(boot)
 
 
 def test_a_host_engine_that_never_listens_fails_naming_it_and_its_timeout(
@@ -337,7 +344,7 @@ def test_a_host_engine_that_never_listens_fails_naming_it_and_its_timeout(
     monkeypatch.setattr(daemon_ready, "PROGRESS_EVERY", 0.4)
     boot, engine, _ = dcgm_boot(root, boots, "guestinit.hostengine.timeout=1.5")
     with pytest.raises(BootError) as err:
-        nvidia.run_daemons(boot)
+        daemons.run_daemons(boot)
     assert err.value.reason.startswith(
         f"nv-hostengine not ready after 1.5s (hostengine.timeout; no 127.0.0.1:{engine} "
         "listening)")
@@ -345,7 +352,7 @@ def test_a_host_engine_that_never_listens_fails_naming_it_and_its_timeout(
     assert len(still) >= 2  # a frame every PROGRESS_EVERY s while it waits
     assert all(f["stage"] == "daemons" and isinstance(f["waited_ms"], int) for f in still)
     assert still[-1]["waited_ms"] >= 800  # type: ignore[operator]
-    assert "dcgm-exporter" not in boot.facts["daemons"]  # type: ignore[operator]
+    assert "dcgm-exporter" not in boot.facts.daemons  # type: ignore[operator]
 
 
 def test_an_exporter_without_its_host_engine_fails_naming_its_status(
@@ -357,10 +364,10 @@ def test_an_exporter_without_its_host_engine_fails_naming_its_status(
     boot = gpu_boot(root, boots, f"guestinit.exporter.port={metrics} "
                                  "guestinit.restart.max=0")
     boot.supervisor.max_restarts = 0
-    boot.facts["daemons"] = []
+    boot.facts.daemons = []
     with pytest.raises(BootError, match=r"dcgm-exporter exited with status 1 before it was "
                                         r"ready"):
-        nvidia._start(boot, "dcgm-exporter", ["/usr/bin/dcgm-exporter", "-k", "-a",
+        daemons._start(boot, "dcgm-exporter", ["/usr/bin/dcgm-exporter", "-k", "-a",
                                               f":{metrics}", "-r", "127.0.0.1:1"])
         daemon_ready.wait_ready(boot, daemon_ready.DAEMONS["dcgm-exporter"])
 
@@ -372,13 +379,13 @@ def test_gpus_with_sw_mng_start_nvlsm_then_the_fabric_manager_then_persistenced(
     root, boots = gpu_root
     nvidia_bundle.install(root)
     ib_port(root, "mlx5_0", "0x00000200", "fe80:0000:0000:0000:0002:c903:00ab:cdef")
-    boot = gpu_boot(root, boots, fabric="nvl5")
-    nvidia.run_daemons(boot)
-    assert boot.facts["daemons"] == ["nvlsm", "nv-fabricmanager", "nvidia-persistenced"]
+    boot = gpu_boot(root, boots, fabric=Fabric.NVL5)
+    daemons.run_daemons(boot)
+    assert boot.facts.daemons == ["nvlsm", "nv-fabricmanager", "nvidia-persistenced"]
     calls = nvidia_bundle.calls(root)
-    assert calls[0] == f"nvlsm -F {nvidia.NVLSM_CONFIG} -g 0x0002c90300abcdef"
-    cfg = (root / nvidia.FM_RUN_CONFIG).read_text()
+    assert calls[0] == f"nvlsm -F {daemons.NVLSM_CONFIG} -g 0x0002c90300abcdef"
+    cfg = (root / daemons.FM_RUN_CONFIG).read_text()
     assert "FABRIC_MODE=0\n" in cfg and "PARTITION_RAIL_POLICY=symmetric\n" in cfg
     assert "FM_SM_MGMT_PORT_GUID=0x0002c90300abcdef\n" in cfg
     assert "daemons: nvlsm ready: " in kmsg_text(root) and "SUBNET UP" in kmsg_text(root)
-    nvidia.check_daemons(boot)
+    daemons.check_daemons(boot)

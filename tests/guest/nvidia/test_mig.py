@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from guestinit import mig
+from guestinit.nvidia import mig
 from tests.fixtures.accel import MIG_LAYOUT, cap_minor, fake_nvidia_proc, mig_minors_text
 
 

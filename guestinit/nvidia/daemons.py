@@ -1,7 +1,7 @@
 """NVIDIA daemons and settings: persistenced, fabric manager, nvlsm, DCGM, nvidia-smi.
 
 Every daemon runs under the supervisor (restart on failure) and is waited for in
-turn, by its signal in ``daemon_ready.DAEMONS`` (one table: signal, timeout setting):
+turn, by its signal in ``nvidia.daemon_ready.DAEMONS`` (one table: signal, timeout setting):
 
 - nvidia-persistenced (``--foreground --verbose``): its verbose syslog line
   ``Local RPC services initialized`` (logged once the RPC socket is up), or the
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-from guestinit.daemon_ready import (
+from guestinit.nvidia.daemon_ready import (
     DAEMONS,
     EXPORTER,
     FABRICMANAGER,
@@ -34,8 +34,9 @@ from guestinit.daemon_ready import (
     PERSISTENCED,
     wait_ready,
 )
+from guestinit.pci import Kind
 from guestinit.stages import BootError, Stage
-from guestinit.values import Mode
+from guestinit.values import Fabric, Mode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -109,12 +110,12 @@ def port_guid(root: str) -> str | None:
     return None
 
 
-def managed_fabric(mode: Mode, fabric: str) -> str:
-    """The NVLink fabric this boot manages: a service VM's own ("nvl4", "nvl5"), the GPU
-    mode's ``fabric`` from discovery, or ""."""
+def managed_fabric(mode: Mode, fabric: Fabric) -> Fabric:
+    """The NVLink fabric this boot manages: a service VM's own, the GPU mode's ``fabric``
+    from discovery, or none."""
     if mode in (Mode.NVL4, Mode.NVL5):
-        return str(mode)
-    return fabric if mode == Mode.GPU else ""
+        return Fabric(str(mode))
+    return fabric if mode == Mode.GPU else Fabric.NONE
 
 
 def fabric_settings(service_vm: bool, nvl5: bool, fm_mode: str, rail_policy: str
@@ -135,7 +136,7 @@ class Plan:
         self.fm_settings: dict[str, str] = {}
 
 
-def plan_daemons(mode: Mode, fabric: str, bin_dir: str, *, uvm: bool, user: str | None,
+def plan_daemons(mode: Mode, fabric: Fabric, bin_dir: str, *, uvm: bool, user: str | None,
                  fm_mode: str = "auto", rail_policy: str = "auto", dcgm: bool = False,
                  guid: str | None = None, ports: tuple[int, int] = (5555, 9400)) -> Plan:
     """NVRC's order: nvlsm and the fabric manager (NVL5), or the fabric manager (NVL4),
@@ -144,7 +145,7 @@ def plan_daemons(mode: Mode, fabric: str, bin_dir: str, *, uvm: bool, user: str 
     if mode == Mode.CPU:
         return plan
     managed = managed_fabric(mode, fabric)
-    nvl5 = managed == "nvl5"
+    nvl5 = managed == Fabric.NVL5
     if nvl5:
         if guid is None:
             raise ValueError("nvl5: no InfiniBand port with SM enabled under /sys/class/infiniband"
@@ -196,7 +197,8 @@ def _smi(boot: Boot, args: Sequence[str], what: str, stage: Stage = Stage.DAEMON
 
 
 def set_ready_state(boot: Boot) -> None:
-    """``nvidia-smi conf-compute -srs`` when ``smi.srs`` is set (after the CDI spec)."""
+    """``nvidia-smi conf-compute -srs`` when ``smi.srs`` is set: the last step of GPU
+    bring-up (the boot script runs it after the CDI spec, NVRC's order)."""
     value = boot.config().str("smi.srs")
     if value:
         _smi(boot, ["conf-compute", "-srs", value], "srs", Stage.CDI)
@@ -225,18 +227,14 @@ def _prepare_fm(boot: Boot, settings: Mapping[str, str]) -> None:
 
 
 def run_daemons(boot: Boot) -> None:
-    mode = Mode(str(boot.facts.get("mode", Mode.CPU)))
-    boot.facts.setdefault("daemons", [])
-    if mode == Mode.CPU:
-        return
+    """Start and wait for the mode's daemons (the caller runs this outside cpu mode)."""
+    facts = boot.facts
+    mode, fabric = facts.mode, facts.fabric
     cfg = boot.config()
-    inventory = boot.facts.get("inventory", [])
-    assert isinstance(inventory, list)
-    gpus = [d for d in inventory if d.get("kind") == "gpu"]
-    fabric = str(boot.facts.get("fabric") or "")
+    gpus = facts.of_kind(Kind.GPU)
     user = cfg.str("nvidia.user")
     ids = user_ids(boot.root, user) if user else None
-    guid = port_guid(boot.root) if managed_fabric(mode, fabric) == "nvl5" else None
+    guid = port_guid(boot.root) if managed_fabric(mode, fabric) == Fabric.NVL5 else None
     try:
         plan = plan_daemons(
             mode, fabric, cfg.str("nvidia.bin"),
@@ -259,7 +257,7 @@ def run_daemons(boot: Boot) -> None:
         start = boot.timeline.now()
         _start(boot, name, argv)
         names.append(name)
-        boot.facts["daemons"] = list(names)
+        facts.daemons = list(names)
         boot.reporter.progress("daemons", "wait", f"{name}: waiting for {daemon.signals(cfg)}")
         line = wait_ready(boot, daemon, len(gpus))
         boot.kmsg.log(6, f"daemons: {name} ready: {line}")
@@ -273,9 +271,7 @@ def run_daemons(boot: Boot) -> None:
 
 def check_daemons(boot: Boot) -> None:
     """Health check before ``ready``: every daemon this boot started is still running."""
-    names = boot.facts.get("daemons", [])
-    assert isinstance(names, list)
-    for name in names:
+    for name in boot.facts.daemons:
         service = boot.supervisor.service(name)
         if not service.running:
             raise BootError(Stage.DAEMONS, f"health check: {name} is not running "

@@ -4,7 +4,7 @@ One table: the daemon, its ready signal (a syslog line, a socket, a TCP port), t
 that bounds the wait. Syslog lines wake the wait at once (``select`` on the syslog
 socket); sockets and ports are checked every ``syslog.WAIT_ROUND`` (0.1 s), as are the
 daemon's death (with its restarts ticking) and a stop request, and a ``progress`` frame
-says every ``PROGRESS_EVERY`` s what is still awaited. ``guestinit.nvidia`` starts the
+says every ``PROGRESS_EVERY`` s what is still awaited. ``nvidia.daemons`` starts the
 daemons and waits for each in turn.
 """
 

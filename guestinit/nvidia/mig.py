@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from guestinit.sysfs import read_text
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -71,14 +73,6 @@ def parse_cap_file(text: str) -> dict[str, int]:
     return out
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def _numbered(path: str, prefix: str) -> list[int]:
     """N of the entries named ``<prefix>N`` in ``path``, sorted; none if it is missing."""
     try:
@@ -110,7 +104,7 @@ def _existing(base: str) -> list[tuple[str, str, int, int, int]]:
 def read_caps(root: str) -> list[Cap]:
     """``config``, ``monitor`` and the access caps that exist, with the driver's minors
     and modes; none without a mig-minors file (no nvidia-caps in this driver)."""
-    text = _read(os.path.join(root, MIG_MINORS))
+    text = read_text(os.path.join(root, MIG_MINORS))
     if text is None:
         return []
     minors = parse_mig_minors(text)
@@ -118,7 +112,7 @@ def read_caps(root: str) -> list[Cap]:
     found = [(name, os.path.join(base, "mig", name), -1, -1, -1) for name in DEFAULT_MODES]
     caps = []
     for name, path, gpu, gi, ci in found + _existing(base):
-        fields = parse_cap_file(_read(path) or "")
+        fields = parse_cap_file(read_text(path) or "")
         # the cap's own file is the driver's word for its minor; mig-minors lists them all
         minor = fields.get("DeviceFileMinor", minors.get(name))
         if minor is None:

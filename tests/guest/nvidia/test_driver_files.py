@@ -10,8 +10,8 @@ import pytest
 from elftools.elf.dynamic import DynamicSegment
 from elftools.elf.elffile import ELFFile
 
-from guestinit import driver_files
-from guestinit.driver_files import Library, Userspace
+from guestinit.nvidia import driver_files
+from guestinit.nvidia.driver_files import Library, Userspace
 from guestinit.testing import nvidia_bundle
 from tests.fixtures.accel import fake_nvidia_proc
 
