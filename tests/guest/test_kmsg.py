@@ -84,10 +84,21 @@ def test_write_errors_go_to_the_fallback() -> None:
 
 def test_never_raises_even_with_a_closed_fallback(tmp_path: Path) -> None:
     out = io.StringIO()
-    out.close()
-    k = Kmsg(str(tmp_path / "missing"), fallback=out)
+    out.close()  # its write() raises ValueError
+    dev = tmp_path / "missing"
+    k = Kmsg(str(dev), fallback=out)
     k.log(3, "nobody hears this")  # must not raise
     k.raw("<3>nor this")
+    assert not k.is_open and k.write_errors == 0  # no device yet: no write failed on it
+    dev.touch()
+    k.log(6, "heard")  # the swallowed error left it working: the open is retried
+    k.close()
+    assert dev.read_text() == "<6>guestinit: heard\n"  # the lost lines were not kept
+    full = Kmsg("/dev/full", fallback=out)  # the device fails, then the fallback too
+    full.log(3, "disk full")
+    full.raw("<3>still full")
+    assert full.is_open and full.write_errors == 2
+    full.close()
 
 
 def test_fifo_gets_whole_records(tmp_path: Path) -> None:
