@@ -8,7 +8,11 @@ values or raise ``ConfigError`` naming the key and the value; they never touch
 
 from __future__ import annotations
 
-import builtins
+# Config's accessors are named after the builtins; annotations inside the class use these.
+from builtins import bool as _Bool
+from builtins import float as _Float
+from builtins import int as _Int
+from builtins import str as _Str
 
 from guestinit.values import (
     MODE_ALIASES,
@@ -191,12 +195,6 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 BY_ALIAS: dict[str, Setting] = {a: s for s in SETTINGS for a in s.aliases}
 
 
-# Config's accessors are named after the builtins; annotations inside the class use these.
-_Str = builtins.str
-_Int = builtins.int
-_Float = builtins.float
-_Bool = builtins.bool
-
 
 class Config:
     """Typed values (``cfg.int("restart.max")``, ``cfg.mode()``); immutable once built."""
@@ -238,7 +236,6 @@ class Config:
         assert isinstance(value, tuple)
         return value
 
-    # typed access to the settings whose values are enums or conditions
     def mode(self) -> Mode:
         value = self._values["mode"]
         assert isinstance(value, Mode)

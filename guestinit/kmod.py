@@ -4,12 +4,10 @@ The index is ``<root>/lib/modules/<release>/modules.dep`` (+ ``modules.softdep``
 written by the image builder; if it is missing it is generated at run time from
 each ``.ko``'s ``.modinfo`` (``guestinit.modinfo``, pyelftools, imported only then).
 
-Loading goes in dependency waves: the modules of one wave need nothing from each
-other and, with more than one CPU, load concurrently (one thread each; finit_module
-runs with the GIL released), each timed as its own span ``module:<name>`` in the
-timeline. Most of what we load is chains (nvidia -> nvidia_uvm -> ...), so waves are
-often one module wide; a wave of one, and every wave on one CPU, loads on the calling
-thread.
+Loading goes in dependency waves: a wave's modules need nothing from each other and,
+with more than one CPU, load concurrently (one thread each; finit_module releases the
+GIL), each timed as a span ``module:<name>``. Most of what we load is chains (nvidia ->
+nvidia_uvm), so a wave is often one module, loaded on the calling thread.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from guestinit.sysfs import read_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     from guestinit.boot import Boot
 
@@ -295,7 +293,8 @@ def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str,
             for step in wave:
                 done[step.name] = _load_one(boot, step, kernel_release)
             continue
-        work = [SideWork(f"load {s.name}", _loader(boot, s, kernel_release)) for s in wave]
+        work = [SideWork(f"load {s.name}", lambda s=s: _load_one(boot, s, kernel_release))  # type: ignore[misc]
+                for s in wave]
         # every load of the wave ends before the first failure is raised
         outcomes: list[object] = []
         for step, side in zip(wave, work, strict=True):
@@ -311,10 +310,6 @@ def load_steps(boot: Boot, steps: Sequence[LoadStep], kernel_release: str,
             done[step.name] = str(outcome)
     return [done.get(s.name, s.name) if not s.already else f"{s.name} (already loaded)"
             for s in steps]
-
-
-def _loader(boot: Boot, step: LoadStep, kernel_release: str) -> Callable[[], str]:
-    return lambda: _load_one(boot, step, kernel_release)
 
 
 def _load_one(boot: Boot, step: LoadStep, kernel_release: str) -> str:
