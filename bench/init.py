@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bench import proc
-from bench.cli import positive_count
+from bench.cli_args import positive_count
 from bench.listen import FramePump
 from guestinit.wire import Frame, FrameType
 
