@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from bench import proc
 from bench.cli_args import positive_count
 from bench.init_report import (
     EXEC_TO_EARLY,
@@ -41,6 +40,7 @@ from bench.init_report import (
 )
 from bench.listen import FramePump
 from guestinit.wire import Frame, FrameType
+from rootfs import proc
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2
