@@ -35,7 +35,6 @@ from rootfs.steps import BuildError, Progress, run
 RECIPE = 1  # bump when the recipe below changes: it is part of every cache key
 BASE_TARGET = "allnoconfig"
 LOCALVERSION = "-guestinit"
-DEFAULT_FRAGMENTS = ("base.conf", "microvm.conf", "fastboot.conf")
 PROGRESS_EVERY = 15.0  # seconds between "compiled N files" lines
 _COMPILED = re.compile(rb"^\s+(CC|AS)\s")
 _SYMBOL = re.compile(r"^(?:menu)?config\s+([A-Za-z0-9_]+)\s*$")
