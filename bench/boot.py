@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from bench import proc
 from bench.image import Image
 from bench.kata import ROOT_PORTS
 from bench.qemu import (
@@ -42,6 +41,7 @@ from bench.vmio import (
     recv,
 )
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
+from rootfs import proc
 
 
 @dataclass

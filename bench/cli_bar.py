@@ -9,15 +9,13 @@ import os
 import platform
 import sys
 
+from bench.cli_args import EXIT_INTERRUPTED, EXIT_USAGE, add_vmm_options, positive_count
 from bench.qemu import ENTROPY
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def cmd_bar_sweep(args: argparse.Namespace) -> int:
     from bench import bar_report, bar_sweep, suite
-    from bench.cli import _write_results, run_interleaved, suite_settings, verdict
+    from bench.cli_suite import run_interleaved, suite_settings, verdict, write_results
     from bench.qemu import BAR_BDF
     from guestinit.sizes import parse_size
 
@@ -52,7 +50,7 @@ def cmd_bar_sweep(args: argparse.Namespace) -> int:
                                                 extra=bar_sweep.check_run)
     doc = suite.assemble(doc_variants, machine, settings, interrupted=interrupted)
     doc["bar_sweep"] = bar_sweep.section(doc_variants, variants, refused)
-    _write_results(doc, out_dir)
+    write_results(doc, out_dir)
     bar_report.write_all(doc, out_dir)
     print(bar_report.markdown(doc))
     rc = verdict(doc, interrupted, "bar-sweep")
@@ -145,7 +143,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sw.add_argument("--sizes", default=DEFAULT_SIZES, metavar="S,S,...",
                     help=f"BAR sizes, powers of two (default {DEFAULT_SIZES}; 0 = PCIe "
                     "without the device)")
-    sw.add_argument("--runs", type=_count, default=5, metavar="N",
+    sw.add_argument("--runs", type=positive_count, default=5, metavar="N",
                     help="measured runs per size (default 5)")
     sw.add_argument("--warmup", type=int, default=1, metavar="N",
                     help="rounds run first and thrown away (default 1)")
@@ -158,8 +156,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sw.add_argument("--out", metavar="DIR", help="result directory (default "
                     "bench/results/<date>-<accel>-<cores>c-bar-sweep)")
     sw.add_argument("--entropy", choices=ENTROPY, default="rdrand")
-    from bench.cli import add_vmm_options
-
     add_vmm_options(sw)
     sw.set_defaults(func=cmd_bar_sweep)
 
@@ -178,8 +174,3 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     bm.add_argument("--json", metavar="FILE", help="write the figures and the host as JSON")
     bm.set_defaults(func=cmd_bar_map)
 
-
-def _count(text: str) -> int:
-    from bench.cli import positive_count
-
-    return positive_count(text)

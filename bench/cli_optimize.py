@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.cli_args import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,  # bad input, or the base never booted
+    add_vmm_options,
+    positive_count,
+    threshold,
+)
 from bench.qemu import ENTROPY
 from bench.stats import FLOOR_S, METRICS
 
-EXIT_USAGE = 2  # bad input, or the base never booted
-EXIT_INTERRUPTED = 130
 PHASE1, PHASE2 = "phase1", "phase2"
 
 
@@ -51,7 +56,7 @@ def _phase(name: str, variants: list[Any], images: dict[str, Any], settings: Any
            machine: dict[str, object], out_dir: str) -> tuple[dict[str, Any], bool]:
     """Boot one interleaved phase into OUT/<name>/suite.json (+ suite.md)."""
     from bench import suite, suite_report
-    from bench.cli import run_interleaved
+    from bench.cli_suite import run_interleaved
 
     phase_dir = os.path.join(out_dir, name)
     total = (settings.runs + settings.warmup) * len(variants)
@@ -74,7 +79,7 @@ def _never_booted(entry: dict[str, Any]) -> str | None:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from bench import optimize, optimize_report, suite
-    from bench.cli import suite_settings
+    from bench.cli_suite import suite_settings
 
     try:
         candidates, base_cmdline, cmdline_from = gather(args)
@@ -145,9 +150,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register ``optimize`` on the top-level parser's subparsers."""
-    from bench.cli import add_vmm_options, positive_count
-    from bench.cli_reports import _threshold
-
     o = sub.add_parser("optimize", help="A/B boot changes against a base, interleaved; "
                        "keep those faster beyond the noise and measure them together")
     o.add_argument("--base", default="out/cpu", metavar="DIR",
@@ -163,10 +165,10 @@ def add_commands(sub: Any) -> None:
     o.add_argument("--metric", choices=("ready_s", *METRICS), default="host_ready_s",
                    help="the per-run metric judged (default host_ready_s; e.g. "
                    "guest_run_init_s for the kernel's Run /init)")
-    o.add_argument("--threshold", type=_threshold, default=5.0, metavar="PCT",
+    o.add_argument("--threshold", type=threshold, default=5.0, metavar="PCT",
                    help="smallest median change that counts, in percent (default 5, as "
                    "compare)")
-    o.add_argument("--floor-ms", type=_threshold, default=FLOOR_S * 1000, metavar="MS",
+    o.add_argument("--floor-ms", type=threshold, default=FLOOR_S * 1000, metavar="MS",
                    help=f"a median change under this is no change (default {FLOOR_S * 1000:g})")
     o.add_argument("--runs", type=positive_count, default=5, metavar="N",
                    help="measured runs per variant and phase (default 5)")

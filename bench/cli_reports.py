@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cli_args import threshold
 from bench.stats import (
     FLOOR_S,
     Change,
@@ -33,13 +34,6 @@ HEADLINE_METRICS = ("ready_s", "userspace_s")
 STAGE_PREFIX = "stage:"
 
 
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a percentage >= 0")
-    return value
-
-
 def add_commands(sub: Any) -> None:
     """Register ``report`` and ``compare`` on the top-level parser's subparsers."""
     r = sub.add_parser("report", help="re-render a suite result directory from its suite.json")
@@ -53,9 +47,9 @@ def add_commands(sub: Any) -> None:
     c = sub.add_parser("compare", help="old vs new suite: regressions beyond the noise")
     c.add_argument("old", metavar="OLD", help="result directory or suite.json")
     c.add_argument("new", metavar="NEW", help="result directory or suite.json")
-    c.add_argument("--threshold", type=_threshold, default=5.0, metavar="PCT",
+    c.add_argument("--threshold", type=threshold, default=5.0, metavar="PCT",
                    help="smallest median change that counts, in percent (default 5)")
-    c.add_argument("--floor-ms", type=_threshold, default=FLOOR_S * 1000, metavar="MS",
+    c.add_argument("--floor-ms", type=threshold, default=FLOOR_S * 1000, metavar="MS",
                    help="a median change smaller than this many milliseconds is no change "
                    f"(default {FLOOR_S * 1000:g})")
     c.add_argument("--allow-other-machine", action="store_true",

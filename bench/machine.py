@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
-from bench import proc
 from bench.qemu import cpu_model
+from rootfs import proc
 
 
 def first_line(path: str, key: str) -> str:

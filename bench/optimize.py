@@ -33,7 +33,6 @@ COMPOSED = "composed"
 RESERVED = (BASE, COMPOSED)
 # Like the suite's guestinit variant: no agent, so the boot ends at guestinit's ready.
 BASE_APPEND = "guestinit.agent=none"
-DEFAULT_METRIC = "host_ready_s"
 _NAME = re.compile(r"^[A-Za-z0-9_.:+@,-]+$")
 
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from bench import proc
+from rootfs import proc
 
 QEMU = "qemu-system-x86_64"
 REPORT_PORT = "guestinit.report"

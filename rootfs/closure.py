@@ -21,7 +21,6 @@ from rootfs.steps import BuildError
 MERGED = {"lib": "usr/lib", "lib64": "usr/lib64", "bin": "usr/bin", "sbin": "usr/sbin"}
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib", "usr/lib64")
 PY_STDLIB = "usr/lib/python3.11"
-PY_DYNLOAD = "usr/lib/python3.11/lib-dynload"
 # Imported by the interpreter itself before any of our code (not seen by modulefinder).
 PY_STARTUP = ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.ascii",
               "encodings.latin_1", "os", "codecs", "io", "abc", "stat", "posixpath",

@@ -23,20 +23,18 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rootfs import fetch, kconfig, kernel
+from rootfs import fetch, kconfig, kernel, proc
 from rootfs.steps import BuildError, Progress, run
 
 RECIPE = 1  # bump when the recipe below changes: it is part of every cache key
 BASE_TARGET = "allnoconfig"
 LOCALVERSION = "-guestinit"
-DEFAULT_FRAGMENTS = ("base.conf", "microvm.conf", "fastboot.conf")
 PROGRESS_EVERY = 15.0  # seconds between "compiled N files" lines
 _COMPILED = re.compile(rb"^\s+(CC|AS)\s")
 _SYMBOL = re.compile(r"^(?:menu)?config\s+([A-Za-z0-9_]+)\s*$")
@@ -235,14 +233,17 @@ def _expected_objects() -> int | None:
 
 def _compile(argv: list[str | Path], env: dict[str, str], progress: Progress,
              clock: Callable[[], float] = time.monotonic) -> int:
-    """Run make, one progress line every PROGRESS_EVERY s; the number of files compiled."""
+    """Run make, one progress line every PROGRESS_EVERY s; the number of files compiled.
+
+    A cold build runs for many minutes, so make's output is read as it comes (not
+    captured to the end, as ``run`` does) to say how far it got.
+    """
     expected = _expected_objects()
     started = last = clock()
     compiled, tail = 0, list[bytes]()
-    proc = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    for line in proc.stdout:
+
+    def on_line(line: bytes) -> None:
+        nonlocal compiled, tail, last
         tail = [*tail[-39:], line]
         if _COMPILED.match(line):
             compiled += 1
@@ -250,10 +251,16 @@ def _compile(argv: list[str | Path], env: dict[str, str], progress: Progress,
             last = clock()
             of = f"/~{expected}" if expected else ""
             progress.note(f"make: {compiled}{of} files compiled, {last - started:.0f} s")
-    if proc.wait() != 0:
+
+    try:
+        status = proc.stream(argv, on_line, env=env)
+    except proc.NotFound:
+        raise BuildError(f"kernel build: command {argv[0]} not found "
+                         "(run ./build.sh setup to install the Debian packages)") from None
+    if status != 0:
         text = b"".join(tail).decode("utf-8", "replace").rstrip()
         raise BuildError(f"kernel build: `{' '.join(map(str, argv))}` exited "
-                         f"{proc.returncode}:\n{text}")
+                         f"{status}:\n{text}")
     return compiled
 
 

@@ -1,13 +1,15 @@
-"""The one funnel for external commands, the build error type and step timing."""
+"""The build error type, the builder's way into the command funnel (``rootfs.proc``)
+and step timing."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from rootfs import proc
 
 
 class BuildError(RuntimeError):
@@ -25,18 +27,15 @@ def run(
     """Run a command, return its stdout; a failure raises BuildError with its stderr."""
     args = [str(a) for a in argv]
     try:
-        proc = subprocess.run(
-            args, cwd=cwd, env=None if env is None else dict(env), input=stdin,
-            capture_output=True, check=False,
-        )
-    except FileNotFoundError:
+        done = proc.complete(args, input_bytes=stdin, timeout=None, cwd=cwd, env=env)
+    except proc.NotFound:
         raise BuildError(f"{what or args[0]}: command {args[0]} not found "
                          "(run ./build.sh setup to install the Debian packages)") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.decode("utf-8", "replace").strip()[-2000:]
-        raise BuildError(f"{what or args[0]}: `{' '.join(args)}` exited {proc.returncode}: "
+    if done.returncode != 0:
+        tail = done.stderr.decode("utf-8", "replace").strip()[-2000:]
+        raise BuildError(f"{what or args[0]}: `{' '.join(args)}` exited {done.returncode}: "
                          f"{tail or '(no stderr)'}")
-    return proc.stdout
+    return done.stdout
 
 
 class Progress:

@@ -21,8 +21,8 @@ import re
 import shutil
 import tempfile
 
-from bench import proc
 from guestinit.wire import Frame, FrameType, encode
+from rootfs import proc
 
 DEB_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "guestinit", "debs")
 BUSYBOX = "/bin/busybox"

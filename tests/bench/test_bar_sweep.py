@@ -164,7 +164,7 @@ def test_bar_map_cli_measures_a_file_and_refuses_a_bad_target(
 def test_the_device_script_records_every_step_and_goes_on_without_a_gpu(tmp_path: Path) -> None:
     """Here there is no NVIDIA GPU: each step is recorded with its status, bar-map says
     why it was skipped, and the script still ends well (on the GPU host it maps BAR 1)."""
-    from bench import proc
+    from rootfs import proc
     from tests.vm.conftest import REPO
 
     sysfs = tmp_path / "sys"  # an empty tree: a GPU on the test host is never touched

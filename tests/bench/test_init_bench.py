@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import init
+from bench import init_bench, init_report
 
 
 def _init_pids() -> set[int]:
@@ -30,7 +30,7 @@ def test_two_runs_write_samples_medians_ratio_and_stages(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _init_pids()
     out_json = tmp_path / "x.json"
-    assert init.main(["--runs", "2", "--json", str(out_json)]) == 0
+    assert init_bench.main(["--runs", "2", "--json", str(out_json)]) == 0
     data = json.loads(out_json.read_text())
     inits, pythons = data["samples_ms"]["init"], data["samples_ms"]["python"]
     assert len(inits) == 2 and all(v > 0 for v in inits)
@@ -55,7 +55,7 @@ def test_failed_frame_stops_the_bench_with_its_reason(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _init_pids()
     out_json = tmp_path / "x.json"
-    rc = init.main(["--runs", "2", "--append", "guestinit.log=loud", "--json", str(out_json)])
+    rc = init_bench.main(["--runs", "2", "--append", "guestinit.log=loud", "--json", str(out_json)])
     assert rc == 1
     _, err = capsys.readouterr()
     assert "warm-up 1/2:" in err and "failed frame (stage config)" in err
@@ -70,16 +70,16 @@ def test_a_leading_double_dash_from_the_top_level_parser_is_dropped(
     # ``guestinit-bench init -- --runs 0`` reaches main as ["--", "--runs", "0"]: the
     # option must still be read (and here rejected), not taken as a stray word.
     with pytest.raises(SystemExit):
-        init.main(["--", "--runs", "0"])
+        init_bench.main(["--", "--runs", "0"])
     assert "0 is not a positive count" in capsys.readouterr().err
 
 
 def test_the_gate_fails_only_a_ratio_above_it() -> None:
-    assert init.gate_line(2.4, None) == (True, None)
-    passed, line = init.gate_line(2.4, 3.0)
+    assert init_report.gate_line(2.4, None) == (True, None)
+    passed, line = init_report.gate_line(2.4, 3.0)
     assert passed and line == "gate: median ratio 2.400 within the gate 3: passed"
-    assert init.gate_line(3.0, 3.0)[0]  # "exceeds": equal passes
-    passed, line = init.gate_line(3.2, 3.0)
+    assert init_report.gate_line(3.0, 3.0)[0]  # "exceeds": equal passes
+    passed, line = init_report.gate_line(3.2, 3.0)
     assert not passed and line == "gate: median ratio 3.200 exceeds the gate 3: FAILED"
 
 
@@ -87,7 +87,7 @@ def test_the_gate_fails_only_a_ratio_above_it() -> None:
 def test_the_gate_must_be_a_positive_ratio(text: str,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        init.main(["--gate", text])
+        init_bench.main(["--gate", text])
     assert f"{text} is not a positive ratio" in capsys.readouterr().err
 
 
@@ -97,7 +97,7 @@ def test_a_real_run_above_the_gate_exits_1_after_the_table(
     # a thousandfold), so the outcome does not depend on the machine's speed.
     before = _init_pids()
     out_json = tmp_path / "x.json"
-    assert init.main(["--runs", "1", "--gate", "0.001", "--json", str(out_json)]) == 1
+    assert init_bench.main(["--runs", "1", "--gate", "0.001", "--json", str(out_json)]) == 1
     out, _ = capsys.readouterr()
     assert "ratio (median)" in out
     ratio = json.loads(out_json.read_text())["ratio"]

@@ -179,6 +179,8 @@ def test_compile_reports_progress_and_the_failing_tail(tmp_path: Path) -> None:
     assert notes and notes[0].startswith("make: ") and "files compiled" in notes[0]
     with pytest.raises(BuildError, match=r"(?s)exited 2:\n.*error: boom"):
         kbuild._compile([sys.executable, script, "2"], {}, Notes(), clock=lambda: 0.0)
+    with pytest.raises(BuildError, match=r"^kernel build: command no-such-make not found"):
+        kbuild._compile(["no-such-make"], {}, Notes())
 
 
 def test_a_required_option_the_kernel_drops_fails_before_compiling(

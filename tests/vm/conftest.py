@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import image, proc
+from bench import image
 from bench.boot import BootOptions, BootResult, boot
+from rootfs import proc
 
 REPO = Path(__file__).resolve().parents[2]
 # GUESTINIT_VM_IMAGE points the tier at another build of the cpu profile.

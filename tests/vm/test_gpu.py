@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import proc
 from bench.boot import BootResult
 from bench.qemu import BarDevice
 from guestinit.wire import FrameType
+from rootfs import proc
 from tests.fixtures import standin_bundle
 from tests.fixtures.standin_bundle import GPU_ID, NVSWITCH_ID
 from tests.vm.conftest import REPO, _builder, boot_vm, explain

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import image, proc
+from bench import image
 from bench.boot import BootOptions, BootResult, boot
 from guestinit.wire import FrameType
-from rootfs import kata
+from rootfs import kata, proc
 from tests.vm.conftest import REPO, _builder, agent, explain
 
 pytestmark = pytest.mark.vm

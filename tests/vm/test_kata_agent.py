@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import image, proc
+from bench import image
 from bench.boot import BootOptions, BootResult, boot
 from guestinit.testing.agent_standin import FACTS_MARKER
 from guestinit.wire import FrameType
+from rootfs import proc
 from tests.fixtures import kata_agent
 from tests.vm.conftest import REPO, _builder, explain
 from tests.vm.test_kata import TIMEOUT

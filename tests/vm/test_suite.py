@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, proc
+from bench import cli
 from bench.suite_schema import load_suite
+from rootfs import proc
 from tests.vm.conftest import REPO, _builder
 
 pytestmark = pytest.mark.vm

@@ -28,22 +28,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from bench import proc
-from bench.cli import positive_count
+from bench.cli_args import positive_count
+from bench.init_report import (
+    EXEC_TO_EARLY,
+    READY_TO_HOST,
+    TARGET_RATIO,
+    Results,
+    Sample,
+    gate_line,
+    table,
+)
 from bench.listen import FramePump
 from guestinit.wire import Frame, FrameType
+from rootfs import proc
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2
 READY_TIMEOUT = 20.0  # s from spawn to ready (or failed)
 STOP_TIMEOUT = 10.0  # s from SIGTERM to the shutdown frame, and again to the exit
-TARGET_RATIO = 3.0
 JSON_SCHEMA = 1
 CMDLINE = ("guestinit.lockdown=0 guestinit.agent=none guestinit.mode=cpu "
            "guestinit.shutdown.grace=1")
 BASELINE_ARGS = ("-I", "-S", "-c", "pass")
-EXEC_TO_EARLY = "exec -> early"  # host spawn to the first stage: unshare, interpreter, imports
-READY_TO_HOST = "ready -> host"  # ready stage end to the frame read on the host
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -152,14 +158,6 @@ class InitRun:
         self._log.close()
 
 
-class Sample:
-    """One init run: host seconds spawn -> ready, and ms per phase of the way there."""
-
-    def __init__(self, seconds: float, phases: dict[str, float]) -> None:
-        self.seconds = seconds
-        self.phases = phases
-
-
 def phases_ms(ready: Frame, spawned_ns: int, received_ns: int) -> dict[str, float]:
     """ms per stage (repeated names summed) plus the host-seen time around the stages."""
     spans = ready.timeline()
@@ -238,54 +236,6 @@ def time_python(python: str) -> float:
     return seconds
 
 
-class Results:
-    def __init__(self) -> None:
-        self.init_ms: list[float] = []
-        self.python_ms: list[float] = []
-        self.phases: dict[str, list[float]] = {}  # in first-seen order
-
-    def add(self, python_s: float, sample: Sample) -> None:
-        self.python_ms.append(python_s * 1e3)
-        self.init_ms.append(sample.seconds * 1e3)
-        for name, value in sample.phases.items():
-            self.phases.setdefault(name, []).append(value)
-
-    def ratio(self) -> float:
-        return statistics.median(self.init_ms) / statistics.median(self.python_ms)
-
-    def stage_names(self) -> list[str]:
-        return [n for n in self.phases if n not in (EXEC_TO_EARLY, READY_TO_HOST)]
-
-
-def _row(label: str, values: list[float], width: int) -> str:
-    nums = (statistics.median(values), min(values), max(values))
-    return f"  {label:<{width}}" + "".join(f"  {v:>8.1f}" for v in nums)
-
-
-def table(res: Results) -> str:
-    width = 26
-    head = f"  {'':<{width}}  {'median':>8}  {'min':>8}  {'max':>8}   (ms)"
-    ratio = res.ratio()
-    met = "met" if ratio <= TARGET_RATIO else "not met"
-    out = [head,
-           _row("python3 -I -S -c pass", res.python_ms, width),
-           _row("guestinit exec -> ready", res.init_ms, width),
-           f"  {'ratio (median)':<{width}}  {ratio:>8.2f}   target <= {TARGET_RATIO:g}: {met}",
-           "",
-           f"where the time goes (median of {len(res.init_ms)} ready frames, CLOCK_BOOTTIME):"]
-    names = list(res.phases)
-    pwidth = max(width, *(len(n) + 2 for n in names)) if names else width
-    out.append(f"  {'':<{pwidth}}  {'median':>8}  {'min':>8}  {'max':>8}   (ms)")
-    for name in names:
-        # sub-spans ("discover:pci") run inside their stage: indented, not added up
-        label = f"  {name}" if ":" in name else name
-        out.append(_row(label, res.phases[name], pwidth))
-    out.append(f"  ({EXEC_TO_EARLY}: unshare, interpreter start, site and imports before "
-               "the first stage;")
-    out.append(f"   {READY_TO_HOST}: from the end of the ready stage to the frame read here)")
-    return "\n".join(out)
-
-
 def _python_version(python: str) -> str:
     done = proc.run([python, "-c", "import sys; print(sys.version)"], timeout=30)
     return done.stdout.strip().splitlines()[0]
@@ -361,15 +311,6 @@ def positive_ratio(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive ratio")
     return value
-
-
-def gate_line(ratio: float, gate: float | None) -> tuple[bool, str | None]:
-    """(passed, what to print) for the median ``ratio`` against ``--gate``; no gate passes."""
-    if gate is None:
-        return True, None
-    if ratio > gate:
-        return False, f"gate: median ratio {ratio:.3f} exceeds the gate {gate:g}: FAILED"
-    return True, f"gate: median ratio {ratio:.3f} within the gate {gate:g}: passed"
 
 
 def _cannot_run(python: str) -> str | None:
