@@ -24,6 +24,8 @@ void sync(void);
 int inotify_init1(int flags);
 int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
 int unshare(int flags);
+struct rlimit { unsigned long rlim_cur; unsigned long rlim_max; };
+int prlimit(int pid, int resource, const struct rlimit *new_limit, struct rlimit *old_limit);
 """
 
 

@@ -114,13 +114,11 @@ def agent_limits(boot: Boot, nofile: int, oom: int) -> tuple[int, int | None]:
     with the hard NOFILE limit there is and its oom_score_adj is left alone,
     rather than the boot failing over a limit.
     """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and nofile > hard:
+    soft, hard = boot.effects.nofile()
+    if hard != -1 and nofile > hard:
         try:  # raise PID 1's own hard limit so that the child may take it
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, nofile))
-        except (ValueError, OSError) as exc:
+            boot.effects.set_nofile(soft, nofile)
+        except OSError as exc:
             boot.kmsg.log(4, f"agent RLIMIT_NOFILE {nofile} not allowed ({exc}); using {hard}")
             nofile = hard
     if oom < 0 and not _has_cap(boot, CAP_SYS_RESOURCE):

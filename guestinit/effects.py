@@ -28,6 +28,8 @@ MS_SLAVE = 1 << 19
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 MNT_DETACH = 2
+RLIMIT_NOFILE = 7  # <asm-generic/resource.h>
+RLIM_INFINITY = (1 << 64) - 1
 # <linux/reboot.h>
 RB_POWER_OFF = 0x4321FEDC
 RB_DISABLE_CAD = 0
@@ -53,6 +55,10 @@ def syscall_number(name: str, machine: str | None = None) -> int:
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
+
+
+def _limit(value: int) -> int:
+    return -1 if value == RLIM_INFINITY else value
 
 
 def _lib() -> tuple[object, object]:
@@ -145,6 +151,21 @@ class Effects:
     def unshare(self, flags: int) -> None:
         self._check(self._lib.unshare(flags), f"unshare {flags:#x}")  # type: ignore[attr-defined]
 
+    def nofile(self) -> tuple[int, int]:
+        """This process's RLIMIT_NOFILE (soft, hard); RLIM_INFINITY as -1."""
+        old = self._ffi.new("struct rlimit *")  # type: ignore[attr-defined]
+        self._check(self._lib.prlimit(0, RLIMIT_NOFILE, self._ffi.NULL, old),  # type: ignore[attr-defined]
+                    "getrlimit NOFILE")
+        return _limit(old.rlim_cur), _limit(old.rlim_max)
+
+    def set_nofile(self, soft: int, hard: int) -> None:
+        """``setrlimit(RLIMIT_NOFILE)`` through libc's prlimit (the ``resource`` module is
+        a shared library of its own to load: not on the boot path); -1 is RLIM_INFINITY."""
+        limits = (soft % (RLIM_INFINITY + 1), hard % (RLIM_INFINITY + 1))
+        new = self._ffi.new("struct rlimit *", limits)  # type: ignore[attr-defined]
+        self._check(self._lib.prlimit(0, RLIMIT_NOFILE, new, self._ffi.NULL),  # type: ignore[attr-defined]
+                    f"setrlimit NOFILE {soft}:{hard}")
+
     def kill_all(self, sig: int) -> None:
         """``kill(-1, sig)``: every process but PID 1 (of this PID namespace); only PID 1
         may, since from anywhere else it would signal every process of the user."""
@@ -223,6 +244,12 @@ class DryEffects(Effects):
 
     def sync(self) -> None:
         self._do("sync")
+
+    def nofile(self) -> tuple[int, int]:
+        return Effects().nofile()  # reading is harmless: the test runner's own limit
+
+    def set_nofile(self, soft: int, hard: int) -> None:
+        self._do("set_nofile", soft, hard)
 
     def kill_all(self, sig: int) -> None:
         self._do("kill_all", sig)

@@ -55,9 +55,9 @@ def _child(
         os.dup2(stdout if stdout is not None else null, 1)
         os.dup2(stderr if stderr is not None else (stdout if stdout is not None else null), 2)
         if nofile is not None:
-            import resource
+            from guestinit.effects import Effects  # libc's prlimit: no ``resource`` to load
 
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            Effects().set_nofile(nofile, nofile)
         if oom_score_adj is not None:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write(str(oom_score_adj))

@@ -78,3 +78,32 @@ def test_cgroup_controllers_are_delegated_below_the_root(tmp_path: Path) -> None
     assert delegate_controllers(str(tmp_path), fx) == ["cpuset", "cpu", "io", "memory", "pids"]
     assert fx.calls == [("write", str(base / "cgroup.subtree_control"),
                          "+cpuset +cpu +io +memory +pids")]
+
+
+def test_nofile_limits_go_through_libc_prlimit() -> None:
+    import resource
+
+    from guestinit.effects import Effects
+
+    fx = Effects()
+    soft, hard = fx.nofile()
+    want = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert (soft, hard) == tuple(-1 if v == resource.RLIM_INFINITY else v for v in want)
+    fx.set_nofile(soft, hard)  # setting what is there changes nothing and is allowed
+    assert fx.nofile() == (soft, hard)
+    with pytest.raises(OSError, match=r"setrlimit NOFILE 9:8: Invalid argument"):
+        fx.set_nofile(9, 8)  # soft above hard: EINVAL, named
+
+
+def test_agent_limits_raise_the_hard_limit_through_effects(tmp_path: Path) -> None:
+    from guestinit.agent import agent_limits
+    from guestinit.effects import DryEffects
+    from tests.fixtures.accel import make_boot
+
+    boot = make_boot(tmp_path, effects=DryEffects())
+    soft, hard = boot.effects.nofile()
+    want = (hard + 1) if hard != -1 else 1 << 20
+    nofile, _ = agent_limits(boot, want, 0)
+    assert nofile == want
+    assert isinstance(boot.effects, DryEffects)
+    assert boot.effects.calls == ([("set_nofile", soft, want)] if hard != -1 else [])

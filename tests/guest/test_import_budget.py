@@ -20,7 +20,7 @@ FORBIDDEN = {"dataclasses", "typing", "logging", "tomllib", "subprocess", "async
              "msgpack", "datetime", "collections"}  # see guestinit/pack.py
 # what a cpu boot imports, exec -> ready: __main__ at exec, then what its stages import
 BOOT_PATH = ("guestinit.__main__", "guestinit._libc_cffi", "guestinit.syslog", "guestinit.discover",
-             "resource", "guestinit.lockdown", "guestinit.powerbutton", "guestinit.control")
+             "guestinit.lockdown", "guestinit.powerbutton", "guestinit.control")
 
 
 def test_boot_path_imports_nothing_heavy() -> None:
