@@ -36,10 +36,23 @@ from guestinit.values import Condition, Ready
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+    from typing import Protocol
 
     from guestinit.syslog import SyslogServer
 
+    class Probe(Protocol):
+        """What ``wait_for`` waits on: ``check`` says how it holds (None: not yet),
+        ``fds`` wake the wait, ``retry`` is the longest sleep between checks."""
+
+        retry: float | None
+
+        def fds(self) -> list[int]: ...
+        def check(self) -> str | None: ...
+        def woke(self, ready: list[int]) -> None: ...
+        def close(self) -> None: ...
+
+POLL = 0.1  # s between looks for what announces itself by no event (a file, a TCP port)
 LISTEN_RETRY = 0.005  # s between connects while a socket file refuses (bind -> listen)
 VSOCK_RETRY, VSOCK_RETRY_MAX = 0.005, 0.1  # s between vsock diag dumps (doubling)
 # <sys/inotify.h>
@@ -177,7 +190,7 @@ class _VsockProbe:
         """No fd kept between dumps."""
 
 
-class _SyslogProbe:
+class SyslogProbe:
     __slots__ = ("retry", "server", "text")
 
     def __init__(self, server: SyslogServer, text: str) -> None:
@@ -201,6 +214,116 @@ class _SyslogProbe:
         """The server belongs to the init."""
 
 
+class FileProbe:
+    """One of ``paths`` exists (a daemon's socket), looked for every ``POLL`` s."""
+
+    __slots__ = ("paths", "retry")
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        self.retry: float | None = POLL
+
+    def fds(self) -> list[int]:
+        return []
+
+    def check(self) -> str | None:
+        return next((p for p in self.paths if os.path.exists(p)), None)
+
+    def woke(self, ready: list[int]) -> None:
+        """Nothing to drain."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
+class PortProbe:
+    """127.0.0.1:``port`` accepts a TCP connection while ``alive()`` (a daemon listens),
+    tried every ``POLL`` s."""
+
+    __slots__ = ("alive", "port", "retry")
+
+    def __init__(self, port: int, alive: Callable[[], bool]) -> None:
+        self.port = port
+        self.alive = alive
+        self.retry: float | None = POLL
+
+    def fds(self) -> list[int]:
+        return []
+
+    def check(self) -> str | None:
+        if not self.alive():
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(0.2)
+            sock.connect(("127.0.0.1", self.port))
+            return f"127.0.0.1:{self.port}"
+        except OSError:
+            return None
+        finally:
+            sock.close()
+
+    def woke(self, ready: list[int]) -> None:
+        """Nothing to drain."""
+
+    def close(self) -> None:
+        """No socket kept between tries."""
+
+
+def wait_for(
+    probes: Sequence[Probe],
+    timeout: float,
+    *,
+    check: Callable[[], None] = lambda: None,
+    fds: Sequence[int] = (),
+    every: float | None = None,
+    wake_fd: int = -1,
+    on_wake: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
+    """The one wait of the boot (the agent's ``agent.ready``, each NVIDIA daemon's signal):
+    block until a probe holds and return what it saw; the probes are closed after.
+
+    Each round looks at every probe, then runs ``check`` (it raises to end the wait: the
+    process waited for exited, a shutdown was asked for), then sleeps in one ``select`` on
+    the probes' fds, ``fds`` (a pidfd) and ``wake_fd`` (PID 1's signals: ``on_wake`` runs
+    and may raise), for at most the shortest probe retry or ``every`` seconds.
+    ``NotReady`` after ``timeout`` seconds."""
+    deadline = clock() + timeout
+    try:
+        while True:
+            for probe in probes:
+                how = probe.check()
+                if how is not None:
+                    return how
+            check()
+            left = deadline - clock()
+            if left <= 0:
+                raise NotReady(f"within {timeout:g}s")
+            waits = [w for w in (every, *(p.retry for p in probes)) if w is not None]
+            watched = [fd for fd in (*fds, wake_fd, *(f for p in probes for f in p.fds()))
+                       if fd >= 0]
+            ready, _, _ = select.select(watched, [], [], min([left, *waits]))
+            if wake_fd in ready:
+                on_wake()
+            for probe in probes:
+                probe.woke(ready)
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def probe_for(cond: Condition, root: str = "/", syslog: SyslogServer | None = None) -> Probe:
+    """The probe that watches ``cond`` (not ``none``)."""
+    if cond.kind == Ready.SYSLOG:
+        if syslog is None:
+            raise ValueError(f"agent.ready={cond} needs the syslog server (syslog=1)")
+        return SyslogProbe(syslog, cond.target)
+    if cond.kind == Ready.VSOCK:
+        return _VsockProbe(int(cond.target))
+    return _UnixProbe(os.path.join(root, cond.target.lstrip("/")))
+
+
 def wait_ready(
     cond: Condition,
     pid: int,
@@ -219,37 +342,22 @@ def wait_ready(
     and may raise (a shutdown request). ``NotReady`` after ``timeout`` seconds."""
     if cond.kind == Ready.NONE:
         return "spawned"
-    probe: _UnixProbe | _SyslogProbe | _VsockProbe
-    if cond.kind == Ready.SYSLOG:
-        if syslog is None:
-            raise ValueError(f"agent.ready={cond} needs the syslog server (syslog=1)")
-        probe = _SyslogProbe(syslog, cond.target)
-    elif cond.kind == Ready.VSOCK:
-        probe = _VsockProbe(int(cond.target))
-    else:
-        probe = _UnixProbe(os.path.join(root, cond.target.lstrip("/")))
+    probe = probe_for(cond, root, syslog)
+
+    def gone() -> None:
+        status = exited()
+        if status is not None:
+            raise ExitedBeforeReady(status)
+
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:  # already reaped: exited() has its status
         pidfd = -1
-    deadline = clock() + timeout
     try:
-        while True:
-            how = probe.check()
-            if how is not None:
-                return how
-            status = exited()
-            if status is not None:
-                raise ExitedBeforeReady(status)
-            left = deadline - clock()
-            if left <= 0:
-                raise NotReady(f"{cond.describe()} within {timeout:g}s")
-            fds = [fd for fd in (pidfd, wake_fd, *probe.fds()) if fd >= 0]
-            ready, _, _ = select.select(fds, [], [], min(left, probe.retry or left))
-            if wake_fd in ready:
-                on_wake()
-            probe.woke(ready)
+        return wait_for([probe], timeout, check=gone, fds=[pidfd], wake_fd=wake_fd,
+                        on_wake=on_wake, clock=clock)
+    except NotReady as exc:
+        raise NotReady(f"{cond.describe()} {exc}") from None
     finally:
         if pidfd >= 0:
             os.close(pidfd)
-        probe.close()

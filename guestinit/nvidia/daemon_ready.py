@@ -1,16 +1,15 @@
 """How each NVIDIA daemon says it is ready, and the wait for it (``DAEMONS``, ``wait_ready``).
 
 One table: the daemon, its ready signal (a syslog line, a socket, a TCP port), the setting
-that bounds the wait. Syslog lines wake the wait at once (``select`` on the syslog
-socket); sockets and ports are checked every ``syslog.WAIT_ROUND`` (0.1 s), as are the
-daemon's death (with its restarts ticking) and a stop request, and a ``progress`` frame
-says every ``PROGRESS_EVERY`` s what is still awaited. ``nvidia.daemons`` starts the
+that bounds the wait. The wait is the boot's one engine (``readiness.wait_for``, the
+agent's too): syslog lines and PID 1's signals wake it at once (``select`` on the syslog
+socket and the wakeup fd); sockets and ports are looked at every 0.1 s, as are the
+daemon's death (with its restarts ticking), and a ``progress`` frame says every
+``PROGRESS_EVERY`` s what is still awaited. ``nvidia.daemons`` starts the
 daemons and waits for each in turn.
 """
 
 from __future__ import annotations
-
-import os
 
 from guestinit.stages import BootError, Stage, StopRequested
 
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
 
     from guestinit.boot import Boot
     from guestinit.config import Config
+    from guestinit.readiness import Probe
 
 PERSISTENCED = "nvidia-persistenced"
 FABRICMANAGER = "nv-fabricmanager"
@@ -32,7 +32,7 @@ PERSISTENCED_SOCKET = "var/run/nvidia-persistenced/socket"
 FM_MARKER = "Successfully configured all the available NVSwitches"
 NVLSM_MARKER = "SUBNET UP"
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" frames
-NO_LINE = "\0"  # a needle no syslog line holds: wait on the other signals only
+WAIT_ROUND = 0.1  # s: how often restarts, a death and progress are looked at
 
 
 def registered_gpus(lines: Sequence[str]) -> list[str]:
@@ -85,57 +85,33 @@ def timeout_for(cfg: Config, daemon: Daemon) -> tuple[float, str]:
     return cfg.float(daemon.timeout_key), daemon.timeout_key
 
 
-def port_open(port: int) -> bool:
-    """127.0.0.1:``port`` accepts a TCP connection (the daemon listens)."""
-    import _socket
-
-    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    try:
-        sock.settimeout(0.2)
-        sock.connect(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
 class _Watch:
-    """The abort hook of one readiness wait, run every round: stop requests, a daemon's
-    death, its file or port signals, progress frames."""
+    """What one daemon's wait checks every round besides its signals: stop requests, the
+    daemon's restarts and death, progress frames."""
 
-    __slots__ = ("boot", "daemon", "expected", "files", "last_frame", "port", "ready_by",
-                 "reported", "started", "timeout")
+    __slots__ = ("boot", "daemon", "expected", "last_frame", "reported", "started", "timeout")
 
     def __init__(self, boot: Boot, daemon: Daemon, expected: int, timeout: float) -> None:
         self.boot = boot
         self.daemon = daemon
         self.expected = expected
         self.timeout = timeout
-        self.files = [boot.path(f) for f in daemon.files]
-        self.port = boot.config().int(daemon.port_key) if daemon.port_key else 0
         self.reported = 0
-        self.ready_by = ""  # the signal other than a syslog line that said so
         self.started = self.last_frame = boot.timeline.now()
 
-    def __call__(self) -> str | None:
+    def __call__(self) -> None:
+        """Every round: a stop request ends the wait at once; a crashed daemon gets its
+        restart; one that stays down fails the boot; progress frames go out."""
         stop = self.boot.stop_requested()
         if stop is not None:  # the host wants the VM down: do not sit out the timeout
             raise StopRequested(stop)
+        self.boot.procs.reap()  # PID 1 reaps (a dead daemon shows as not running)
         self.boot.supervisor.tick()  # a crashed daemon gets its restart while we wait
-        name = self.daemon.name
-        service = self.boot.supervisor.service(name)
-        for path in self.files:
-            if os.path.exists(path):
-                self.ready_by = path
-                return "ready"
-        if self.port and service.running and port_open(self.port):
-            self.ready_by = f"127.0.0.1:{self.port}"
-            return "ready"
+        service = self.boot.supervisor.service(self.daemon.name)
         if not service.running and service.next_start is None:
-            return f"{name} exited with status {service.last_status} before it was ready"
+            raise BootError(Stage.DAEMONS, f"{self.daemon.name} exited with status "
+                            f"{service.last_status} before it was ready")
         self.progress()
-        return None
 
     def progress(self) -> None:
         """A ``progress`` frame per GPU persistenced attached since the last call, and one
@@ -159,22 +135,11 @@ class _Watch:
                     f"attached (last {attached[-1]})", gpus=len(attached), of=self.expected)
 
 
-def _poll(watch: _Watch, timeout: float) -> None:
-    """Without syslog: the abort hook's checks every round until one says or time is up."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        reason = watch()
-        if reason:
-            raise RuntimeError(reason)
-        if time.monotonic() >= deadline:
-            raise TimeoutError(watch.daemon.name)
-        time.sleep(0.1)
-
-
 def wait_ready(boot: Boot, daemon: Daemon, expected: int = 0) -> str:
-    """Block until ``daemon`` is ready; the line (or path, or address) that said so."""
+    """Block until ``daemon`` is ready (``readiness.wait_for``, the agent's wait too); the
+    line, path or address that said so."""
+    from guestinit.readiness import FileProbe, NotReady, PortProbe, SyslogProbe, wait_for
+
     cfg = boot.config()
     timeout, key = timeout_for(cfg, daemon)
     watch = _Watch(boot, daemon, expected, timeout)
@@ -182,17 +147,24 @@ def wait_ready(boot: Boot, daemon: Daemon, expected: int = 0) -> str:
     if boot.syslog is None and daemon.marker:
         raise BootError(Stage.DAEMONS, f"wait for {name}: syslog is off, so its readiness "
                         f"line cannot be seen (set guestinit.syslog=1)")
+    probes: list[Probe] = []
+    if daemon.marker and boot.syslog is not None:
+        probes.append(SyslogProbe(boot.syslog, daemon.marker))
+    if daemon.files:
+        probes.append(FileProbe([boot.path(f) for f in daemon.files]))
+    if daemon.port_key:
+        service = boot.supervisor.service(name)
+        probes.append(PortProbe(cfg.int(daemon.port_key), lambda: service.running))
+
+    def on_wake() -> None:
+        stop = boot.stop_requested()
+        if stop is not None:
+            raise StopRequested(stop)
+
     try:
-        if boot.syslog is None:
-            _poll(watch, timeout)
-            line = ""
-        else:
-            line = boot.syslog.wait_for(daemon.marker or NO_LINE, timeout, abort=watch)
-    except RuntimeError as exc:
-        if not watch.ready_by:
-            raise BootError(Stage.DAEMONS, str(exc)) from None
-        line = watch.ready_by
-    except TimeoutError:
+        line = wait_for(probes, timeout, check=watch, every=WAIT_ROUND, wake_fd=boot.wake_fd,
+                        on_wake=on_wake)
+    except NotReady:
         recent = boot.syslog.recent(256) if boot.syslog is not None else []
         last = [x for x in recent if name in x][-1:]
         raise BootError(Stage.DAEMONS, f"{name} not ready after {timeout:g}s ({key}; no "

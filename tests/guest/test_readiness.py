@@ -255,3 +255,33 @@ def test_waiting_on_a_vsock_port_without_vsock_diag_names_it() -> None:
         assert exc.errno is not None
     else:
         pytest.skip("this host's kernel answers vsock diag dumps: nothing to refuse")
+
+
+def test_the_one_engine_waits_on_files_ports_and_a_check(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from guestinit.readiness import FileProbe, PortProbe, wait_for
+
+    target = tmp_path / "run/daemon/socket"
+    threading.Timer(0.2, lambda: (target.parent.mkdir(parents=True), target.touch())).start()
+    rounds: list[int] = []
+    assert wait_for([FileProbe([str(target)])], 5.0, check=lambda: rounds.append(1),
+                    every=0.05) == str(target)
+    assert len(rounds) >= 2  # the check ran every round while the file was missing
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        assert wait_for([PortProbe(port, lambda: True)], 5.0) == f"127.0.0.1:{port}"
+        with pytest.raises(NotReady, match=r"within 0.3s"):  # a port of a dead daemon
+            wait_for([PortProbe(port, lambda: False)], 0.3)
+    finally:
+        listener.close()
+
+    def died() -> None:
+        raise RuntimeError("the daemon died")
+
+    with pytest.raises(RuntimeError, match="the daemon died"):  # check ends the wait
+        wait_for([FileProbe([str(tmp_path / "never")])], 5.0, check=died)
