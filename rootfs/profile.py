@@ -18,7 +18,8 @@ from guestinit import settings_doc
 
 E = TypeVar("E", bound=enum.StrEnum)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-KCONFIG_DIR = Path(__file__).resolve().parent.parent / "kernel-config"
+# package data, so an installed guestinit-build finds it; ./kernel-config links here
+KCONFIG_DIR = Path(__file__).resolve().parent / "kernel-config"
 
 
 class ProfileError(ValueError):
