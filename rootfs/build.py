@@ -42,6 +42,7 @@ OUTPUT_NAMES = ("vmlinuz", "vmlinux", "kernel-release.txt", "initramfs.img", "ro
                 "manifest.json", "sbom.spdx.json", "manifest.json.sig", "signing-key.pub.pem")
 # Only these parts of a wheel reach the guest (cffi: the backend, not the compiler front end).
 WHEEL_SKIP = ("cffi/", ".dist-info/")
+STANDINS = "testing"  # guestinit.testing: only in images that ask for the stand-ins
 
 
 @dataclass
@@ -152,15 +153,18 @@ def install_wheel(tree: Tree, whl: Path, origin: Origin) -> None:
             tree.add_bytes(f"{GUEST_SITE}/{name}", zf.read(info), origin, mode | 0o444)
 
 
-def install_guestinit(tree: Tree) -> list[str]:
-    """The guestinit package with its subpackages (the VM tier runs guestinit.testing's
-    stand-ins inside the image) and the two init entry points; returns module names."""
+def install_guestinit(tree: Tree, standins: bool) -> list[str]:
+    """The guestinit package with its subpackages and the two init entry points; returns
+    module names. ``guestinit.testing`` (the agent stand-in and fake NVIDIA programs the VM
+    tier, the demo and the bench run inside the image) only with ``standins``."""
     src = Path(guestinit.__file__).parent
     modules = []
     for py in sorted(src.rglob("*.py")):
         rel = py.relative_to(src)
         if py.name == "_libc_build.py" or "__pycache__" in rel.parts:
             continue  # _libc_build: build-time generator of _libc_cffi.py, needs cffi's compiler
+        if rel.parts[0] == STANDINS and not standins:
+            continue
         tree.add_file(f"{GUEST_SITE}/guestinit/{rel}", py, PROJECT, 0o644)
         parts = ("guestinit", *rel.with_suffix("").parts)
         modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
@@ -223,8 +227,10 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
                 formats: tuple[profile.Format, ...] | None = None,
                 kata_prefix: str = kata.DEFAULT_PREFIX, agent: Path | None = None,
                 pause_bundle: Path | None = None,
-                extension_name: str | None = None) -> manifest.Manifest:
-    """Build ``out`` from ``prof`` in ``formats`` (default the profile's). Directories
+                extension_name: str | None = None,
+                standins: bool = False) -> manifest.Manifest:
+    """Build ``out`` from ``prof`` in ``formats`` (default the profile's), with the test
+    stand-ins when the profile or ``standins`` asks for them. Directories
     made along the way and the pycs the compiler writes take the process umask, so the
     build sets BUILD_UMASK for its run (and its tools') and puts the caller's back after."""
     saved = os.umask(BUILD_UMASK)
@@ -232,7 +238,7 @@ def build_image(prof: profile.Profile, out: Path, *, driver_dir: Path | None = N
         return _build_image(prof, out, driver_dir, extra_config, locked,
                             progress or Progress(), zstd_level, compression,
                             formats or prof.formats, kata_prefix, agent, pause_bundle,
-                            extension_name)
+                            extension_name, standins or prof.standins)
     finally:
         os.umask(saved)
 
@@ -241,7 +247,8 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                  extra_config: dict[str, str] | None, locked: bool, progress: Progress,
                  zstd_level: int, compression: str, formats: tuple[profile.Format, ...],
                  kata_prefix: str, agent: Path | None,
-                 pause_bundle: Path | None, extension_name: str | None) -> manifest.Manifest:
+                 pause_bundle: Path | None, extension_name: str | None,
+                 standins: bool) -> manifest.Manifest:
     if driver_dir is not None and prof.driver is profile.Driver.NONE:
         raise BuildError(f"profile {prof.name}: takes no driver bundle (driver = \"none\"); "
                          "use nvidia-gpu or nvidia-servicevm with --driver")
@@ -306,7 +313,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             site_roots = tree_extras.install_init(tree, prof, pool, kt.release,
                                                   [early_set.rel[m] for m in early_set.order])
             if prof.init is profile.Init.GUESTINIT:
-                roots = install_guestinit(tree)
+                roots = install_guestinit(tree, standins)
                 for name, whl in sorted(inputs.wheels.items()):
                     install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)))
                     roots.extend(tree_extras.wheel_roots(whl))

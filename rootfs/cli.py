@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
                      help="put the driver bundle in a Kata extension image NAME (e.g. gpu) "
                      "beside the base disk, listed in configuration.toml's "
                      "guest_extension_images (docs/kata.md)")
+    img.add_argument("--standins", action="store_true",
+                     help="also ship guestinit.testing (the agent stand-in and the fake NVIDIA "
+                     "programs) for tests, whatever the profile says; never for production")
     img.add_argument("-q", "--quiet", action="store_true")
     sg = sub.add_parser("sign", help="sign OUT/manifest.json (ECDSA P-256, cosign blob format)")
     sg.add_argument("--key", type=Path, required=True, help="PEM EC P-256 private key")
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         compression=args.compression,
                         formats=tuple(profile.Format(f) for f in args.formats) or None,
                         kata_prefix=args.kata_prefix, agent=args.agent,
-                        pause_bundle=args.pause_bundle, extension_name=args.extension)
+                        pause_bundle=args.pause_bundle, extension_name=args.extension,
+                        standins=args.standins)
         elif args.cmd == "sign":
             from rootfs.sign import sign
 

@@ -18,7 +18,8 @@ from guestinit import settings_doc
 
 E = TypeVar("E", bound=enum.StrEnum)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-KCONFIG_DIR = Path(__file__).resolve().parent.parent / "kernel-config"
+# package data, so an installed guestinit-build finds it; ./kernel-config links here
+KCONFIG_DIR = Path(__file__).resolve().parent / "kernel-config"
 
 
 class ProfileError(ValueError):
@@ -65,6 +66,7 @@ class Profile:
     init: Init
     formats: tuple[Format, ...]
     shell: bool
+    standins: bool  # ship guestinit.testing (agent stand-in, fake NVIDIA programs)
     driver: Driver
     lock: Path
     debs: tuple[str, ...]
@@ -86,7 +88,8 @@ class Profile:
         return list(dict.fromkeys(words))  # first occurrence wins, order kept
 
 
-TOP_KEYS = {"description", "extends", "init", "formats", "shell", "driver", "driver_files",
+TOP_KEYS = {"description", "extends", "init", "formats", "shell", "standins", "driver",
+            "driver_files",
             "lock", "debs", "wheels", "binaries", "kernel", "users", "config"}
 KERNEL_KEYS = {"package", "build", "fragments", "modules", "early", "cmdline", "cmdline_presets",
                "kata_params"}
@@ -225,6 +228,9 @@ def load(name_or_path: str) -> Profile:
     shell = data.get("shell", False)
     if not isinstance(shell, bool):
         raise ProfileError(f"{where}: key shell: expected true or false, got {shell!r}")
+    standins = data.get("standins", False)
+    if not isinstance(standins, bool):
+        raise ProfileError(f"{where}: key standins: expected true or false, got {standins!r}")
     lock_name = _str(where, "lock", data.get("lock", "debian.lock"))
     return Profile(
         name=path.stem,
@@ -233,6 +239,7 @@ def load(name_or_path: str) -> Profile:
         init=_enum(where, "init", data.get("init", "guestinit"), Init),
         formats=formats,
         shell=shell,
+        standins=standins,
         driver=_enum(where, "driver", data.get("driver", "none"), Driver),
         lock=path.with_name(lock_name),
         debs=_strs(where, "debs", data.get("debs", [])),

@@ -1,11 +1,14 @@
 """Installs the fake NVIDIA driver bundle (``fake_nvidia.py``) into a root.
 
-``install(root)`` copies the stand-in under each program's name into
-``<root>/usr/bin`` (``#!/usr/bin/python3 -IS``, Debian's interpreter, as in the
-image), writes the fabric manager config template and the ``etc/fake-nvidia``
-directory the stand-ins find their root by, with an optional ``behaviour``. It also lays
-down what the CDI spec mounts and links: tiny stand-in libraries
-``usr/lib/x86_64-linux-gnu/lib*.so.<DRIVER_VERSION>`` (ELF objects with only a
+``install(root)`` copies the stand-in's modules (``fake_nvidia``, ``fake_nvidia_runtime``,
+``fake_nvidia_services``, as the package ``guestinit.testing``) under
+``<root>/usr/lib/fake-nvidia`` and puts a launcher under each program's name into
+``<root>/usr/bin`` (``#!/usr/bin/python3 -IS``, Debian's interpreter, as in the image:
+``-I`` keeps the script's directory off ``sys.path``, so the launcher adds the modules'
+directory, found relative to itself). It writes the fabric manager config template and
+the ``etc/fake-nvidia`` directory the stand-ins find their root by, with an optional
+``behaviour``. It also lays down what the CDI spec mounts and links: tiny stand-in
+libraries ``usr/lib/x86_64-linux-gnu/lib*.so.<DRIVER_VERSION>`` (ELF objects with only a
 DT_SONAME, ``elf_with_soname``) and ``usr/bin/nvidia-cdi-hook`` (exits 0).
 """
 
@@ -27,6 +30,8 @@ LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBRARIES = {"libcuda": "libcuda.so.1", "libnvidia-ml": "libnvidia-ml.so.1",
              "libnvidia-ptxjitcompiler": "libnvidia-ptxjitcompiler.so.1"}  # name -> soname
 CDI_HOOK = "usr/bin/nvidia-cdi-hook"
+FAKE_LIB = "usr/lib/fake-nvidia"
+FAKE_MODULES = ("fake_nvidia", "fake_nvidia_runtime", "fake_nvidia_services")
 FM_TEMPLATE = """\
 # NVIDIA Fabric Manager configuration file (stand-in template)
 LOG_LEVEL=4
@@ -71,14 +76,25 @@ def elf_with_soname(soname: str) -> bytes:
 def install(root: str | os.PathLike[str], bin_dir: str = "usr/bin",
             behaviour: Mapping[str, str] | None = None) -> list[pathlib.Path]:
     root = pathlib.Path(root)
-    source = (HERE / "fake_nvidia.py").read_text()
-    body = source.split("\n", 1)[1] if source.startswith("#!") else source
+    lib = root / FAKE_LIB
+    package = lib / "guestinit" / "testing"
+    package.mkdir(parents=True, exist_ok=True)
+    for init in (lib / "guestinit" / "__init__.py", package / "__init__.py"):
+        init.write_text("")
+    for module in FAKE_MODULES:
+        (package / f"{module}.py").write_text((HERE / f"{module}.py").read_text())
     target_dir = root / bin_dir.strip("/")
     target_dir.mkdir(parents=True, exist_ok=True)
+    # no __pycache__ beside the modules: the bundle is copied into images as it is
+    launcher = (f"#!{INTERPRETER}\nimport os, sys\nsys.dont_write_bytecode = True\n"
+                "sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "
+                f"{os.path.relpath(lib, target_dir)!r}))\n"
+                "from guestinit.testing.fake_nvidia import main\n"
+                "sys.exit(main())\n")
     installed = []
     for name in PROGRAMS:
         path = target_dir / name
-        path.write_text(f"#!{INTERPRETER}\n{body}")
+        path.write_text(launcher)
         path.chmod(0o755)
         installed.append(path)
     state = root / "etc" / "fake-nvidia"

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.image import Image
@@ -33,19 +33,33 @@ def paper_image(tmp_path: Path) -> Image:
                  "console=ttyS0 quiet")
 
 
-def qemu_pids() -> set[int]:
-    """PIDs of every QEMU or stand-in VMM on the machine (to prove none was left behind)."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def vmm_processes(root: psutil.Process | None = None) -> set[psutil.Process]:
+    """The QEMU or stand-in VMM processes that descend from ``root`` (default: this test
+    process), so a VMM anything else on the machine runs is never counted. Zombies are
+    left out: they have exited, only their parent has not reaped them yet."""
+    found = set()
+    for child in (root or psutil.Process()).children(recursive=True):
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv = fh.read().split(b"\0")
-        except OSError:
+            if child.status() != psutil.STATUS_ZOMBIE and _is_vmm(child.cmdline()):
+                found.add(child)
+        except psutil.NoSuchProcess:
             continue
-        # The stand-in execs python, so it is known by its script name.
-        if argv[0].endswith(b"qemu-system-x86_64") or any(a.endswith(b"fakevmm.py")
-                                                           for a in argv[1:3]):
-            pids.add(int(entry))
-    return pids
+    return found
+
+
+def still_running(processes: set[psutil.Process]) -> set[psutil.Process]:
+    """Those of ``processes`` that have not exited (the same process: pid and start time)."""
+    alive = set()
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.add(p)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def _is_vmm(argv: list[str]) -> bool:
+    # The stand-in execs python, so it is known by its script name.
+    return bool(argv) and (argv[0].endswith("qemu-system-x86_64")
+                           or any(a.endswith("fakevmm.py") for a in argv[1:3]))

@@ -9,15 +9,15 @@ from pathlib import Path
 from bench.boot import BootOptions, BootResult, boot
 from bench.image import Image
 from bench.report import text, to_json
-from tests.bench.conftest import qemu_pids
+from tests.bench.conftest import still_running, vmm_processes
 
 
 def _boot(image: Image, vmm: str, tmp_path: Path, mode: str, **kw: object) -> BootResult:
     opts = BootOptions(append=f"fake.mode={mode}", accel="tcg", qemu=vmm,
                        workdir=str(tmp_path / f"run-{mode}"), timeout=10, **kw)  # type: ignore[arg-type]
-    before = qemu_pids()
+    before = vmm_processes()
     res = boot(image, opts, progress=io.StringIO())
-    assert qemu_pids() - before == set(), "the harness left a VMM process behind"
+    assert vmm_processes() - before == set(), "the harness left a VMM process behind"
     return res
 
 
@@ -107,21 +107,26 @@ def test_sigterm_to_the_harness_stops_the_vmm(paper_image: Image, fake_vmm: str,
     import sys
     import time
 
-    before = qemu_pids()
+    import psutil
+
     harness = subprocess.Popen(
         [sys.executable, "-m", "bench.cli", "boot", paper_image.directory, "--qemu", fake_vmm,
          "--accel", "tcg", "--append", "fake.mode=stubborn"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the VMM is the harness's child: once the harness is gone it would be re-parented,
+    # so it is remembered (pid and start time) while it is still in the harness's tree
+    started: set[psutil.Process] = set()
     deadline = time.monotonic() + 10
-    while not (qemu_pids() - before) and time.monotonic() < deadline:
+    while not started and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert qemu_pids() - before, "the stand-in VMM never started"
+        started = vmm_processes(psutil.Process(harness.pid))
+    assert started, "the stand-in VMM never started"
     time.sleep(1.0)  # ready is in; the harness now waits for a shutdown that never comes
     os.kill(harness.pid, signal.SIGTERM)
     out, _ = harness.communicate(timeout=20)
     assert harness.returncode == 130, out
     assert "interrupted; QEMU stopped" in out
-    assert qemu_pids() - before == set()
+    assert still_running(started) == set()
 
 
 def test_an_init_that_cannot_start_is_named_from_the_console(paper_image: Image,

@@ -14,7 +14,7 @@ import pytest
 
 from bench.cli import main
 from tests.bench import fakeimage
-from tests.bench.conftest import qemu_pids
+from tests.bench.conftest import vmm_processes
 
 pytestmark = pytest.mark.vm
 
@@ -26,7 +26,7 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_boot_ready_powerdown_shutdown(busybox_image: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    before = qemu_pids()
+    before = vmm_processes()
     rc = main(["boot", busybox_image, "--accel", "tcg", "--timeout", "60",
                "--json", str(tmp_path / "boot.json"), "--workdir", str(tmp_path / "w"),
                "--hold-until", "fake init: waiting for the power button"])
@@ -45,13 +45,13 @@ def test_boot_ready_powerdown_shutdown(busybox_image: str, tmp_path: Path,
     assert doc["timings"]["host_hold_s"] <= doc["timings"]["host_powerdown_s"]
     assert doc["forced"] == ""
     assert "fake init: power button pressed" in (tmp_path / "w" / "console.log").read_text()
-    assert qemu_pids() - before == set()
+    assert vmm_processes() - before == set()
 
 
 def test_boot_failed_frame_exits_nonzero_with_reason_and_console_log(
     busybox_image: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    before = qemu_pids()
+    before = vmm_processes()
     rc = main(["boot", busybox_image, "--accel", "tcg", "--append", "fake.mode=fail",
                "--workdir", str(tmp_path / "w")])
     out = capsys.readouterr().out
@@ -59,15 +59,15 @@ def test_boot_failed_frame_exits_nonzero_with_reason_and_console_log(
     assert ("result: FAILED: guest failed in stage config: "
             "guestinit.log: 'loud' is not a log level") in out
     assert f"console log: {tmp_path / 'w' / 'console.log'}" in out
-    assert qemu_pids() - before == set()
+    assert vmm_processes() - before == set()
 
 
 def test_boot_timeout_stops_qemu(busybox_image: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    before = qemu_pids()
+    before = vmm_processes()
     rc = main(["boot", busybox_image, "--accel", "tcg", "--append", "fake.mode=hang",
                "--timeout", "4", "--workdir", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert rc == 1
     assert "result: FAILED: no ready frame after 4s" in out
-    assert qemu_pids() - before == set()
+    assert vmm_processes() - before == set()

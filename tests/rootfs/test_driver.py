@@ -57,7 +57,6 @@ def test_gpu_image_with_bundle(kernel_tree: KernelTree, tmp_path: Path) -> None:
         ents[f"{base}/modules.alias"].data.decode()
     assert ents["usr/bin/nvidia-smi"].data.startswith(b"#!/usr/bin/python3 -IS")
     assert ents["usr/bin/python3"].data == b"python3.11"
-    # the stand-ins' own imports (socket, signal...) are in the stdlib closure
     assert "usr/lib/python3.11/socket.pyc" in ents
     assert "usr/lib/firmware/nvidia/550.54.15/gsp_ga10x.bin" in ents
     assert b"nvidia-persistenced:x:120:120:" in ents["etc/passwd"].data
@@ -67,6 +66,30 @@ def test_gpu_image_with_bundle(kernel_tree: KernelTree, tmp_path: Path) -> None:
     assert rows["/usr/bin/nvidia-smi"]["version"] == "550.54.15"
     assert rows[f"/{base}/kernel/drivers/video/nvidia.ko"]["package"] == "nvidia-driver"
     assert "pci=realloc" in (out / "cmdline.txt").read_text()
+
+
+STANDINS = "usr/lib/guestinit/guestinit/testing/"
+
+
+def test_a_production_image_has_no_stand_ins_and_one_that_asks_has_them(
+        kernel_tree: KernelTree, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle", kernel_tree)
+    prod = profile.load("nvidia-gpu")
+    assert not prod.standins and not profile.load("nvidia-servicevm-kata").standins
+    assert profile.load("cpu").standins and profile.load("kata").standins
+    build_image(prod, tmp_path / "prod", driver_dir=bundle, locked=True,
+                progress=Progress(quiet=True), zstd_level=3)
+    prod_files = {e.path for e in cpio.read(pack.decompress(tmp_path / "prod" / "initramfs.img"))}
+    assert "usr/lib/guestinit/guestinit/pci.py" in prod_files  # the init itself is there
+    assert not [p for p in prod_files if p.startswith(STANDINS)]
+    # the VM tier's way: the same profile with --standins
+    build_image(prod, tmp_path / "test", driver_dir=bundle, locked=True,
+                progress=Progress(quiet=True), zstd_level=3, standins=True)
+    ents = {e.path: e for e in cpio.read(pack.decompress(tmp_path / "test" / "initramfs.img"))}
+    assert {f"{STANDINS}agent_standin.py", f"{STANDINS}fake_nvidia.py"} <= set(ents)
+    # the stand-ins' own imports (socket, signal...) are in the stdlib closure
+    for module in ("socket", "signal", "contextlib", "argparse"):
+        assert f"usr/lib/python3.11/{module}.pyc" in ents, module
 
 
 def test_bundle_for_another_kernel_is_rejected(kernel_tree: KernelTree, tmp_path: Path) -> None:

@@ -271,12 +271,18 @@ def test_python_runs_inside_the_tree(cpu_images: tuple[Path, Path], tmp_path: Pa
             "{'version': '1'}))) > 4\n"
             "assert psutil.cpu_count() > 0\n"
             "from guestinit import pci\n"
-            "print(len(pci.scan('/')) >= 0, "
+            "print([(d.bdf, d.vendor, d.device, d.cls) for d in pci.scan('/tmp/pci')], "
             "guestinit.config.build(open('/etc/guestinit.conf').read()).words('modules'))")
+    # a one-device sysfs tree for the image's pci module to read
+    dev = root / "tmp" / "pci" / "sys" / "bus" / "pci" / "devices" / "0000:00:05.0"
+    dev.mkdir(parents=True)
+    for name, value in (("vendor", "0x10de"), ("device", "0x2330"), ("class", "0x030200")):
+        (dev / name).write_text(value + "\n")
     res = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-IS", "-c", code],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("True ('virtio_mmio', 'virtio_console'")
+    assert res.stdout.startswith("[('0000:00:05.0', 4318, 9008, 197120)] "
+                                 "('virtio_mmio', 'virtio_console'")
 
 
 @pytest.mark.vm

@@ -48,6 +48,7 @@ def test_cpu_tuned_builds_its_kernel_with_every_boot_driver_built_in() -> None:
     ('formats = ["iso"]\n', "key formats"),
     ('debs = "libc6"\n', "key debs: expected a list"),
     ("shell = 1\n", "key shell: expected true or false"),
+    ("standins = \"yes\"\n", "key standins: expected true or false"),
     ('[kernel]\nfragments = ["nope.conf"]\n', "key kernel.fragments: .*nope.conf does not exist"),
     ('[kernel]\ncmdline_presets = ["x.txt"]\n', "key kernel.cmdline_presets"),
     ("[users]\ndaemon = 0\n", "key users.daemon: expected a uid"),

@@ -38,7 +38,8 @@ NVRC_WORDS = ("nvrc.log=trace nvrc.uvm.persistence.mode=on nvrc.uvm.tools=on nvr
 def _image(profile: str, bundle: Path, out: Path, standin: str) -> str:
     try:
         proc.run([_builder(), "image", profile, "--driver", str(bundle), "--out", str(out),
-                  "--append-config", standin, "--append-config", "agent=none"],
+                  "--append-config", standin, "--append-config", "agent=none",
+                  "--standins"],  # the bundle's fake programs need the stand-ins' closure
                  timeout=1800, cwd=str(REPO))
     except proc.RunError as exc:
         pytest.fail(f"building {profile} with the stand-in bundle failed:\n{exc}")

@@ -126,7 +126,8 @@ def kata_gpu_images(kata_image: str, tmp_path_factory: pytest.TempPathFactory
             ("gpu-ext", "nvidia-gpu-kata", f"standin.gpu={GPU_ID}", ["--extension", "gpu"])):
         out[name] = str(tmp / name)
         proc.run([_builder(), "image", profile, "--driver", str(bundle), "--out", out[name],
-                  "--append-config", standin, "--append-config", "agent=none", "-q", *more],
+                  "--append-config", standin, "--append-config", "agent=none", "-q",
+                  "--standins", *more],
                  timeout=1800, cwd=str(REPO))
     return out
 
