@@ -240,7 +240,7 @@ class Init:
             if "agent" in sup.services:
                 audit += sup.stop(["agent"], grace)
             audit += sup.stop([n for n in sup.services if n != "agent"], grace)
-            from guestinit.sweep import sweep
+            from guestinit.leftovers import sweep
 
             audit += sweep(boot, grace)
             if boot.facts.gpus:

@@ -7,14 +7,14 @@ bounds every read, validates every field it knows, ignores fields it does not,
 and turns malformed input into ``FrameError`` values instead of raising.
 
 Kept free of dataclasses/typing so the guest pays little to import it; the guest
-encodes with ``guestinit.pack`` and only the host's decoder imports msgpack.
+encodes with ``guestinit.msgpack_encode`` and only the host's decoder imports msgpack.
 """
 
 from __future__ import annotations
 
 import struct
 
-from guestinit.pack import packb
+from guestinit.msgpack_encode import packb
 
 TYPE_CHECKING = False  # typing costs import time on the guest's boot path
 if TYPE_CHECKING:  # the type checker sees a real enum; the boot path does without enum

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tests import import_graph
 
+
 def test_no_import_circles_in_our_packages() -> None:
     # every import counts: module level, lazy (inside a function) and type-only
     assert import_graph.circles(import_graph.graph()) == []

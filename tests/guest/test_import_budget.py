@@ -17,7 +17,7 @@ FORBIDDEN = {"dataclasses", "typing", "logging", "tomllib", "subprocess", "async
              "cffi", "pyudev", "elftools", "json",
              "traceback", "tokenize",  # traceback: only the crash path, and it does without
              "enum", "functools", "socket", "signal", "selectors",  # see guestinit/choice.py
-             "msgpack", "datetime", "collections"}  # see guestinit/pack.py
+             "msgpack", "datetime", "collections"}  # see guestinit/msgpack_encode.py
 # what a cpu boot imports, exec -> ready: __main__ at exec, then what its stages import
 BOOT_PATH = ("guestinit.__main__", "guestinit._libc_cffi", "guestinit.syslog", "guestinit.discover",
              "guestinit.lockdown", "guestinit.powerbutton", "guestinit.control")

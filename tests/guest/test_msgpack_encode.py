@@ -1,4 +1,4 @@
-"""guestinit.pack gives msgpack's own bytes for everything a frame is made of."""
+"""guestinit.msgpack_encode gives msgpack's own bytes for everything a frame is made of."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from guestinit.config import LogLevel, Mode
-from guestinit.pack import packb
+from guestinit.msgpack_encode import packb
 
 EDGES = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -32, -33,
          -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63]
