@@ -16,6 +16,7 @@ import time
 
 from guestinit import wire
 from guestinit.stages import boottime_ns
+from guestinit.values import report_target
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -46,38 +47,38 @@ def find_virtio_port(root: str, name: str) -> str | None:
 
 def open_transport(uri: str, root: str) -> tuple[int, bool]:
     """Open ``uri``; returns (fd, console_mode). Raises TransportError if not possible now."""
-    kind, _, rest = uri.partition(":")
+    try:
+        kind, target, port = report_target(uri)
+    except ValueError as exc:
+        raise TransportError(errno.EINVAL, f"unknown report transport {uri!r} ({exc})") from None
     try:
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.settimeout(WRITE_TIMEOUT)
-            sock.connect(rest)
+            sock.connect(target)
             return sock.detach(), False
         if kind == "vsock":
-            cid, _, port = rest.partition(":")
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.settimeout(WRITE_TIMEOUT)
             try:
-                sock.connect((int(cid), int(port)))
+                sock.connect((int(target), port))
             except OSError:
                 sock.close()
                 raise
             return sock.detach(), False
         if kind == "virtio-port":
-            path = find_virtio_port(root, rest)
+            path = find_virtio_port(root, target)
             if path is None:
                 raise TransportError(errno.ENOENT,
-                                     f"virtio port {rest!r} not found under {root}sys")
+                                     f"virtio port {target!r} not found under {root}sys")
             return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY), False
-        if kind == "console":
-            path = os.path.join(root, "dev/console")
-            return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY), True
+        path = os.path.join(root, "dev/console")  # console: the only kind left
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY), True
     except TransportError:
         raise
     except OSError as exc:
         raise TransportError(exc.errno or errno.EIO,
                              f"open report channel {uri}: {exc.strerror or exc}") from None
-    raise TransportError(errno.EINVAL, f"unknown report transport {uri!r}")
 
 
 def _write_all(fd: int, data: bytes, timeout: float) -> None:

@@ -166,18 +166,25 @@ def parse_srs(value: str) -> str:
 
 
 
-def parse_report(value: str) -> str:
+def report_target(value: str) -> tuple[str, str, int]:
+    """``report``'s transport, its name or path or CID, and its port (vsock; else 0): the
+    one reading of the URI, for the setting's check and for opening the channel."""
     kind, _, rest = value.partition(":")
     if kind == "console" and not rest:
-        return value
+        return kind, "", 0
     if kind == "vsock":
         cid, _, port = rest.partition(":")
         if cid.isdigit() and port.isdigit() and 0 < int(port) < 2**32:
-            return value
+            return kind, cid, int(port)
         raise ValueError("expected vsock:CID:PORT")
     if kind in ("virtio-port", "unix") and rest:
-        return value
+        return kind, rest, 0
     raise ValueError("expected vsock:CID:PORT, virtio-port:NAME, unix:PATH or console")
+
+
+def parse_report(value: str) -> str:
+    report_target(value)
+    return value
 
 
 def parse_words(value: str) -> tuple[str, ...]:
