@@ -40,12 +40,13 @@ def _builder() -> str:
     return found
 
 
-def ensure_image(profile: str, directory: Path, needed: tuple[str, ...]) -> str:
+def ensure_image(profile: str, directory: Path, needed: tuple[str, ...],
+                 extra: tuple[str, ...] = ()) -> str:
     """``directory`` holding ``needed``: built with guestinit-build when it does not (a
     built kernel comes from the cache); fails, never skips, with the builder's message."""
     if not all((directory / n).is_file() for n in needed):
         try:
-            proc.run([_builder(), "image", profile, "--out", str(directory)], timeout=3600,
+            proc.run([_builder(), "image", profile, *extra, "--out", str(directory)], timeout=3600,
                      cwd=str(REPO))
         except proc.RunError as exc:
             pytest.fail(f"building the {profile} image for the vm tier failed:\n{exc}")
@@ -97,4 +98,4 @@ KATA_NEEDED = ("vmlinuz", "initramfs.img", "kata-containers.img", "root_hash.txt
 @pytest.fixture(scope="session")
 def kata_image() -> str:
     """out/kata: the kata profile (its kernel built by ./build.sh kernel, cached)."""
-    return ensure_image("kata", KATA_IMAGE, KATA_NEEDED)
+    return ensure_image("kata", KATA_IMAGE, KATA_NEEDED, ("--standins",))

@@ -29,7 +29,8 @@ def agent_image(kata_image: str, tmp_path_factory: pytest.TempPathFactory) -> st
     tmp = tmp_path_factory.mktemp("kata-agent")
     agent = kata_agent.build(tmp / "kata-agent")
     out = tmp / "kata"
-    proc.run([_builder(), "image", "kata", "--agent", str(agent), "--out", str(out), "-q"],
+    proc.run([_builder(), "image", "kata", "--agent", str(agent), "--standins", "--out",
+              str(out), "-q"],
              timeout=3600, cwd=str(REPO))
     return str(out)
 
