@@ -108,8 +108,9 @@ cmd_demo() {
 
 cmd_bench() {
   cmd_setup
-  if [ "${1:-}" = suite ]; then  # the suite boots the cpu image and both baselines
-    for profile in cpu baseline-busybox baseline-systemd; do
+  if [ "${1:-}" = suite ]; then  # the cpu image and both baselines, on both kernels
+    for profile in cpu baseline-busybox baseline-systemd cpu-tuned baseline-busybox-tuned \
+                   baseline-systemd-tuned; do
       "$VENV/bin/guestinit-build" image "$profile" --out "out/$profile"
     done
   elif [ "${1:-}" = optimize ]; then  # the optimizer's base and its tuned-kernel candidate

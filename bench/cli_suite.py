@@ -118,7 +118,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "a result directory: suite.json, suite.md, plots, OpenMetrics")
     su.add_argument("--variants", metavar="A,B,...",
                     help="comma-separated built-in variants (default "
-                    "guestinit,guestinit-erofs,busybox,systemd; also guestinit-agent)")
+                    "guestinit,guestinit-erofs,busybox,systemd; also guestinit-agent, and "
+                    "guestinit-tuned,busybox-tuned,systemd-tuned: the three on cpu-tuned's "
+                    "kernel, images out/cpu-tuned, out/baseline-*-tuned)")
     su.add_argument("--append", action="append", default=[], metavar="NAME=ARGS",
                     help="a cmdline variant: guestinit plus ARGS (BASE+NAME=ARGS starts "
                     "from variant BASE, built in or --image); repeatable, e.g. --append "

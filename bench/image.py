@@ -97,13 +97,15 @@ def pick_kernel(directory: str, entry: str = "auto") -> tuple[str, str]:
     return _need(directory, KERNEL), "bzimage"
 
 
-def load(directory: str, *, erofs: bool = False, entry: str = "auto") -> Image:
-    """Find the files a boot needs in ``directory``; raise ImageError naming what is missing.
-    ``entry`` picks how the kernel is entered (``pick_kernel``)."""
+def load(directory: str, *, erofs: bool = False, entry: str = "auto",
+         profile: str = "cpu") -> Image:
+    """Find the files a boot needs in ``directory``; raise ImageError naming what is missing
+    (and the ``profile`` that builds it). ``entry`` picks how the kernel is entered
+    (``pick_kernel``)."""
     if not os.path.isdir(directory):
         raise ImageError(
             f"image directory {directory} does not exist; build it with "
-            f"guestinit-build image cpu --out {directory}"
+            f"guestinit-build image {profile} --out {directory}"
         )
     kernel, how = pick_kernel(directory, entry)
     if not erofs:

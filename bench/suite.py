@@ -26,6 +26,7 @@ from bench.qemu import QEMU, BarDevice
 SCHEMA = 1
 KIND = "guestinit-bench-suite"
 DEFAULT_VARIANTS = ("guestinit", "guestinit-erofs", "busybox", "systemd")
+TUNED = "-tuned"  # the variants on cpu-tuned's kernel: guestinit-tuned, busybox-tuned, ...
 DEMO_AGENT = ('guestinit.agent="/usr/bin/python3.11 -IS '
               '/usr/lib/guestinit/guestinit/testing/agent_standin.py" '
               'guestinit.agent.ready=syslog:agent-standin-ready')
@@ -57,6 +58,11 @@ BUILTIN: dict[str, Variant] = {
         Variant("guestinit-agent", "cpu", "guestinit", append=DEMO_AGENT),
         Variant("busybox", "baseline-busybox", "busybox"),
         Variant("systemd", "baseline-systemd", "systemd"),
+        # the same three on the tuned kernel (cpu-tuned's): where the init's start-up is
+        # most of the boot
+        Variant("guestinit-tuned", "cpu-tuned", "guestinit", append="guestinit.agent=none"),
+        Variant("busybox-tuned", "baseline-busybox-tuned", "busybox"),
+        Variant("systemd-tuned", "baseline-systemd-tuned", "systemd"),
     )
 }
 
@@ -168,7 +174,7 @@ def load_images(variants: list[Variant], images_dir: str) -> dict[str, image.Ima
         directory = os.path.join(images_dir, v.profile)
         try:
             out[v.name] = (image.load_kata(directory) if v.machine == "kata"
-                           else image.load(directory, erofs=v.erofs))
+                           else image.load(directory, erofs=v.erofs, profile=v.profile))
         except image.ImageError as exc:
             build = "" if os.path.isabs(v.profile) else f" (or ./build.sh image {v.profile})"
             raise SuiteError(f"variant {v.name}: {exc}{build}") from None
@@ -283,10 +289,10 @@ def _median(doc_variants: dict[str, dict[str, object]], name: str, metric: str) 
 
 
 def ratios(doc_variants: dict[str, dict[str, object]]) -> dict[str, object]:
-    """P2 (ready vs busybox, ≤ 1.15) and P3 (systemd's userspace vs ours, ≥ 3), per entropy."""
+    """P2 (ready vs busybox, ≤ 1.15) and P3 (systemd's userspace vs ours, ≥ 3), per entropy
+    and on the tuned kernel."""
     out: dict[str, object] = {}
-    for suffix in ("", NO_ENTROPY):
-        tag = "_no_rng" if suffix else ""
+    for suffix, tag in (("", ""), (NO_ENTROPY, "_no_rng"), (TUNED, "_tuned")):
         pairs = (
             (f"p2_ready_vs_busybox{tag}", "guestinit" + suffix, "busybox" + suffix,
              "host_ready_s", 1.15, "<="),

@@ -125,7 +125,36 @@ def test_cli_unknown_variant_and_missing_image_exit_2(tmp_path: Path,
     assert "unknown variant 'nope'" in capsys.readouterr().err
     assert cli.main(["suite", "--variants", "busybox", "--images", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "variant busybox: image directory" in err and "baseline-busybox" in err
+    assert "variant busybox: image directory" in err
+    assert "guestinit-build image baseline-busybox --out" in err  # the profile that builds it
+
+
+def test_tuned_kernel_peers_and_their_ratios() -> None:
+    from rootfs import profile
+
+    got = suite.select(["guestinit-tuned", "busybox-tuned", "systemd-tuned"], [], False, [])
+    assert [(v.profile, v.init) for v in got] == [
+        ("cpu-tuned", "guestinit"), ("baseline-busybox-tuned", "busybox"),
+        ("baseline-systemd-tuned", "systemd")]
+    # the baselines run on cpu-tuned's kernel: the same build, so the same cached kernel
+    tuned = profile.load("cpu-tuned").kernel
+    for name in ("baseline-busybox-tuned", "baseline-systemd-tuned"):
+        kernel = profile.load(name).kernel
+        assert (kernel.package, kernel.fragments, kernel.modules, kernel.early) == (
+            tuned.package, tuned.fragments, tuned.modules, tuned.early), name
+
+    def variant(ready: float, userspace: float) -> dict[str, object]:
+        return {"metrics": {"host_ready_s": {"median": ready},
+                            "userspace_s": {"median": userspace}}}
+
+    got_ratios = suite.ratios({"guestinit": variant(5.0, 1.0), "busybox": variant(4.0, 0.2),
+                               "guestinit-tuned": variant(1.4, 0.5),
+                               "busybox-tuned": variant(1.0, 0.1),
+                               "systemd-tuned": variant(1.3, 0.4)})
+    assert got_ratios["p2_ready_vs_busybox"]["value"] == 1.25  # type: ignore[index]
+    assert got_ratios["p2_ready_vs_busybox_tuned"]["value"] == 1.4  # type: ignore[index]
+    assert got_ratios["p3_systemd_vs_guestinit_userspace_tuned"]["value"] == 0.8  # type: ignore[index]
+    assert "p3_systemd_vs_guestinit_userspace" not in got_ratios  # no stock systemd run
 
 
 def test_kata_machine_variants_boot_kata_images(tmp_path: Path,
