@@ -25,6 +25,7 @@ from rootfs import (
     manifest,
     pack,
     profile,
+    staticinit,
     tree_extras,
 )
 from rootfs.closure import Origin, Pool, Tree
@@ -153,10 +154,11 @@ def install_wheel(tree: Tree, whl: Path, origin: Origin) -> None:
             tree.add_bytes(f"{GUEST_SITE}/{name}", zf.read(info), origin, mode | 0o444)
 
 
-def install_guestinit(tree: Tree, standins: bool) -> list[str]:
+def install_guestinit(tree: Tree, standins: bool, init: Path | None = None) -> list[str]:
     """The guestinit package with its subpackages and the two init entry points; returns
     module names. ``guestinit.testing`` (the agent stand-in and fake NVIDIA programs the VM
-    tier, the demo and the bench run inside the image) only with ``standins``."""
+    tier, the demo and the bench run inside the image) only with ``standins``. ``init`` is
+    /sbin/init: the launcher unless given (the static init)."""
     src = Path(guestinit.__file__).parent
     modules = []
     for py in sorted(src.rglob("*.py")):
@@ -169,8 +171,9 @@ def install_guestinit(tree: Tree, standins: bool) -> list[str]:
         parts = ("guestinit", *rel.with_suffix("").parts)
         modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     # the launcher (rootfs/launcher.c) scrubs the environment, sets PYTHONHASHSEED and execs
-    # python3.11 running guestinit.__main__.main; /init links to it
-    tree.add_file("usr/sbin/init", launcher.launcher_binary(), GENERATED, 0o755)
+    # python3.11 running guestinit.__main__.main (or the static init does all of it in one
+    # executable, rootfs/staticinit.c); /init links to it
+    tree.add_file("usr/sbin/init", init or launcher.launcher_binary(), GENERATED, 0o755)
     tree.add_symlink("init", "usr/sbin/init")
     return modules
 
@@ -313,7 +316,16 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             site_roots = tree_extras.install_init(tree, prof, pool, kt.release,
                                                   [early_set.rel[m] for m in early_set.order])
             if prof.init is profile.Init.GUESTINIT:
-                roots = install_guestinit(tree, standins)
+                init_binary = None
+                if prof.static_init:
+                    with tempfile.TemporaryDirectory(prefix="guestinit-freeze-") as tmp:
+                        init_binary, frozen = staticinit.static_init_binary(
+                            closure.stdlib_view(pool, Path(tmp) / "stdlib"),
+                            inputs.lock.debs["python3.11-minimal"].version,
+                            inputs.lock.wheels["cffi"].version)
+                    progress.note(f"static init: {len(frozen)} modules frozen, "
+                                  f"{init_binary.stat().st_size} bytes")
+                roots = install_guestinit(tree, standins, init_binary)
                 for name, whl in sorted(inputs.wheels.items()):
                     install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)))
                     roots.extend(tree_extras.wheel_roots(whl))

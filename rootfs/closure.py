@@ -229,6 +229,22 @@ def python_scripts(tree: Tree) -> list[Path]:
     return out
 
 
+def stdlib_view(pool: Pool, dest: Path) -> Path:
+    """``dest`` filled with links to the pool's ``usr/lib/python3.11`` files: the stdlib of
+    the profile's packages as one directory (the closure's search path, the static init's
+    frozen sources)."""
+    prefix = PY_STDLIB + "/"
+    for rel, (host, _origin) in pool.files.items():
+        if rel.startswith(prefix):
+            link = dest / rel[len(prefix):]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(host.resolve())
+    if not (dest / "os.py").exists():
+        raise BuildError("python closure: no usr/lib/python3.11/os.py in the profile's "
+                         "packages; add libpython3.11-minimal and libpython3.11-stdlib")
+    return dest
+
+
 def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
                    scripts: list[Path] | None = None) -> list[str]:
     """Stdlib files (image paths) for the modules ``roots`` import, transitively.
@@ -239,16 +255,7 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
     so lazy imports inside functions count too.
     """
     with tempfile.TemporaryDirectory(prefix="guestinit-stdlib-") as tmp:
-        merged = Path(tmp) / "stdlib"
-        prefix = PY_STDLIB + "/"
-        for rel, (host, _origin) in pool.files.items():
-            if rel.startswith(prefix):
-                link = merged / rel[len(prefix):]
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(host.resolve())
-        if not (merged / "os.py").exists():
-            raise BuildError("python closure: no usr/lib/python3.11/os.py in the profile's "
-                             "packages; add libpython3.11-minimal and libpython3.11-stdlib")
+        merged = stdlib_view(pool, Path(tmp) / "stdlib")
         script = Path(tmp) / "roots.py"  # outside the merged stdlib view
         script.write_text("".join(f"import {m}\n" for m in (*PY_STARTUP, *roots)))
         finder = modulefinder.ModuleFinder(

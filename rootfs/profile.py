@@ -67,6 +67,9 @@ class Profile:
     formats: tuple[Format, ...]
     shell: bool
     standins: bool  # ship guestinit.testing (agent stand-in, fake NVIDIA programs)
+    # /sbin/init is the static executable with CPython and guestinit frozen in
+    # (rootfs/staticinit.py) instead of the launcher + python3.11
+    static_init: bool
     driver: Driver
     lock: Path
     debs: tuple[str, ...]
@@ -88,7 +91,8 @@ class Profile:
         return list(dict.fromkeys(words))  # first occurrence wins, order kept
 
 
-TOP_KEYS = {"description", "extends", "init", "formats", "shell", "standins", "driver",
+TOP_KEYS = {"description", "extends", "init", "formats", "shell", "standins", "static_init",
+            "driver",
             "driver_files",
             "lock", "debs", "wheels", "binaries", "kernel", "users", "config"}
 KERNEL_KEYS = {"package", "build", "fragments", "modules", "early", "cmdline", "cmdline_presets",
@@ -231,6 +235,12 @@ def load(name_or_path: str) -> Profile:
     standins = data.get("standins", False)
     if not isinstance(standins, bool):
         raise ProfileError(f"{where}: key standins: expected true or false, got {standins!r}")
+    static_init = data.get("static_init", False)
+    if not isinstance(static_init, bool):
+        raise ProfileError(f"{where}: key static_init: expected true or false, "
+                           f"got {static_init!r}")
+    if static_init and data.get("init", "guestinit") != "guestinit":
+        raise ProfileError(f"{where}: key static_init: only for init = \"guestinit\"")
     lock_name = _str(where, "lock", data.get("lock", "debian.lock"))
     return Profile(
         name=path.stem,
@@ -240,6 +250,7 @@ def load(name_or_path: str) -> Profile:
         formats=formats,
         shell=shell,
         standins=standins,
+        static_init=static_init,
         driver=_enum(where, "driver", data.get("driver", "none"), Driver),
         lock=path.with_name(lock_name),
         debs=_strs(where, "debs", data.get("debs", [])),
