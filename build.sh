@@ -7,6 +7,7 @@ VENV=${GUESTINIT_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
   cryptsetup-bin zstd lz4 cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools
+  libpython3.11-dev libffi-dev zlib1g-dev libexpat1-dev
   make bc bison flex libelf-dev libssl-dev kmod ovmf fdisk)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -90,13 +90,15 @@ def compile_argv(dest: Path, build: Path, backend: Path, cc: str = "gcc") -> lis
 
 
 def static_init_binary(stdlib: Path, python_version: str, cffi_version: str,
-                       cache: Path | None = None) -> tuple[Path, list[str]]:
+                       cache: Path | None = None,
+                       guest_src: Path | None = None) -> tuple[Path, list[str]]:
     """The static init from ``<cache>/staticinit/`` (built there on a miss) and the names of
     the modules frozen into it. ``stdlib`` is the image's stdlib directory (the sources
-    frozen), ``python_version`` the image's python3.11 package version."""
+    frozen), ``python_version`` the image's python3.11 package version; ``guest_src`` a
+    guestinit package directory other than the installed one (tests)."""
     check_builder()
     freeze.check_version(python_version)
-    generated, names = freeze.generate(stdlib, PY_CONFIG / "config.c")
+    generated, names = freeze.generate(stdlib, PY_CONFIG / "config.c", guest_src=guest_src)
     sdist = cffi_sdist(cffi_version, cache)
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), *(generated[n].encode() for n in sorted(generated)),
