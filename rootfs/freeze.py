@@ -33,8 +33,8 @@ IMAGE_STDLIB = "/usr/lib/python3.11"
 SKIP_GUEST = ("testing",)  # guestinit.testing: stand-ins started as their own processes
 BUILD_ONLY = ("_libc_build.py",)
 # the stdlib rows of docs/guest.md's import table that are Python source (the unit test
-# keeps this equal to the table); os and _collections_abc are in Python's own frozen set
-BOOT_STDLIB = ("__future__", "_collections_abc", "os")
+# keeps this equal to the table); all but __future__ and struct are in Python's own frozen set
+BOOT_STDLIB = ("__future__", "_collections_abc", "genericpath", "os", "posixpath", "stat", "struct")
 # what a bare `python3.11 -I -S -c pass` imports from files (UTF-8 mode: utf_8 only)
 START_STDLIB = ("encodings", "encodings.aliases", "encodings.utf_8")
 # CPython 3.11's own frozen modules (Python/frozen.c): importlib's bootstrap and stdlib

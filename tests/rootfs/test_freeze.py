@@ -80,14 +80,11 @@ def _package(tmp_path: Path, body: str) -> Path:
 
 def test_an_unfrozen_boot_import_fails_naming_it(tmp_path: Path) -> None:
     stdlib = tmp_path / "stdlib"
-    stdlib.mkdir()
-    (stdlib / "__future__.py").write_text("")
-    for name in freeze.START_STDLIB:
-        (stdlib / (name.replace(".", "/") + (".py" if "." in name else "/__init__.py"))) \
-            .parent.mkdir(parents=True, exist_ok=True)
-    (stdlib / "encodings" / "__init__.py").write_text("")
-    (stdlib / "encodings" / "aliases.py").write_text("")
-    (stdlib / "encodings" / "utf_8.py").write_text("")
+    for name in (*freeze.BOOT_STDLIB, *freeze.START_STDLIB):  # empty stand-ins
+        path = stdlib.joinpath(*name.split("."))
+        path = path / "__init__.py" if name == "encodings" else path.with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
     pkg = _package(tmp_path, "import _thread\nimport not_in_the_image\n")
     with pytest.raises(BuildError, match=r"guestinit\.boot: imports not_in_the_image"):
         freeze.plan(pkg, stdlib, frozenset({"_thread"}))
