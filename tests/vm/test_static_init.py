@@ -12,7 +12,7 @@ import pytest
 
 from bench import image
 from guestinit.wire import FrameType
-from rootfs import cpio, fetch, staticinit
+from rootfs import cpio, fetch, proc, staticinit
 from rootfs.profile import PROFILES_DIR
 from rootfs.steps import BuildError
 from tests.vm.conftest import REPO, REQUIRED, agent, boot_vm, ensure_image, explain
@@ -59,13 +59,15 @@ def _broken_init(tmp_path: Path) -> Path:
 
 def test_a_static_init_that_cannot_start_guestinit_reports_and_powers_off(
         static_image: str, tmp_path: Path) -> None:
-    # the image with /usr/sbin/init replaced: a second cpio appended to the initramfs
-    # overrides the file when the kernel unpacks it
+    # the image with /usr/sbin/init replaced: its initramfs unpacked, the entry swapped and
+    # packed again uncompressed (the kernel takes that too)
     broken = tmp_path / "image"
     shutil.copytree(static_image, broken)
-    with open(broken / "initramfs.img", "ab") as out:
-        cpio.write(out, [cpio.Entry("usr/sbin/init", 0o100755, source=_broken_init(tmp_path))],
-                   mtime=0)
+    packed = proc.run_bytes(["lz4", "-dc", str(broken / "initramfs.img")], timeout=120)
+    entries = [e for e in cpio.read(packed) if e.path != "usr/sbin/init"]
+    entries.append(cpio.Entry("usr/sbin/init", 0o100755, source=_broken_init(tmp_path)))
+    with open(broken / "initramfs.img", "wb") as out:
+        cpio.write(out, entries, mtime=0)
     assert image.load(str(broken)).initramfs is not None
     res = boot_vm(str(broken), tmp_path / "boot")
     assert res.first(FrameType.READY) is None
