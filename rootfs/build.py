@@ -29,7 +29,7 @@ from rootfs import (
     tree_extras,
 )
 from rootfs.closure import Origin, Pool, Tree
-from rootfs.steps import BuildError, Progress, run
+from rootfs.steps import BuildError, Progress
 
 PROJECT = Origin("guestinit", "0.1.0")
 GENERATED = Origin("guestinit-build", "0.1.0")
@@ -52,35 +52,6 @@ class Inputs:
     debs: dict[str, Path]  # package -> .deb
     wheels: dict[str, Path]
     kernel_package: str
-
-
-def guestinit_source() -> str:
-    """What guestinit was built from, for the SBOM: the git commit of its checkout."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = run(["git", "-C", repo, "rev-parse", "HEAD"], what="git rev-parse").decode()
-    except BuildError:
-        return "no git checkout"
-    return f"git commit {commit.strip()}"
-
-
-# The Debian packages of the host tools whose output is in the image (manifest ``tools``)
-TOOL_PACKAGES = ("erofs-utils", "cryptsetup-bin", "lz4", "zstd", "gcc", "musl-tools")
-
-
-def host_tools() -> dict[str, str]:
-    """The versions of the host tools the image's bytes depend on; the cpio writer is
-    ours (rootfs/cpio.py), so Python's version stands for it."""
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in TOOL_PACKAGES:
-        try:
-            out[pkg] = run(["dpkg-query", "-W", "-f", "${Version}", pkg],
-                           what=f"{pkg} version").decode().strip() or "unknown"
-        except BuildError:
-            out[pkg] = "not installed"
-    return out
 
 
 def check_lock(prof: profile.Profile, lock: fetch.Lock) -> str:
@@ -395,7 +366,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                                  {**{n: inputs.lock.debs[n] for n in inputs.debs},
                                   **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},
                                  bundle.origin if bundle else None, roothash,
-                                 guestinit_source(), host_tools(),
+                                 manifest.guestinit_source(), manifest.host_tools(),
                                  {n: fetch.wheel_license(w) for n, w in inputs.wheels.items()})
             if extension_name is not None:  # where each file ships: verify reads it
                 ext_disk, moved = extension.disk_name(extension_name), set(in_extension)

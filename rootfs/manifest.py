@@ -14,6 +14,7 @@ from rootfs import cpio, sbom
 from rootfs.closure import Origin, Tree, canonical
 from rootfs.fetch import Pin, file_digests, sha256_file
 from rootfs.pack import SPECIAL_NODES
+from rootfs.steps import BuildError, run
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -163,3 +164,32 @@ def inspect_table(out: Path) -> str:
             size = man["outputs"][name]["size"]
             lines.append(f"output {name:<20} {size:>12} bytes ({size / 2**20:.2f} MiB)")
     return "\n".join(lines)
+
+
+def guestinit_source() -> str:
+    """What guestinit was built from, for the SBOM: the git commit of its checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = run(["git", "-C", repo, "rev-parse", "HEAD"], what="git rev-parse").decode()
+    except BuildError:
+        return "no git checkout"
+    return f"git commit {commit.strip()}"
+
+
+# The Debian packages of the host tools whose output is in the image (manifest ``tools``)
+TOOL_PACKAGES = ("erofs-utils", "cryptsetup-bin", "lz4", "zstd", "gcc", "musl-tools")
+
+
+def host_tools() -> dict[str, str]:
+    """The versions of the host tools the image's bytes depend on; the cpio writer is
+    ours (rootfs/cpio.py), so Python's version stands for it."""
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in TOOL_PACKAGES:
+        try:
+            out[pkg] = run(["dpkg-query", "-W", "-f", "${Version}", pkg],
+                           what=f"{pkg} version").decode().strip() or "unknown"
+        except BuildError:
+            out[pkg] = "not installed"
+    return out
