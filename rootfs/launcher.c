@@ -19,6 +19,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "init_common.h"
+
 /* Compile-time settings (-D), so tests can point a build at a fake interpreter. */
 #ifndef LAUNCHER_PYTHON
 #define LAUNCHER_PYTHON "/usr/bin/python3.11"
@@ -73,14 +75,6 @@
 
 extern char **environ;
 
-static uint32_t hash_seed(void)
-{
-    uint32_t seed = 0;
-    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) == (ssize_t)sizeof seed && seed != 0)
-        return seed; /* 0 would mean "no randomisation" to CPython */
-    return LAUNCHER_FALLBACK_SEED;
-}
-
 /* "PYTHONHASHSEED=<decimal>" into buf (no stdio: keeps the static binary small). */
 static void seed_var(char *buf, size_t size, uint32_t seed)
 {
@@ -97,29 +91,6 @@ static void seed_var(char *buf, size_t size, uint32_t seed)
     buf[len] = '\0';
 }
 
-static void put(int fd, const char *s)
-{
-    if (fd >= 0 && write(fd, s, strlen(s)) < 0)
-        return; /* nowhere left to report to */
-}
-
-/* One line on stderr and, as PID 1, in the kernel log (the console may be gone). */
-static void report(const char *line, int pid1)
-{
-    put(2, line + 3); /* without the "<2>" level prefix */
-    if (!pid1)
-        return; /* a test run: the host's kernel log is not ours */
-    if (access(LAUNCHER_KMSG, W_OK) != 0) {
-        /* the initramfs may have an empty /dev */
-        mkdir("/dev", 0755);
-        mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
-    }
-    int fd = open(LAUNCHER_KMSG, O_WRONLY | O_CLOEXEC);
-    put(fd, line);
-    if (fd >= 0)
-        close(fd);
-}
-
 static void fail(const char *path, int err)
 {
     int pid1 = getpid() == 1;
@@ -128,13 +99,10 @@ static void fail(const char *path, int err)
     strcat(line, ": ");
     strncat(line, strerror(err), 128);
     strcat(line, pid1 ? "; powering off\n" : "; exit 127\n");
-    report(line, pid1);
+    init_report(line, pid1, LAUNCHER_KMSG);
     if (!pid1)
         _exit(127);
-    sync();
-    reboot(RB_POWER_OFF);
-    for (;;) /* PID 1 must not exit (the kernel panics): wait for the VMM */
-        pause();
+    init_power_off();
 }
 
 int main(int argc, char **argv)
@@ -143,7 +111,7 @@ int main(int argc, char **argv)
     for (char **e = environ; *e; e++)
         kept += strncmp(*e, KEEP_PREFIX, prefix) == 0;
     char seed[32];
-    seed_var(seed, sizeof seed, hash_seed());
+    seed_var(seed, sizeof seed, init_hash_seed(LAUNCHER_FALLBACK_SEED));
     char *env[kept + 2];
     size_t n = 0;
     env[n++] = seed;

@@ -21,6 +21,7 @@ from rootfs import fetch
 from rootfs.steps import BuildError, run
 
 SOURCE = Path(__file__).with_name("launcher.c")
+COMMON = Path(__file__).with_name("init_common.h")  # shared with staticinit.c
 APT_HINT = "apt-get install musl-tools (or gcc libc6-dev)"
 CFLAGS = ("-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
           "-Wl,--build-id=none", f"-ffile-prefix-map={SOURCE.parent}=.")
@@ -67,7 +68,7 @@ def launcher_binary(cache: Path | None = None, cc: str | None = None) -> Path:
     """The compiled launcher from ``<cache>/launcher/`` (built there on a miss)."""
     cc = cc or default_cc()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), cc.encode(),
+    for part in (SOURCE.read_bytes(), COMMON.read_bytes(), " ".join(CFLAGS).encode(), cc.encode(),
                  toolchain_id(cc).encode()):
         key.update(part + b"\0")
     cache_dir = (cache or fetch.cache_dir()) / "launcher"

@@ -23,6 +23,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "init_common.h"
+
 #ifndef STATIC_STDLIB
 #define STATIC_STDLIB "/usr/lib/python3.11"
 #endif
@@ -87,14 +89,6 @@ int gi_dlclose(void *handle)
 }
 
 /* --- launcher.c's environment and failure path ------------------------------------------ */
-static uint32_t hash_seed(void)
-{
-    uint32_t seed = 0;
-    if (getrandom(&seed, sizeof seed, GRND_NONBLOCK) == (ssize_t)sizeof seed && seed != 0)
-        return seed; /* 0 would mean "no randomisation" to CPython */
-    return FALLBACK_SEED;
-}
-
 /* Only GUESTINIT_* variables survive (the kernel hands init every cmdline word it does not
  * know as a variable); PYTHONHASHSEED goes into the environment as the launcher sets it, so
  * the programs guestinit starts inherit the same environment as before. */
@@ -117,12 +111,6 @@ static void scrub_environment(uint32_t seed)
     environ = env;
 }
 
-static void put(int fd, const char *s)
-{
-    if (fd >= 0 && write(fd, s, strlen(s)) < 0)
-        return; /* nowhere left to report to */
-}
-
 /* "<2>guestinit-init: <what>: <why>; powering off" on stderr and in the kernel log, then
  * power off as PID 1 (PID 1 exiting panics the kernel); exit 127 otherwise (a test run). */
 static void fail(const char *what, const char *why)
@@ -131,21 +119,9 @@ static void fail(const char *what, const char *why)
     char line[1024];
     snprintf(line, sizeof line, "<2>guestinit-init: %s: %s; %s\n", what, why,
              pid1 ? "powering off" : "exit 127");
-    put(2, line + 3);
-    if (pid1) {
-        if (access(STATIC_KMSG, W_OK) != 0) { /* the initramfs may have an empty /dev */
-            mkdir("/dev", 0755);
-            mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
-        }
-        int fd = open(STATIC_KMSG, O_WRONLY | O_CLOEXEC);
-        put(fd, line);
-        if (fd >= 0)
-            close(fd);
-        sync();
-        reboot(RB_POWER_OFF);
-        for (;;) /* wait for the VMM */
-            pause();
-    }
+    init_report(line, pid1, STATIC_KMSG);
+    if (pid1)
+        init_power_off();
     _exit(127);
 }
 
@@ -240,7 +216,7 @@ static int fix_package_path(void)
 
 int main(int argc, char **argv)
 {
-    uint32_t seed = hash_seed();
+    uint32_t seed = init_hash_seed(FALLBACK_SEED);
     scrub_environment(seed);
 
     PyPreConfig pre;

@@ -101,7 +101,8 @@ def static_init_binary(stdlib: Path, python_version: str, cffi_version: str,
     generated, names = freeze.generate(stdlib, PY_CONFIG / "config.c", guest_src=guest_src)
     sdist = cffi_sdist(cffi_version, cache)
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), *(generated[n].encode() for n in sorted(generated)),
+    for part in (SOURCE.read_bytes(), launcher.COMMON.read_bytes(),
+                 *(generated[n].encode() for n in sorted(generated)),
                  fetch.sha256_file(sdist).encode(),
                  " ".join((*CFLAGS, *LIBS, *CFFI_DEFINES)).encode(),
                  fetch.sha256_file(PY_CONFIG / "libpython3.11.a").encode(),
