@@ -39,7 +39,10 @@ def _boot(directory: str, workdir: Path, append: str = "") -> BootResult:
     # info-level syslog reaches the console (hvc0) with loglevel=7: the agent's facts
     words = f"guestinit.log=info loglevel=7 {append}".strip()
     return boot(image.load_kata(directory),
-                BootOptions(timeout=TIMEOUT, workdir=str(workdir), append=words), progress=None)
+                # the stand-in logs its facts after the agent is ready: the powerdown waits
+                # for them (a loaded host once powered off first)
+                BootOptions(timeout=TIMEOUT, workdir=str(workdir), append=words,
+                            hold_until=FACTS_MARKER), progress=None)
 
 
 def _facts(res: BootResult) -> dict[str, object]:
