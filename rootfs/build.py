@@ -16,6 +16,7 @@ from rootfs import (
     closure,
     extension,
     fetch,
+    freeze,
     images,
     kata,
     kbuild,
@@ -114,22 +115,25 @@ def pin_kernel_source(prof: profile.Profile, progress: Progress) -> tuple[Path, 
     return deb, pin, int(os.environ.get("SOURCE_DATE_EPOCH", lock.source_date_epoch))
 
 
-def install_wheel(tree: Tree, whl: Path, origin: Origin) -> None:
+def install_wheel(tree: Tree, whl: Path, origin: Origin, skip: tuple[str, ...] = ()) -> None:
+    """The wheel's files under the site directory; ``skip``: extension modules by name
+    prefix (``_cffi_backend.``) left out."""
     with zipfile.ZipFile(whl) as zf:
         for info in sorted(zf.infolist(), key=lambda i: i.filename):
             name = info.filename
             if info.is_dir() or name.startswith(WHEEL_SKIP[0]) or WHEEL_SKIP[1] in name \
-                    or "/__pycache__/" in name:
+                    or "/__pycache__/" in name or name.startswith(skip):
                 continue
             mode = (info.external_attr >> 16) & 0o777 or 0o644
             tree.add_bytes(f"{GUEST_SITE}/{name}", zf.read(info), origin, mode | 0o444)
 
 
-def install_guestinit(tree: Tree, standins: bool, init: Path | None = None) -> list[str]:
-    """The guestinit package with its subpackages and the two init entry points; returns
+def install_guestinit(tree: Tree, standins: bool, one_executable: bool) -> list[str]:
+    """The guestinit package with its subpackages and the init entry points; returns
     module names. ``guestinit.testing`` (the agent stand-in and fake NVIDIA programs the VM
-    tier, the demo and the bench run inside the image) only with ``standins``. ``init`` is
-    /sbin/init: the launcher unless given (the static init)."""
+    tier, the demo and the bench run inside the image) only with ``standins``. With
+    ``one_executable`` /sbin/init links to /usr/bin/python3.11 (staticinit.install adds it),
+    else it is the launcher."""
     src = Path(guestinit.__file__).parent
     modules = []
     for py in sorted(src.rglob("*.py")):
@@ -141,11 +145,15 @@ def install_guestinit(tree: Tree, standins: bool, init: Path | None = None) -> l
         tree.add_file(f"{GUEST_SITE}/guestinit/{rel}", py, PROJECT, 0o644)
         parts = ("guestinit", *rel.with_suffix("").parts)
         modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    # the launcher (rootfs/launcher.c) scrubs the environment, sets PYTHONHASHSEED and execs
-    # python3.11 running guestinit.__main__.main (or the static init does all of it in one
-    # executable, rootfs/staticinit.c); /init links to it
-    tree.add_file("usr/sbin/init", init or launcher.launcher_binary(), GENERATED, 0o755)
+    if one_executable:
+        # python3.11 by that name, the init by any other (rootfs/staticinit.c)
+        tree.add_symlink("usr/sbin/init", "../bin/python3.11")
+    else:
+        # the launcher (rootfs/launcher.c) scrubs the environment, sets PYTHONHASHSEED and
+        # execs Debian's python3.11 running guestinit.__main__.main
+        tree.add_file("usr/sbin/init", launcher.launcher_binary(), GENERATED, 0o755)
     tree.add_symlink("init", "usr/sbin/init")
+    tree.add_symlink("usr/bin/python3", "python3.11")
     return modules
 
 
@@ -173,13 +181,16 @@ def write_users(tree: Tree, users: dict[str, int], shell: bool) -> None:
     tree.add_bytes("etc/group", group.encode(), GENERATED)
 
 
-def compile_python(tree: Tree, dirs: list[str], sourceless: bool = False) -> None:
-    """Byte-compile every .py (unchecked-hash pycs: no mtimes, no rewrite on a read-only root).
+def compile_python(tree: Tree, dirs: list[str], sourceless: bool = False,
+                   skip: frozenset[str] = frozenset()) -> None:
+    """Byte-compile every .py but the image paths in ``skip`` (unchecked-hash pycs: no
+    mtimes, no rewrite on a read-only root).
 
     ``sourceless`` (the stdlib): only ``x.pyc`` ships, half the bytes to unpack at boot;
     guestinit and the wheels keep their sources for readable tracebacks.
     """
-    sources = sorted(str(p) for d in dirs for p in tree.host(d).rglob("*.py"))
+    sources = sorted(str(p) for d in dirs for p in tree.host(d).rglob("*.py")
+                     if str(p.relative_to(tree.root)) not in skip)
     pack.compile_pycs(tree.root, sources, sourceless)
     for src in sources:
         rel = str(Path(src).relative_to(tree.root))
@@ -286,22 +297,17 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
             early_set = kernel.select_modules(trees, early, kt.release)
             site_roots = tree_extras.install_init(tree, prof, pool, kt.release,
                                                   [early_set.rel[m] for m in early_set.order])
+            one = prof.init is profile.Init.GUESTINIT and prof.static_init
             if prof.init is profile.Init.GUESTINIT:
-                init_binary = None
-                if prof.static_init:
-                    with tempfile.TemporaryDirectory(prefix="guestinit-freeze-") as tmp:
-                        init_binary, frozen = staticinit.static_init_binary(
-                            closure.stdlib_view(pool, Path(tmp) / "stdlib"),
-                            inputs.lock.debs["python3.11-minimal"].version,
-                            inputs.lock.wheels["cffi"].version)
-                    progress.note(f"static init: {len(frozen)} modules frozen, "
-                                  f"{init_binary.stat().st_size} bytes")
-                roots = install_guestinit(tree, standins, init_binary)
+                roots = install_guestinit(tree, standins, one)
                 for name, whl in sorted(inputs.wheels.items()):
-                    install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)))
-                    roots.extend(tree_extras.wheel_roots(whl))
-                tree.take(pool, "/usr/bin/python3.11", "the init")
-                tree.add_symlink("usr/bin/python3", "python3.11")
+                    # cffi's backend is built into the one executable: no second copy
+                    skip = staticinit.BUILT_IN if one else ()
+                    install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)), skip)
+                    roots.extend(r for r in tree_extras.wheel_roots(whl)
+                                 if not f"{r}.".startswith(skip))
+                if not one:
+                    tree.take(pool, f"/{staticinit.PYTHON}", "the init")
                 cfg = {"modules": ",".join(early), **prof.config, **(extra_config or {})}
                 try:
                     text = settings_doc.render_file(cfg)
@@ -324,8 +330,11 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 progress.note(f"driver bundle {bundle.version}: {n} files, "
                               f"{len(bundle.module_names())} modules")
             if prof.init is profile.Init.GUESTINIT:
-                closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE,
-                                       closure.python_scripts(tree))
+                found = closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE,
+                                               closure.python_scripts(tree))
+                if one:  # built now: its inittab holds the built-in modules found
+                    progress.note(staticinit.install(tree, pool, inputs.lock, found.builtins,
+                                                     GENERATED))
             install_modules(tree, kt, mods, korigin, bundle.origin if bundle else None)
             write_users(tree, prof.users, prof.shell)
         with progress.step("ELF closure"):
@@ -335,7 +344,10 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
         if prof.init is profile.Init.GUESTINIT:
             with progress.step("byte-compile python"):
                 compile_python(tree, [closure.PY_STDLIB], sourceless=True)
-                compile_python(tree, [GUEST_SITE])
+                # frozen into the one executable: the sources stay for tracebacks, no pycs
+                frozen = frozenset(path.lstrip("/") for _, path, _ in
+                                   freeze.guest_modules(Path(guestinit.__file__).parent).values())
+                compile_python(tree, [GUEST_SITE], skip=frozen if one else frozenset())
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_NAMES:  # only our own files: --out may be any directory
             (out / name).unlink(missing_ok=True)
@@ -362,12 +374,14 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 kcfg = kconfig.read_config(kt.config)
                 builtin = all(kcfg.get(o) == "y" for o in pack.VERITY_BUILTIN)
                 pack.write_erofs_cmdline(out, prof.cmdline(), roothash, builtin)
+            tools = manifest.host_tools()
             man = manifest.build(prof.name, kt.release, epoch, tree, outputs,
                                  {**{n: inputs.lock.debs[n] for n in inputs.debs},
                                   **{f"wheel:{n}": inputs.lock.wheels[n] for n in inputs.wheels}},
                                  bundle.origin if bundle else None, roothash,
-                                 manifest.guestinit_source(), manifest.host_tools(),
-                                 {n: fetch.wheel_license(w) for n, w in inputs.wheels.items()})
+                                 manifest.guestinit_source(), tools,
+                                 {n: fetch.wheel_license(w) for n, w in inputs.wheels.items()},
+                                 staticinit.static_links(inputs.lock, tools) if one else None)
             if extension_name is not None:  # where each file ships: verify reads it
                 ext_disk, moved = extension.disk_name(extension_name), set(in_extension)
                 for row in man.data["files"]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rootfs import fetch, kconfig, profile
+from rootfs import fetch, kconfig, profile, staticinit
 from rootfs.steps import BuildError, Progress
 
 
@@ -140,6 +140,8 @@ def _lock(name: str) -> None:
     lock.debs.update(fetch.resolve_debs([*prof.debs, kpkg]))
     for w in prof.wheels:
         lock.wheels[w] = fetch.resolve_wheel(w)
+    if prof.static_init:  # the image's Python executable compiles cffi's backend in
+        lock.sdists["cffi"] = staticinit.sdist_pin(lock.wheels["cffi"].version)
     lock.save()
     print(f"{prof.lock}: {len(prof.debs) + 1} debs, {len(prof.wheels)} wheels pinned "
           f"(kernel {kpkg} {lock.debs[kpkg].version})")

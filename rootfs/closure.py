@@ -119,6 +119,11 @@ class Tree:
         dst.mkdir(parents=True, exist_ok=True)
         os.chmod(dst, mode)
 
+    def remove(self, image_path: str) -> None:
+        """Take a file back out of the tree (it must be there)."""
+        self.host(image_path).unlink()
+        self.origins.pop(canonical(image_path), None)
+
     def take(self, pool: Pool, image_path: str, needed_by: str) -> None:
         found = pool.get(image_path)
         if found is None:
@@ -245,9 +250,16 @@ def stdlib_view(pool: Pool, dest: Path) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class PythonClosure:
+    files: list[str]  # stdlib files added (image paths)
+    builtins: frozenset[str]  # built-in modules imported (the builder's python3.11 has them)
+
+
 def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
-                   scripts: list[Path] | None = None) -> list[str]:
-    """Stdlib files (image paths) for the modules ``roots`` import, transitively.
+                   scripts: list[Path] | None = None) -> PythonClosure:
+    """Stdlib files (image paths) for the modules ``roots`` import, transitively, and the
+    built-in modules among those imports.
 
     ``roots`` are module names importable from ``site_dir`` (an image path already
     filled with guestinit and the wheels) or the stdlib; ``scripts`` are Python
@@ -278,6 +290,7 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
             raise BuildError(f"python closure: module {missing[0]} not found in {site_dir} "
                              "or the stdlib of the profile's packages")
         files: set[str] = set()
+        builtins = frozenset(n for n in finder.modules if n in sys.builtin_module_names)
         for mod in finder.modules.values():
             path = getattr(mod, "__file__", None)
             if not path:
@@ -292,4 +305,4 @@ def python_closure(tree: Tree, pool: Pool, roots: list[str], site_dir: str,
     if sys.version_info[:2] != (3, 11):
         raise BuildError(f"python closure: run guestinit-build with Python 3.11 (the guest's), "
                          f"not {sys.version.split()[0]}")
-    return out
+    return PythonClosure(out, builtins)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rootfs.steps import BuildError, run
@@ -59,6 +59,8 @@ class Lock:
     kernel: dict[str, str]  # meta package -> ABI package
     debs: dict[str, Pin]
     wheels: dict[str, Pin]
+    # source distributions compiled into the image's Python executable (cffi, static_init)
+    sdists: dict[str, Pin] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Lock:
@@ -74,6 +76,8 @@ class Lock:
                  for k, v in data.get("debs", {}).items()},
                 {k: Pin(k, v["version"], v["sha256"], v["filename"])
                  for k, v in data.get("wheels", {}).items()},
+                {k: Pin(k, v["version"], v["sha256"], v["filename"])
+                 for k, v in data.get("sdists", {}).items()},
             )
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
             raise BuildError(f"lock file {path}: unreadable ({exc!r}); delete it and run "
@@ -87,7 +91,8 @@ class Lock:
                f"source_date_epoch = {self.source_date_epoch}", ""]
         for meta in sorted(self.kernel):
             out += [f"[kernel.{q(meta)}]", f"package = {q(self.kernel[meta])}", ""]
-        for table, pins in (("debs", self.debs), ("wheels", self.wheels)):
+        for table, pins in (("debs", self.debs), ("wheels", self.wheels),
+                            ("sdists", self.sdists)):
             for name in sorted(pins):
                 p = pins[name]
                 out += [f"[{table}.{q(name)}]", f"version = {q(p.version)}",

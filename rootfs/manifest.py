@@ -72,9 +72,11 @@ def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str,
           pins: dict[str, Pin], driver: Origin | None,
           roothash: str | None, source: str = "",
           tools: dict[str, str] | None = None,
-          licenses: dict[str, str] | None = None) -> Manifest:
+          licenses: dict[str, str] | None = None,
+          static_links: dict[str, list[dict[str, str]]] | None = None) -> Manifest:
     """The manifest and its SBOM (rootfs.sbom); ``source`` says what guestinit was built
-    from (its git commit)."""
+    from (its git commit); ``static_links``: image path -> the components (name, version,
+    kind, file, sha256) compiled into that file (the static_init executable)."""
     sha1: dict[str, str] = {}
     files = _file_entries(tree, sha1)
     packages = []
@@ -96,6 +98,7 @@ def build(profile: str, release: str, epoch: int, tree: Tree, outputs: dict[str,
                     for name, p in sorted(outputs.items())},
         "packages": packages,
         "tools": dict(sorted((tools or {}).items())),
+        "static_links": dict(sorted((static_links or {}).items())),
         "files": files,
     }
     return Manifest(data, sbom.document(data, sha1, source or "no git checkout"))
@@ -177,7 +180,10 @@ def guestinit_source() -> str:
 
 
 # The Debian packages of the host tools whose output is in the image (manifest ``tools``)
-TOOL_PACKAGES = ("erofs-utils", "cryptsetup-bin", "lz4", "zstd", "gcc", "musl-tools")
+# the static libraries the static_init executable links in count as tools (their code is in
+# the image's /usr/bin/python3.11); cffi's sdist is pinned in the lock (sdists)
+TOOL_PACKAGES = ("erofs-utils", "cryptsetup-bin", "lz4", "zstd", "gcc", "musl-tools",
+                 "libpython3.11-dev", "libffi-dev", "zlib1g-dev", "libexpat1-dev")
 
 
 def host_tools() -> dict[str, str]:

@@ -31,7 +31,7 @@ def purl(name: str, version: str, kind: str) -> str:
     if kind == "deb":
         return PackageURL(type="deb", namespace="debian", name=name, version=version,
                           qualifiers={"arch": "amd64", "distro": "bookworm"}).to_string()
-    if kind == "wheel":
+    if kind in ("wheel", "sdist"):
         return PackageURL(type="pypi", name=name, version=version).to_string()
     return PackageURL(type="generic", name=name, version=version).to_string()
 
@@ -94,6 +94,7 @@ def document(data: dict[str, Any], sha1: dict[str, str], source: str) -> dict[st
     rels = [{"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
              "relatedSpdxElement": "SPDXRef-image"}]
     n_file = 0
+    file_refs: dict[str, str] = {}
     for i, ((name, version), rows) in enumerate(sorted(by_package.items()), 1):
         ref = f"SPDXRef-Package-{i}"
         packages.append(_package(ref, name, version, kinds.get(name, "generic"), rows, pins,
@@ -103,6 +104,7 @@ def document(data: dict[str, Any], sha1: dict[str, str], source: str) -> dict[st
         for row in rows:
             n_file += 1
             fref = f"SPDXRef-File-{n_file}"
+            file_refs[row["path"]] = fref
             files.append({"SPDXID": fref, "fileName": "." + row["path"],
                           "checksums": [{"algorithm": "SHA1", "checksumValue": row["sha1"]},
                                         {"algorithm": "SHA256",
@@ -110,6 +112,27 @@ def document(data: dict[str, Any], sha1: dict[str, str], source: str) -> dict[st
                           "licenseConcluded": NOASSERTION, "copyrightText": NOASSERTION})
             rels.append({"spdxElementId": ref, "relationshipType": "CONTAINS",
                          "relatedSpdxElement": fref})
+    # what a file has compiled in (the one executable: libpython, cffi, libffi...): SPDX's
+    # STATIC_LINK, from the file to a package of its own (no files of it in the image)
+    n_static = 0
+    for path, components in sorted(data.get("static_links", {}).items()):
+        for comp in components:
+            n_static += 1
+            ref = f"SPDXRef-Static-{n_static}"
+            entry = {"SPDXID": ref, "name": comp["name"],
+                     "versionInfo": comp["version"] or NOASSERTION,
+                     "downloadLocation": NOASSERTION, "filesAnalyzed": False,
+                     "licenseConcluded": NOASSERTION, "licenseDeclared": NOASSERTION,
+                     "copyrightText": NOASSERTION,
+                     "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER",
+                                       "referenceType": "purl", "referenceLocator":
+                                       purl(comp["name"], comp["version"], comp["kind"])}]}
+            if comp.get("sha256"):
+                entry["checksums"] = [{"algorithm": "SHA256", "checksumValue": comp["sha256"]}]
+                entry["packageFileName"] = comp["file"]
+            packages.append(entry)
+            rels.append({"spdxElementId": file_refs[path], "relationshipType": "STATIC_LINK",
+                         "relatedSpdxElement": ref})
     return {
         "spdxVersion": "SPDX-2.3", "dataLicense": "CC0-1.0", "SPDXID": "SPDXRef-DOCUMENT",
         "name": f"guestinit-image-{data['profile']}",

@@ -28,7 +28,7 @@ def static_init() -> Path:
     try:
         binary, _ = staticinit.static_init_binary(
             Path("/usr/lib/python3.11"), lock.debs["python3.11-minimal"].version,
-            lock.wheels["cffi"].version)
+            lock.wheels["cffi"].version, pin=lock.sdists["cffi"])
     except BuildError as exc:
         pytest.fail(f"build the static init: {exc}")
     return binary

@@ -24,7 +24,7 @@ needs_libpython = pytest.mark.skipif(
 def builtins() -> frozenset[str]:
     if not CONFIG_C.is_file():
         pytest.skip("needs libpython3.11-dev (config.c)")
-    return freeze.builtin_modules(CONFIG_C)
+    return freeze.builtin_modules(freeze.read_config(CONFIG_C))
 
 
 @needs_libpython
@@ -52,12 +52,30 @@ def test_every_guestinit_module_but_testing_is_frozen(builtins: frozenset[str]) 
 
 @needs_libpython
 def test_generator_output_is_byte_identical() -> None:
-    first, names = freeze.generate(STDLIB, CONFIG_C)
-    second, _ = freeze.generate(STDLIB, CONFIG_C)
+    wanted = freeze.builtin_modules(freeze.read_config(CONFIG_C)) - {"unicodedata", "pyexpat"}
+    first, names = freeze.generate(STDLIB, CONFIG_C, builtins=wanted)
+    second, _ = freeze.generate(STDLIB, CONFIG_C, builtins=wanted)
     assert first == second
-    assert '{"guestinit.__main__", M_guestinit____main__,' in first["frozen.c"]
-    assert '{"mount", (void *)mount},' in first["libc.c"]
+    assert "PyInit_pyexpat" not in first["config.c"]
+    frozen = first["frozen.c"]
+    assert '{"guestinit.__main__", M_guestinit____main__,' in frozen
+    # the interpreter's table: the same stdlib entries, no guestinit
+    stdlib_part = frozen.split("stdlib_frozen[] = {", 1)[1]
+    assert '{"re._parser", M_re___parser,' in stdlib_part and "guestinit" not in stdlib_part
     assert names == sorted(names)
+
+
+def test_config_keeps_core_and_wanted_built_ins_only() -> None:
+    text = freeze.read_config(CONFIG_C)
+    trimmed, dropped = freeze.trim_config(text, {"select", "zlib"})
+    kept = freeze.builtin_modules(trimmed)
+    assert {"select", "zlib", "posix", "_io", "_imp"} <= kept
+    assert '{"marshal", PyMarshal_Init},' in trimmed  # below MARKER 2: never touched
+    assert {"unicodedata", "pyexpat", "_sha3"} <= set(dropped)
+    assert not set(dropped) & kept
+    assert "PyInit_unicodedata" not in trimmed and "PyInit_select" in trimmed
+    with pytest.raises(BuildError, match="ADDMODULE MARKER"):
+        freeze.trim_config("int x;\n", {"select"})
 
 
 def test_version_mismatch_names_both(tmp_path: Path) -> None:
@@ -103,9 +121,3 @@ def test_lazy_optional_and_type_only_imports_do_not_count(tmp_path: Path) -> Non
     assert ("_json", True) in found
     assert ("guestinit", False) in found and ("guestinit.sysfs", True) in found
     assert ("guestinit.nvidia", False) in found and ("guestinit.nvidia.devices", True) in found
-
-
-def test_libc_functions_are_the_cffi_declarations() -> None:
-    names = freeze.libc_functions(GUEST / "_libc_cffi.py")
-    assert {"mount", "reboot", "prlimit", "syscall"} <= set(names)
-    assert names == sorted(names)

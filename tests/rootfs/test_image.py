@@ -60,10 +60,14 @@ def test_initramfs_contents(cpu_images: tuple[Path, Path]) -> None:
     assert ents["dev/console"].rdev == (5, 1) and stat.S_ISCHR(ents["dev/console"].mode)
     for d in ("proc", "sys", "dev", "run", "tmp", "var", "etc"):
         assert stat.S_ISDIR(ents[d].mode), d
-    # /sbin/init is the static launcher (tests/rootfs/test_launcher.py), /init a link to it
-    init = ents["usr/sbin/init"].data
-    assert init.startswith(b"\x7fELF") and b"from guestinit.__main__ import main\n" in init
-    assert b"guestinit: cannot start: " in init  # the entry code's own failure line
+    # one executable (rootfs/staticinit.c) is python3.11 and, through /sbin/init, the init
+    python = ents["usr/bin/python3.11"].data
+    assert python.startswith(b"\x7fELF") and b"from guestinit.__main__ import main; main()" \
+        in python
+    assert b"guestinit-init: %s: %s; %s" in python  # its own failure line
+    assert b"guestinit.__main__" in python  # the frozen table
+    assert ents["usr/sbin/init"].data == b"../bin/python3.11"
+    assert ents["usr/bin/python3"].data == b"python3.11"
     assert ents["init"].data == b"usr/sbin/init"
     assert ents["sbin"].data == b"usr/sbin"  # /sbin/init resolves through the usr merge
     conf = ents["etc/guestinit.conf"].data.decode()
@@ -73,14 +77,25 @@ def test_initramfs_contents(cpu_images: tuple[Path, Path]) -> None:
     for mod in ("virtio_mmio", "virtio_console", "vsock", "vmw_vsock_virtio_transport",
                 "virtio_blk", "dm-verity", "dm-mod", "erofs"):
         assert f"/{mod}.ko:" in dep, mod
-    assert "usr/lib/guestinit/_cffi_backend.cpython-311-x86_64-linux-gnu.so" in ents
+    # cffi's backend is built in, and so are zlib and expat: no second copy (libffi.so
+    # stays for lib-dynload's _ctypes)
+    assert not any("_cffi_backend" in p for p in ents)
+    assert not any(p.startswith(("usr/lib/x86_64-linux-gnu/libz.so",
+                                 "usr/lib/x86_64-linux-gnu/libexpat.so")) for p in ents)
+    assert "usr/lib/x86_64-linux-gnu/libc.so.6" in ents  # glibc stays shared
     assert not any(p.startswith("usr/lib/guestinit/pyudev") for p in ents)  # sysfs directly
     # the VM tier runs guestinit.testing's agent stand-in inside the cpu image
     assert "usr/lib/guestinit/guestinit/testing/agent_standin.py" in ents
-    # stdlib ships sourceless (x.pyc next to nothing), guestinit with sources and pycs
-    assert "usr/lib/python3.11/enum.pyc" in ents
-    assert "usr/lib/python3.11/enum.py" not in ents
-    assert "usr/lib/guestinit/guestinit/__pycache__/config.cpython-311.pyc" in ents
+    # stdlib ships sourceless (x.pyc next to nothing) but for the modules frozen into the
+    # executable (no file at all); guestinit with sources, pycs only for what is not frozen
+    assert "usr/lib/python3.11/inspect.pyc" in ents
+    assert "usr/lib/python3.11/inspect.py" not in ents
+    assert not any(p.startswith(("usr/lib/python3.11/enum.", "usr/lib/python3.11/re/"))
+                   for p in ents)
+    assert "usr/lib/guestinit/guestinit/config.py" in ents
+    assert "usr/lib/guestinit/guestinit/__pycache__/config.cpython-311.pyc" not in ents
+    assert ("usr/lib/guestinit/guestinit/testing/__pycache__/agent_standin.cpython-311.pyc"
+            in ents)
     # left out on purpose (closure.PY_EXCLUDES): no OpenSSL, asyncio or email in a guest
     assert not any(p.startswith(("usr/lib/python3.11/asyncio", "usr/lib/python3.11/email"))
                    for p in ents)
@@ -99,10 +114,10 @@ def test_manifest_and_sbom(cpu_images: tuple[Path, Path]) -> None:
     out = cpu_images[0]
     man = json.loads((out / "manifest.json").read_text())
     files = {r["path"]: r for r in man["files"]}
-    assert files["/usr/bin/python3.11"]["package"] == "python3.11-minimal"
+    assert files["/usr/bin/python3.11"]["package"] == "guestinit-build"  # the one executable
     assert files["/usr/lib/guestinit/psutil/__init__.py"]["package"] == "psutil"
     assert not any(p.startswith("/usr/lib/guestinit/msgpack") for p in files)  # host only
-    assert files["/usr/sbin/init"]["package"] == "guestinit-build"  # the compiled launcher
+    assert files["/usr/sbin/init"]["type"] == "symlink"
     assert files["/init"] == {"path": "/init", "type": "symlink", "mode": "0777",
                               "target": "usr/sbin/init"}
     assert files["/dev/console"]["type"] == "chardev"
@@ -112,11 +127,22 @@ def test_manifest_and_sbom(cpu_images: tuple[Path, Path]) -> None:
     sbom = json.loads((out / "sbom.spdx.json").read_text())
     assert sbom["spdxVersion"] == "SPDX-2.3"
     names = {p["name"] for p in sbom["packages"]}
-    assert {"libc6", "python3.11-minimal", "psutil", "cffi", "guestinit"} <= names
+    assert {"libc6", "libpython3.11-stdlib", "psutil", "guestinit"} <= names
+    # what the one executable has compiled in: STATIC_LINK from its file
+    py_ref = next(f["SPDXID"] for f in sbom["files"] if f["fileName"] == "./usr/bin/python3.11")
+    linked = {r["relatedSpdxElement"] for r in sbom["relationships"]
+              if r["spdxElementId"] == py_ref and r["relationshipType"] == "STATIC_LINK"}
+    linked_names = {p["name"] for p in sbom["packages"] if p["SPDXID"] in linked}
+    assert linked_names == {"cffi", "libpython3.11-dev", "libffi-dev", "zlib1g-dev",
+                            "libexpat1-dev"}
+    cffi = next(p for p in sbom["packages"] if p["SPDXID"] in linked and p["name"] == "cffi")
+    assert cffi["packageFileName"] == "cffi-2.1.1.tar.gz"
+    assert cffi["externalRefs"][0]["referenceLocator"] == "pkg:pypi/cffi@2.1.1"
     assert not {"pyudev", "libudev1", "libc-bin"} & names
     assert any(n.startswith("linux-image-6.") for n in names)
     assert man["outputs"]["sbom.spdx.json"]["sha256"] == sha256_file(out / "sbom.spdx.json")
-    assert set(man["tools"]) >= {"python", "erofs-utils", "cryptsetup-bin", "lz4", "zstd"}
+    assert set(man["tools"]) >= {"python", "erofs-utils", "cryptsetup-bin", "lz4", "zstd",
+                                 "libpython3.11-dev", "libffi-dev"}
 
 
 def test_sbom_validates_and_lists_exactly_what_ships(cpu_images: tuple[Path, Path]) -> None:
@@ -136,6 +162,7 @@ def test_sbom_validates_and_lists_exactly_what_ships(cpu_images: tuple[Path, Pat
     for name, deb in inputs.debs.items():
         root = fetch.extract_deb(deb)
         paths = {canonical(str(p.relative_to(root))) for p in root.rglob("*") if p.is_file()}
+        paths.discard("usr/bin/python3.11")  # the image's is the one executable, built
         # the stdlib ships as pycs compiled from the package's sources
         paths |= {p + "c" for p in paths if p.endswith(".py")}
         paths |= {f"{p.rsplit('/', 1)[0]}/__pycache__/{p.rsplit('/', 1)[1][:-3]}.cpython-311"
@@ -150,7 +177,8 @@ def test_sbom_validates_and_lists_exactly_what_ships(cpu_images: tuple[Path, Pat
                 assert declared[name] == fetch.wheel_license(whl) != ""  # from its METADATA
     assert declared["guestinit"] == "Apache-2.0" and declared["libc6"] == "NOASSERTION"
     expected |= {"guestinit", "guestinit-build"}  # its package, and what the builder made
-    packages = {p["name"] for p in sbom["packages"] if p["SPDXID"] != "SPDXRef-image"}
+    packages = {p["name"] for p in sbom["packages"] if p["SPDXID"] != "SPDXRef-image"
+                and not p["SPDXID"].startswith("SPDXRef-Static-")}  # test_manifest_and_sbom
     assert packages == expected
     assert len(sbom["files"]) == len(shipped)
     assert all({c["algorithm"] for c in f["checksums"]} == {"SHA1", "SHA256"}

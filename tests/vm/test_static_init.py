@@ -51,7 +51,7 @@ def _broken_init(tmp_path: Path) -> Path:
     try:
         binary, _ = staticinit.static_init_binary(
             Path("/usr/lib/python3.11"), lock.debs["python3.11-minimal"].version,
-            lock.wheels["cffi"].version, guest_src=src)
+            lock.wheels["cffi"].version, guest_src=src, pin=lock.sdists["cffi"])
     except BuildError as exc:
         pytest.fail(f"build the broken static init: {exc}")
     return binary
