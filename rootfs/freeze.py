@@ -59,8 +59,8 @@ CORE_BUILTINS = frozenset({
     "posix", "_signal", "_codecs", "_io", "_thread", "time", "_weakref", "_abc", "errno",
     "itertools", "_collections", "_functools", "_operator", "_sre", "_stat", "_locale",
     "atexit", "faulthandler", "_tracemalloc"})
-_SETUP_BLOCK = re.compile(r"(/\* -- ADDMODULE MARKER 1 -- \*/)(.*?)(/\* -- ADDMODULE MARKER 2 -- \*/)",
-                          re.S)
+_SETUP_BLOCK = re.compile(
+    r"(/\* -- ADDMODULE MARKER 1 -- \*/)(.*?)(/\* -- ADDMODULE MARKER 2 -- \*/)", re.S)
 
 
 def trim_config(config_text: str, wanted: Iterable[str]) -> tuple[str, list[str]]:

@@ -1,6 +1,7 @@
-"""The static init (profile cpu-static: rootfs/staticinit.c, CPython and guestinit in one
-executable) boots to ready under QEMU, and a static init that cannot start guestinit says
-so on the console and powers the VM off.
+"""The image's one Python executable (rootfs/staticinit.c, the cpu profile's default):
+every VM test boots it, as the init and, for the agent stand-in, as python3.11. Here: the
+launcher path (profile cpu-launcher, kept for comparison) still boots, and an executable
+that cannot start guestinit says so on the console and powers the VM off.
 """
 
 from __future__ import annotations
@@ -20,17 +21,13 @@ from tests.vm.test_boot import STAGES
 
 pytestmark = pytest.mark.vm
 
-STATIC_IMAGE = REPO / "out" / "cpu-static"
+LAUNCHER_IMAGE = REPO / "out" / "cpu-launcher"
 GUEST = REPO / "guestinit"
 
 
-@pytest.fixture(scope="module")
-def static_image() -> str:
-    return ensure_image("cpu-static", STATIC_IMAGE, REQUIRED)
-
-
-def test_static_init_boots_to_ready(static_image: str, tmp_path: Path) -> None:
-    res = boot_vm(static_image, tmp_path, append=f"{agent()} loglevel=7")
+def test_the_launcher_image_boots_to_ready(tmp_path: Path) -> None:
+    res = boot_vm(ensure_image("cpu-launcher", LAUNCHER_IMAGE, REQUIRED), tmp_path,
+                  append=f"{agent()} loglevel=7")
     assert res.ok, explain(res)
     ready = res.first(FrameType.READY)
     assert ready is not None
@@ -41,7 +38,7 @@ def test_static_init_boots_to_ready(static_image: str, tmp_path: Path) -> None:
 
 
 def _broken_init(tmp_path: Path) -> Path:
-    """A static init whose frozen guestinit.__main__ fails on import (as if a module it
+    """An executable whose frozen guestinit.__main__ fails on import (as if a module it
     needs were missing): built from a copy of guestinit with that __main__."""
     src = tmp_path / "guestinit"
     shutil.copytree(GUEST, src, ignore=shutil.ignore_patterns("__pycache__", "testing"))
@@ -53,16 +50,17 @@ def _broken_init(tmp_path: Path) -> Path:
             Path("/usr/lib/python3.11"), lock.debs["python3.11-minimal"].version,
             lock.wheels["cffi"].version, guest_src=src, pin=lock.sdists["cffi"])
     except BuildError as exc:
-        pytest.fail(f"build the broken static init: {exc}")
+        pytest.fail(f"build the broken executable: {exc}")
     return binary
 
 
-def test_a_static_init_that_cannot_start_guestinit_reports_and_powers_off(
-        static_image: str, tmp_path: Path) -> None:
-    # the image with /usr/sbin/init replaced: its initramfs unpacked, the entry swapped and
-    # packed again uncompressed (the kernel takes that too)
+def test_an_executable_that_cannot_start_guestinit_reports_and_powers_off(
+        cpu_image: str, tmp_path: Path) -> None:
+    # the cpu image with the /usr/sbin/init link replaced by a broken build of the
+    # executable: its initramfs unpacked, the entry swapped and packed again uncompressed
+    # (the kernel takes that too)
     broken = tmp_path / "image"
-    shutil.copytree(static_image, broken)
+    shutil.copytree(cpu_image, broken)
     packed = proc.run_bytes(["lz4", "-dc", str(broken / "initramfs.img")], timeout=120)
     entries = [e for e in cpio.read(packed) if e.path != "usr/sbin/init"]
     entries.append(cpio.Entry("usr/sbin/init", 0o100755, source=_broken_init(tmp_path)))
