@@ -67,7 +67,8 @@ def boottime_ns() -> int:
 class InitRun:
     """One init in fresh namespaces; its root, report socket and log live under ``workdir``."""
 
-    def __init__(self, python: str, workdir: Path, append: str = "") -> None:
+    def __init__(self, python: str, workdir: Path, append: str = "",
+                 executable: str | None = None) -> None:
         root = workdir / "root"
         for d in ("proc", "sys", "dev", "run", "tmp", "etc"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -78,9 +79,11 @@ class InitRun:
         self.cmdline = f"guestinit.report=unix:{sock_path} {CMDLINE} {append}".strip()
         # Started the way the image's /sbin/init starts it: ``python3 -I -S`` and an
         # explicit sys.path (this checkout, then the directories holding the wheels).
+        # With ``executable`` (the image's one executable, rootfs/staticinit.c): run by a
+        # name that is not python*, it is the init with guestinit frozen in.
+        start = [executable] if executable else [python, "-I", "-S", "-c", launcher(python)]
         self.argv = ["unshare", "--pid", "--fork", "--mount", "--uts", "--net",
-                     "--kill-child", python, "-I", "-S", "-c", launcher(python),
-                     "--root", str(root), "--cmdline", self.cmdline]
+                     "--kill-child", *start, "--root", str(root), "--cmdline", self.cmdline]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in close())
         self.child: subprocess.Popen[bytes] | None = None
 
@@ -192,8 +195,9 @@ def launcher(python: str) -> str:
     return _LAUNCHERS[python]
 
 
-def time_init(python: str, workdir: Path, append: str) -> Sample:
-    run = InitRun(python, workdir, append)
+def time_init(python: str, workdir: Path, append: str,
+              executable: str | None = None) -> Sample:
+    run = InitRun(python, workdir, append, executable)
     try:
         spawned_ns = boottime_ns()
         t0 = time.perf_counter()
@@ -266,15 +270,47 @@ def to_json(res: Results, python: str, runs: int, append: str) -> dict[str, obje
     }
 
 
-def bench(python: str, runs: int, append: str, progress: TextIO) -> Results:
+def one_executable(spec: str, workdir: Path) -> tuple[str, str]:
+    """(the init, the baseline interpreter) for ``--executable``: ``spec`` is the path of the
+    image's one executable, or ``build`` for the one rootfs.staticinit builds for this
+    checkout and the lock (cached); the baseline is the same file run as python3.11."""
+    if spec == "build":
+        from rootfs import fetch, staticinit
+        from rootfs.profile import PROFILES_DIR
+        from rootfs.steps import BuildError
+
+        lock = fetch.Lock.load(PROFILES_DIR / "debian.lock")
+        try:
+            built, _ = staticinit.static_init_binary(
+                Path("/usr/lib/python3.11"), lock.debs["python3.11-minimal"].version,
+                lock.wheels["cffi"].version, pin=lock.sdists.get("cffi"))
+        except BuildError as exc:
+            raise RunFailed(f"build the one executable: {exc}") from None
+        spec = str(built)
+    exe = Path(spec).resolve()
+    if not exe.is_file() or not os.access(exe, os.X_OK):
+        raise RunFailed(f"--executable {spec}: not an executable file (give the image's "
+                        "/usr/bin/python3.11, or `build`)")
+    as_python = workdir / "python3.11"  # the name picks its interpreter mode
+    as_python.symlink_to(exe)
+    return str(exe), str(as_python)
+
+
+def bench(python: str, runs: int, append: str, progress: TextIO,
+          executable: str | None = None) -> Results:
     res = Results()
     with tempfile.TemporaryDirectory(prefix="guestinit-bench-init-") as tmp:
+        init_exe = None
+        if executable is not None:
+            init_exe, python = one_executable(executable, Path(tmp))
+            print(f"one executable {init_exe}: the init, and as {python} the baseline",
+                  file=progress, flush=True)
         for i in range(WARMUP + runs):
             warm = i < WARMUP
             name = f"warm-up {i + 1}/{WARMUP}" if warm else f"run {i - WARMUP + 1}/{runs}"
             try:
                 python_s = time_python(python)
-                sample = time_init(python, Path(tmp) / f"run{i}", append)
+                sample = time_init(python, Path(tmp) / f"run{i}", append, init_exe)
             except RunFailed as exc:
                 raise RunFailed(f"{name}: {exc}") from None
             print(f"{name}: init {sample.seconds * 1e3:.0f} ms, python {python_s * 1e3:.0f} ms",
@@ -295,6 +331,10 @@ def parser() -> argparse.ArgumentParser:
                    help="write every sample, the medians, the ratio and the host facts")
     p.add_argument("--python", default=sys.executable, metavar="PATH",
                    help="interpreter for both the init and the baseline (default: this one)")
+    p.add_argument("--executable", metavar="PATH",
+                   help="time the image's one executable (rootfs/staticinit.c) instead: "
+                   "PATH started as the init and, linked as python3.11, as the baseline; "
+                   "`build` builds it for this checkout (cached)")
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra guestinit.* cmdline words, last so they win "
                    "(e.g. 'guestinit.log=debug')")
@@ -338,14 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"guestinit-bench init: {args.runs} runs (+{WARMUP} warm-up) of each, interleaved; "
           f"python {args.python}", file=sys.stderr, flush=True)
     try:
-        res = bench(args.python, args.runs, args.append, sys.stderr)
+        res = bench(args.python, args.runs, args.append, sys.stderr, args.executable)
     except (RunFailed, proc.RunError) as exc:
         print(f"guestinit-bench init: FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(table(res))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(to_json(res, args.python, args.runs, args.append), fh, indent=1)
+            data = to_json(res, args.python, args.runs, args.append)
+            data["executable"] = args.executable  # None: python -I -S -c LAUNCHER
+            json.dump(data, fh, indent=1)
             fh.write("\n")
         print(f"wrote {args.json}")
     passed, line = gate_line(res.ratio(), args.gate)

@@ -62,13 +62,20 @@ def _limit(value: int) -> int:
 
 
 def _lib() -> tuple[object, object]:
-    from guestinit._libc_cffi import ffi
+    """cffi's API mode where the image's executable has it compiled in (_libc_build), else
+    the ABI mode module over the process's libc (the launcher images, tests on the host)."""
+    try:
+        from _guestinit_libc import ffi, lib  # type: ignore[import-not-found]
 
-    return ffi, ffi.dlopen(None)
+        return ffi, lib
+    except ImportError:
+        from guestinit._libc_cffi import ffi
+
+        return ffi, ffi.dlopen(None)
 
 
 class Effects:
-    """Real effects through libc (cffi, ABI mode: no compiler at run time)."""
+    """Real effects through libc (cffi: API mode in the image's executable, else ABI mode)."""
 
     __slots__ = ("_loaded",)
 

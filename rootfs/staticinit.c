@@ -51,6 +51,7 @@
 extern const struct _frozen guestinit_frozen[]; /* guestinit and the stdlib it boots with */
 extern const struct _frozen stdlib_frozen[];    /* the stdlib part */
 PyMODINIT_FUNC PyInit__cffi_backend(void);
+PyMODINIT_FUNC PyInit__guestinit_libc(void); /* libc.c: guestinit's libc calls, API mode */
 
 extern char **environ;
 
@@ -190,8 +191,9 @@ static int called_as_python(const char *argv0)
 
 int main(int argc, char **argv)
 {
-    if (PyImport_AppendInittab("_cffi_backend", PyInit__cffi_backend) != 0)
-        fail("add _cffi_backend", "PyImport_AppendInittab failed");
+    if (PyImport_AppendInittab("_cffi_backend", PyInit__cffi_backend) != 0 ||
+        PyImport_AppendInittab("_guestinit_libc", PyInit__guestinit_libc) != 0)
+        fail("add the built-in modules", "PyImport_AppendInittab failed");
     if (called_as_python(argc > 0 ? argv[0] : NULL)) {
         /* python3.11 itself, with the frozen stdlib modules (the image has no files of
          * them); guestinit imports from the site directory as under Debian's python3.11 */

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from guestinit import _libc_build
 from rootfs import closure, fetch, freeze, launcher
 from rootfs.steps import BuildError, run
 
@@ -109,7 +110,7 @@ def compile_argv(dest: Path, build: Path, backend: Path, cc: str = "gcc") -> lis
     config = [str(build / "config.c")] if (build / "config.c").is_file() else []
     return [cc, *CFLAGS, f"-ffile-prefix-map={build}=.", f"-ffile-prefix-map={SOURCE.parent}=.",
             f"-I{PY_INCLUDE}", f"-I{backend}", *CFFI_DEFINES, "-o", str(dest),
-            str(SOURCE), str(build / "frozen.c"), *config,
+            str(SOURCE), str(build / "frozen.c"), str(build / "libc.c"), *config,
             str(backend / "_cffi_backend.c"),
             str(PY_CONFIG / "libpython3.11.a"), *LIBS]
 
@@ -129,6 +130,7 @@ def static_init_binary(stdlib: Path, python_version: str, cffi_version: str,
     freeze.check_version(python_version)
     generated, names = freeze.generate(stdlib, PY_CONFIG / "config.c", guest_src=guest_src,
                                        builtins=builtins)
+    generated["libc.c"] = _libc_build.api_c_code()  # cffi's API mode (needs pycparser)
     sdist = cffi_sdist(cffi_version, cache, pin)
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), launcher.COMMON.read_bytes(),

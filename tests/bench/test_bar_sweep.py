@@ -181,6 +181,30 @@ def test_the_device_script_records_every_step_and_goes_on_without_a_gpu(tmp_path
     assert (result / "host.txt").read_text().strip()
 
 
+def test_the_kvm_device_script_stops_with_the_reason_where_kvm_cannot_run(
+        tmp_path: Path) -> None:
+    """Where /dev/kvm is no usable device (here: a plain file) the KVM suite script writes
+    the machine's description and one line saying why it stopped, and exits 0."""
+    import sys
+
+    from rootfs import proc
+    from tests.vm.conftest import REPO
+
+    not_a_device = tmp_path / "kvm"
+    not_a_device.write_text("")
+    done = proc.run(["env", f"KVM_DEVICE={not_a_device}", f"PYTHON={sys.executable}", "bash",
+                     str(REPO / "bench/device/kvm-suite.sh"), str(tmp_path / "results")],
+                    timeout=120)
+    (result,) = (tmp_path / "results").iterdir()
+    assert result.name.startswith(tuple(f"20{y}" for y in range(20, 100)))
+    assert "-kvm-" in result.name
+    steps = (result / "steps.txt").read_text()
+    assert f"stopped: {not_a_device} is not a usable character device: no KVM here" in steps
+    machine = (result / "machine.txt").read_text()
+    assert "qemu: QEMU emulator version" in machine and "cores" in machine
+    assert "no KVM here" in done.stderr and not (result / "suite").exists()
+
+
 def test_suite_bar_takes_one_power_of_two_size() -> None:
     args = cli.parser().parse_args(["suite", "--bar", "4G"])
     assert args.bar == 4 * GIB

@@ -40,3 +40,27 @@ def test_static_init_boots_to_ready(ns_init: type[NsInit], tmp_path: Path,
     init.wait_frame(FrameType.READY)
     assert not init.errors
 
+
+
+def test_run_as_python_it_is_the_interpreter_with_frozen_stdlib_and_api_mode_libc(
+        tmp_path: Path, static_init: Path) -> None:
+    """Linked as python3.11 it is the image's interpreter: extension modules load from
+    lib-dynload and the wheels (symbols exported), the boot's stdlib comes frozen, and
+    guestinit's libc calls are there in cffi's API mode."""
+    import site
+    import subprocess
+
+    python = tmp_path / "python3.11"
+    python.symlink_to(static_init)
+    code = (
+        "import sys; sys.path.append(sys.argv[1])\n"
+        "import enum, mmap, psutil, resource, _guestinit_libc as m\n"
+        "old = m.ffi.new('struct rlimit *')\n"
+        "assert m.lib.prlimit(0, resource.RLIMIT_NOFILE, m.ffi.NULL, old) == 0\n"
+        "print(enum.__spec__.origin, mmap.__spec__.origin.endswith('.so'),\n"
+        "      psutil.Process().pid > 1, old.rlim_cur == resource.getrlimit(7)[0],\n"
+        "      type(m.lib).__name__, sys.flags.isolated)\n")
+    done = subprocess.run([str(python), "-I", "-c", code, site.getsitepackages()[0]],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["frozen", "True", "True", "True", "Lib", "1"]
