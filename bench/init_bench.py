@@ -165,8 +165,9 @@ def phases_ms(ready: Frame, spawned_ns: int, received_ns: int) -> dict[str, floa
     """ms per stage (repeated names summed) plus the host-seen time around the stages."""
     spans = ready.timeline()
     out: dict[str, float] = {}
-    if spans:
-        out[EXEC_TO_EARLY] = (min(s for _, s, _ in spans) - spawned_ns) / 1e6
+    stages = [s for name, s, _ in spans if not name.startswith("start:")]  # the exe's own
+    if stages:
+        out[EXEC_TO_EARLY] = (min(stages) - spawned_ns) / 1e6
     for name, start, end in spans:
         out[name] = out.get(name, 0.0) + (end - start) / 1e6
     if spans:

@@ -149,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     boot = Boot(root, Effects(), Timeline(), Reporter(root, new_boot_id(), kmsg), kmsg, procs,
                 Supervisor(procs), cmdline)
     boot.cmdline_from_proc = from_proc
+    stamps = getattr(sys.modules["guestinit"], "_start_ns", None)
+    if stamps:  # the image's one executable says where its start-up went (rootfs/staticinit.c)
+        exec_ns, python_ns, imported_ns = stamps
+        boot.timeline.add("start:python", exec_ns, python_ns)
+        boot.timeline.add("start:imports", python_ns, imported_ns)
     if "GUESTINIT_SPANS" in os.environ:  # we were exec'ed from the initramfs onto a verity root
         from guestinit.verity import inherited_spans
 

@@ -26,6 +26,7 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <sys/mount.h>
 #include <sys/random.h>
 #include <sys/reboot.h>
@@ -181,6 +182,14 @@ static int fix_package_path(void)
     return rc;
 }
 
+static long long boottime_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_BOOTTIME, &ts) != 0)
+        return 0;
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 /* argv[0]'s last component starts with "python": run as the image's interpreter. */
 static int called_as_python(const char *argv0)
 {
@@ -201,6 +210,7 @@ int main(int argc, char **argv)
         return Py_BytesMain(argc, argv);
     }
 
+    long long exec_ns = boottime_ns();
     uint32_t seed = init_hash_seed(FALLBACK_SEED);
     scrub_environment(seed);
 
@@ -221,12 +231,21 @@ int main(int argc, char **argv)
     if (PyStatus_Exception(status))
         fail_status("start python", status);
 
+    long long started_ns = boottime_ns(); /* the interpreter is up */
     if (fix_package_path() != 0)
         fail_exception("import guestinit");
     PyObject *entry = PyImport_ImportModule("guestinit.__main__");
     if (entry == NULL)
         fail_exception("import guestinit.__main__");
     Py_DECREF(entry);
+    /* where the start-up went, for guestinit's timeline (spans start:python and
+     * start:imports, docs/guest.md): exec, interpreter up, guestinit imported */
+    PyObject *pkg = PyImport_ImportModule("guestinit");
+    PyObject *stamps = Py_BuildValue("(LLL)", exec_ns, started_ns, boottime_ns());
+    if (pkg == NULL || stamps == NULL || PyObject_SetAttrString(pkg, "_start_ns", stamps) != 0)
+        PyErr_Clear(); /* only the timeline's detail is lost */
+    Py_XDECREF(stamps);
+    Py_XDECREF(pkg);
     /* main() itself, as `python3.11 -c`: an exception escaping it ends the process the
      * same way (guestinit's own top level reports and powers off before that) */
     return Py_RunMain();

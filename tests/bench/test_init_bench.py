@@ -51,6 +51,26 @@ def test_two_runs_write_samples_medians_ratio_and_stages(
     assert _init_pids() <= before
 
 
+def test_the_one_executable_runs_as_the_init_and_as_the_baseline(tmp_path: Path) -> None:
+    """--executable build: the image's executable as PID 1 (its start-up split into
+    start:python and start:imports on the timeline) next to itself run as python3.11."""
+    out_json = tmp_path / "x.json"
+    assert init_bench.main(["--runs", "2", "--executable", "build",
+                            "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["executable"] == "build"
+    stages = data["stage_median_ms"]
+    assert stages["start:python"] > 0 and stages["start:imports"] > 0 and "ready" in stages
+    # exec -> early counts up to the first stage, the start-up spans included
+    assert data["host_median_ms"]["exec -> early"] >= stages["start:python"]
+
+
+def test_an_executable_that_is_not_one_is_refused(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert init_bench.main(["--runs", "1", "--executable", str(tmp_path / "nope")]) == 1
+    assert "not an executable file" in capsys.readouterr().err
+
+
 def test_failed_frame_stops_the_bench_with_its_reason(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _init_pids()
