@@ -37,6 +37,10 @@ class FrameType(StrEnum):
     FAILED = "failed"
     DEGRADED = "degraded"
     SHUTDOWN = "shutdown"
+    # the service VM's partition service (guestinit/nvidia/partitions.py): a host request
+    # and the guest's reply, on their own connection, never on the boot's report channel
+    REQUEST = "request"
+    REPLY = "reply"
 
 
 class FrameError(ValueError):
@@ -56,6 +60,8 @@ REQUIRED: dict[FrameType, dict[str, tuple[type, ...]]] = {
     FrameType.FAILED: {"stage": _STR, "reason": _STR, "timeline": _LIST},
     FrameType.DEGRADED: {"name": _STR, "reason": _STR},
     FrameType.SHUTDOWN: {"reason": _STR, "audit": _LIST},
+    FrameType.REQUEST: {"op": _STR},
+    FrameType.REPLY: {"op": _STR, "status": _STR},
 }
 OPTIONAL: dict[str, tuple[type, ...]] = {
     "detail": _STR,
@@ -77,6 +83,10 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "bench": _MAP,  # ready: the bench stage's figures (bar-map), only when asked for
     "extensions": _MAP,  # ready: Kata extension images mounted (mounted, usr_overlay)
     "init": _STR,  # which init sent it (the bench's baseline inits say so)
+    "id": _INT,  # request/reply: the partition id of activate and deactivate
+    "by": _STR,  # request: who asks (kept in the audit trail)
+    "partitions": _LIST,  # reply: the fabric's partitions (list, status)
+    "audit": _LIST,  # reply: the audit events of the request; shutdown: the boot's
 }
 
 

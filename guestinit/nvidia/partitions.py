@@ -1,0 +1,236 @@
+"""The service VM's partition service (issue #25): the host's requests, the fabric manager's
+partitions.
+
+A host controller connects (vsock from the host CID only, or a Unix socket in tests) and
+sends ``request`` frames (guestinit.wire): ``op`` is ``list``, ``activate``,
+``deactivate`` or ``status``, ``id`` the partition, ``by`` who asks. Each request gets
+one ``reply`` frame: ``status`` ``ok`` with ``partitions`` (and ``audit`` for a change),
+or ``error`` with ``error`` naming the cause. Requests are handled one at a time, in
+arrival order, from any number of connections.
+
+Every activation and deactivation is an audit event (who asked, which GPUs), kept,
+printed and sent in the reply. What the service activated is also remembered: when the
+fabric manager restarts, the next call fails with FM_ST_CONNECTION_NOT_VALID or
+FM_ST_NOT_CONFIGURED, and the service reconnects, gives it that list
+(fmSetActivatedFabricPartitions) and retries.
+
+Bad input costs that connection only: a frame over MAX_REQUEST bytes or one that does
+not decode gets an error reply, then the connection is closed; an unknown op or a missing
+id gets an error reply.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import sys
+import time
+
+from guestinit import wire
+from guestinit.nvidia.fabric import Fabric, FabricError, Partition
+from guestinit.wire import Frame, FrameError, FrameReader, FrameType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+MAX_REQUEST = 4096  # bytes of one request frame (a request is a few fields)
+MAX_AUDIT = 200
+OPS = ("list", "activate", "deactivate", "status")
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_CID_HOST = 2
+RETRY = ("FM_ST_CONNECTION_NOT_VALID", "FM_ST_NOT_CONFIGURED")  # a restarted fabric manager
+BOOT_ID = "partition-service"
+
+
+def table(parts: list[Partition]) -> list[dict[str, object]]:
+    return [{"id": p.id, "active": int(p.active), "gpus": [g.physical_id for g in p.gpus],
+             "nvlinks": p.nvlinks} for p in parts]
+
+
+class PartitionService:
+    """Requests in, replies out; ``connect`` opens a Fabric (again after a restart)."""
+
+    def __init__(self, connect: Callable[[], Fabric],
+                 audit: Callable[[str], None] | None = None) -> None:
+        self._connect = connect
+        self._fm: Fabric | None = None
+        self._print = audit or (lambda line: print(f"audit: {line}", file=sys.stderr,
+                                                   flush=True))
+        self.activated: set[int] = set()
+        self.audit: list[str] = []
+
+    def _audit(self, line: str) -> str:
+        self.audit = [*self.audit, line][-MAX_AUDIT:]
+        self._print(line)
+        return line
+
+    def _fabric(self, call: Callable[[Fabric], object]) -> object:
+        """``call`` on the connection; a restarted fabric manager is reconnected and told
+        the activated list once, then ``call`` is tried again."""
+        restored = False
+        while True:
+            try:
+                if self._fm is None:
+                    self._fm = self._connect()
+                return call(self._fm)
+            except FabricError as exc:
+                if exc.name not in RETRY or restored:
+                    raise
+                restored = True
+                if self._fm is not None:
+                    self._fm.close()
+                self._fm = self._connect()
+                try:
+                    self._fm.set_activated(sorted(self.activated))
+                except FabricError as again:
+                    if again.name != "FM_ST_NOT_SUPPORTED":  # it had not restarted after all
+                        raise
+                else:
+                    self._audit(f"fabric manager restarted: activated list restored "
+                                f"{sorted(self.activated)}")
+
+    def _partitions(self) -> list[Partition]:
+        parts = self._fabric(lambda fm: fm.partitions())
+        assert isinstance(parts, list)
+        self.activated = {p.id for p in parts if p.active}
+        return parts
+
+    def handle(self, req: Frame) -> Frame:
+        op, pid, by = req.get("op"), req.get("id"), str(req.get("by") or "unknown")
+        if req.type is not FrameType.REQUEST or op not in OPS:
+            return reply(str(op), error=f"unknown request {req.type.value} {op!r}: want op "
+                         "list, activate ID, deactivate ID or status")
+        try:
+            if op == "list":
+                return reply(op, partitions=table(self._partitions()))
+            if op == "status":
+                return reply(op, partitions=table(self._partitions()), audit=self.audit[-20:])
+            if not isinstance(pid, int) or pid < 0:
+                return reply(op, error=f"{op} needs a partition id (id, a number)")
+            parts = {p.id: p for p in self._partitions()}
+            if pid not in parts:
+                return reply(op, error=f"{op} {pid}: no such partition (the fabric has "
+                             f"{', '.join(map(str, sorted(parts)))})")
+            gpus = ",".join(str(g.physical_id) for g in parts[pid].gpus)
+            if op == "activate":
+                self._fabric(lambda fm: fm.activate(pid))
+                self.activated.add(pid)
+            else:
+                self._fabric(lambda fm: fm.deactivate(pid))
+                self.activated.discard(pid)
+            line = self._audit(f"{op} partition {pid} gpus {gpus} by {by}")
+            return reply(op, partitions=table(self._partitions()), audit=[line])
+        except FabricError as exc:
+            if op in ("activate", "deactivate"):
+                self._audit(f"{op} partition {pid} by {by} refused: {exc.name}")
+            return reply(op, error=str(exc))
+
+    def serve(self, listener: socket.socket, running: Callable[[], bool] = lambda: True,
+              host_only: bool = False) -> None:
+        """Answer every connection on ``listener`` until ``running()`` is false (checked
+        at least every 0.5 s); ``host_only``: a vsock peer that is not the host is refused."""
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        clients: dict[socket.socket, tuple[FrameReader, list[int]]] = {}
+        try:
+            while running():
+                for key, _ in sel.select(0.5):
+                    if key.fileobj is listener:
+                        conn, peer = listener.accept()
+                        if host_only and peer[0] != VMADDR_CID_HOST:
+                            self._print(f"refused a connection from CID {peer[0]}")
+                            conn.close()
+                            continue
+                        clients[conn] = (FrameReader(), [0])
+                        sel.register(conn, selectors.EVENT_READ)
+                    else:
+                        conn = key.fileobj  # type: ignore[assignment]
+                        if not self._serve_one(conn, *clients[conn]):
+                            sel.unregister(conn)
+                            conn.close()
+                            del clients[conn]
+        finally:
+            for conn in clients:
+                conn.close()
+            sel.close()
+
+    def _serve_one(self, conn: socket.socket, reader: FrameReader, pending: list[int]) -> bool:
+        """Read from one client and answer what completed; False: close it."""
+        try:
+            data = conn.recv(MAX_REQUEST + wire.HEADER.size)
+        except OSError:
+            return False
+        if not data:
+            return False
+        pending[0] += len(data)
+        if pending[0] > MAX_REQUEST + wire.HEADER.size:
+            send(conn, reply("?", error=f"request over {MAX_REQUEST} bytes: closed"))
+            return False
+        for item in reader.feed(data):
+            if isinstance(item, FrameError):
+                send(conn, reply("?", error=f"malformed request: {item}"))
+                return False
+            pending[0] = 0
+            send(conn, self.handle(item))
+        return not reader.closed
+
+
+def reply(op: str, error: str = "", **fields: object) -> Frame:
+    body = {"op": op, "status": "error" if error else "ok", **fields}
+    if error:
+        body["error"] = error[:wire.MAX_STR]
+    return Frame(FrameType.REPLY, BOOT_ID, time.monotonic_ns(), body)
+
+
+def send(conn: socket.socket, frame: Frame) -> None:
+    try:
+        conn.sendall(wire.encode(frame))
+    except OSError:
+        pass  # the client went away: nothing to tell it
+
+
+def listener(spec: str) -> tuple[socket.socket, bool]:
+    """``vsock:PORT`` (any CID, host peers only) or ``unix:PATH``; (socket, host_only)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "vsock" and rest.isdigit():
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((VMADDR_CID_ANY, int(rest)))
+        host_only = True
+    elif kind == "unix" and rest:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(rest):
+            os.unlink(rest)
+        sock.bind(rest)
+        host_only = False
+    else:
+        raise ValueError(f"--listen {spec!r}: want vsock:PORT or unix:PATH")
+    sock.listen(8)
+    return sock, host_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m guestinit.nvidia.partitions --listen vsock:PORT --fm ADDRESS``
+    (ADDRESS: a Unix socket path, or a.b.c.d[:port])."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="guestinit-partitions")
+    p.add_argument("--listen", default="vsock:1050")
+    p.add_argument("--fm", default="127.0.0.1", help="the fabric manager's API address")
+    args = p.parse_args(argv)
+    unix = args.fm.startswith("/")
+    try:
+        sock, host_only = listener(args.listen)
+    except (ValueError, OSError) as exc:
+        print(f"guestinit-partitions: {exc}", file=sys.stderr)
+        return 2
+    service = PartitionService(lambda: Fabric(args.fm, unix=unix))
+    print(f"guestinit-partitions: serving on {args.listen}, fabric manager at {args.fm}",
+          file=sys.stderr, flush=True)
+    service.serve(sock, host_only=host_only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
