@@ -145,6 +145,14 @@ class Server:
         sock.listen(8)
         return cls(state, sock)
 
+    @classmethod
+    def tcp(cls, state: FabricState, host: str, port: int) -> Server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(8)
+        return cls(state, sock)
+
     def start(self) -> Server:
         self.thread.start()
         return self

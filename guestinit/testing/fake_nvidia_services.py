@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from guestinit.testing.fake_nvidia_runtime import (
     VERSION,
@@ -29,8 +30,10 @@ def fabricmanager(args: list[str]) -> int:
     if args in (["-v"], ["--version"]):
         print(f"Fabric Manager version is : {VERSION}")
         return 0
+    restart = "--restart" in args  # Shared NVSwitch resiliency: a restarted instance
+    args = [a for a in args if a != "--restart"]
     if len(args) != 2 or args[0] not in ("-c", "--config"):
-        print("usage: nv-fabricmanager -c <config file>", file=sys.stderr)
+        print("usage: nv-fabricmanager -c <config file> [--restart]", file=sys.stderr)
         return 1
     try:
         with open(rooted(args[1])) as f:
@@ -72,12 +75,42 @@ def fabricmanager(args: list[str]) -> int:
             "error: NVSwitch devices not found", pri=3)
         return 1
     log("Connected to 1 node.")
+    cleanup = []
+    if cfg.get("FABRIC_MODE", "0") == "1":  # Shared NVSwitch: the partition API (libnvfm)
+        cleanup = _serve_partitions(cfg, restart or cfg.get("FABRIC_MODE_RESTART") == "1", log)
     if behaviour().get("fabricmanager") != "hang":
         log("Successfully configured all the available NVSwitches to route GPU NVLink "
             "traffic. NVLink Peer-to-Peer support will be enabled once the GPUs are "
             "successfully registered with the NVLink fabric.")
-    sleep_forever([], syslog, False)
+    sleep_forever(cleanup, syslog, False)
     return 0
+
+
+def _serve_partitions(cfg: dict[str, str], restart: bool,
+                      log: Callable[[str, int], None]) -> list[str]:
+    """The fabric manager's API for libnvfm (``fake_fabric``), where its config says:
+    FM_CMD_UNIX_SOCKET_PATH, else FM_CMD_BIND_INTERFACE:FM_CMD_PORT_NUMBER (127.0.0.1:6666
+    by default, as nv-fabricmanager). Returns the paths to remove at exit."""
+    from guestinit.testing import fake_fabric
+
+    state = fake_fabric.FabricState(restart=restart)
+    path = cfg.get("FM_CMD_UNIX_SOCKET_PATH", "")
+    host = cfg.get("FM_CMD_BIND_INTERFACE", "127.0.0.1")
+    port = int(cfg.get("FM_CMD_PORT_NUMBER", "6666"))
+    where = path or f"{host}:{port}"
+    try:
+        if path:
+            os.makedirs(os.path.dirname(rooted(path)), exist_ok=True)
+            server = fake_fabric.Server.unix(state, rooted(path))
+        else:
+            server = fake_fabric.Server.tcp(state, host, port)
+    except OSError as exc:  # e.g. no loopback in a test's network namespace
+        log(f"Fabric Manager API interface cannot listen on {where}: {exc.strerror}", 3)
+        return []
+    server.start()
+    log(f"Fabric Manager API interface listening on {where}"
+        + (" (restarted: waiting for the activated partition list)" if restart else ""), 6)
+    return [rooted(path)] if path else []
 
 
 # -- nvlsm (NVL5 subnet manager) ---------------------------------------------------------

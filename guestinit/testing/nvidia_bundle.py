@@ -31,7 +31,7 @@ LIBRARIES = {"libcuda": "libcuda.so.1", "libnvidia-ml": "libnvidia-ml.so.1",
              "libnvidia-ptxjitcompiler": "libnvidia-ptxjitcompiler.so.1"}  # name -> soname
 CDI_HOOK = "usr/bin/nvidia-cdi-hook"
 FAKE_LIB = "usr/lib/fake-nvidia"
-FAKE_MODULES = ("fake_nvidia", "fake_nvidia_runtime", "fake_nvidia_services")
+FAKE_MODULES = ("fake_nvidia", "fake_nvidia_runtime", "fake_nvidia_services", "fake_fabric")
 FM_TEMPLATE = """\
 # NVIDIA Fabric Manager configuration file (stand-in template)
 LOG_LEVEL=4

@@ -137,3 +137,47 @@ def test_a_structure_of_another_version_is_refused(nvfm: ModuleType,
 def test_the_stand_in_answers_any_line_with_a_reply_or_an_error(line: str) -> None:
     reply = fake_fabric.FabricState().answer(line)
     assert reply.endswith(".\n") or (reply.startswith("E -") and reply.count("\n") == 1)
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_the_fabric_manager_stand_in_serves_the_api_its_config_names(
+        nvfm: ModuleType, tmp_path: Path, restart: bool) -> None:
+    """nv-fabricmanager (the bundle's stand-in) with FABRIC_MODE=1 and
+    FM_CMD_UNIX_SOCKET_PATH serves libnvfm there; with --restart it waits for the list."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from guestinit.testing import nvidia_bundle
+
+    root = tmp_path / "root"
+    nvidia_bundle.install(root)
+    (root / "dev").mkdir()
+    (root / "dev" / "nvidia-nvswitch0").write_text("")
+    cfg = root / "fm.cfg"
+    cfg.write_text("FABRIC_MODE=1\nDAEMONIZE=0\nLOG_FILE_NAME=/fm.log\n"
+                   "FM_CMD_UNIX_SOCKET_PATH=/run/nvidia-fabricmanager/socket\n")
+    argv = [str(root / "usr/bin/nv-fabricmanager"), "-c", "/fm.cfg",
+            *(["--restart"] if restart else [])]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sock = root / "run/nvidia-fabricmanager/socket"
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert sock.exists(), proc.stderr.read().decode() if proc.poll() is not None else ""
+        with fabric.Fabric(str(sock), unix=True, module=nvfm) as fm:
+            if restart:
+                with pytest.raises(fabric.FabricError, match="FM_ST_NOT_CONFIGURED"):
+                    fm.partitions()
+                fm.set_activated([0])
+            parts = fm.partitions()
+        assert len(parts) == 15 and [p.id for p in parts if p.active] == ([0] if restart else [])
+        log = (root / "fm.log").read_text()
+        assert "Fabric Manager API interface listening on /run/nvidia-fabricmanager/socket" \
+            in log
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    assert not sock.exists()  # removed at exit
