@@ -9,16 +9,16 @@ reaped on the way out, whatever happened.
 from __future__ import annotations
 
 import os
-import re
 import selectors
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from bench.image import Image
+from bench.image import Image, kernel_words, replace_cmdline
 from bench.kata import ROOT_PORTS
 from bench.qemu import (
     QEMU,
@@ -62,6 +62,8 @@ class BootOptions:
     # Replaces the image's cmdline words (cmdline.txt); an erofs boot keeps its root words.
     cmdline: str | None = None
     firmware: str = "/usr/share/ovmf/OVMF.fd"  # a Kata-machine image boots through OVMF
+    ports: tuple[tuple[str, str], ...] = ()  # more virtio-serial ports (bench.qemu.VmSpec)
+    on_ready: Callable[[], None] | None = None  # run once at ready, before the powerdown
 
 
 @dataclass
@@ -100,27 +102,6 @@ class BootResult:
         return "none yet"
 
 
-# Words of an erofs boot's cmdline that mount the verity root (rootfs/pack.py writes them):
-# a replaced cmdline keeps them, or the kernel would boot without its root.
-ROOT_KEYS = ("dm-mod.create", "root", "rootfstype", "rootflags", "rootwait", "ro", "init",
-             "guestinit.verity.roothash")
-_WORD = re.compile(r'(?:[^\s"]+|"[^"]*")+')
-
-
-def kernel_words(text: str) -> list[str]:
-    """The parameters of a kernel cmdline; ``a="b c"`` is one parameter, as the kernel reads it."""
-    return _WORD.findall(text)
-
-
-def replace_cmdline(image: Image, words: str) -> str:
-    """``words`` instead of the image's cmdline; for an erofs boot, plus the image's root words."""
-    if image.erofs is None:
-        return " ".join(kernel_words(words))
-    root = [w for w in kernel_words(image.cmdline) if w.split("=", 1)[0] in ROOT_KEYS]
-    given = kernel_words(words)
-    return " ".join([*given, *(w for w in root if w not in given)])
-
-
 def _note_rss(res: BootResult, pid: int) -> None:
     now = peak_rss_kib(pid)
     if now is not None:
@@ -151,6 +132,7 @@ def prepare(image: Image, opts: BootOptions) -> tuple[BootResult, VmSpec]:
         console_socket=os.path.join(res.workdir, "console.sock"), bar=opts.bar,
         machine=image.machine, firmware=opts.firmware,
         root_ports=ROOT_PORTS if image.machine == "kata" else 0, extensions=image.extensions,
+        ports=opts.ports,
     )
     res.argv = qemu_argv(spec)
     return res, spec
@@ -258,6 +240,12 @@ class _Watch:
             res.frames.append(Received(self._at(now), item))
             if item.type is FrameType.READY and self.state == self.READY:
                 timings["host_ready_s"] = self._at(now)
+                if self.opts.on_ready is not None:  # the host talks to the running guest
+                    try:
+                        self.opts.on_ready()
+                    except Exception as exc:
+                        res.errors.append(f"on_ready: {type(exc).__name__}: {exc}")
+                    now = time.monotonic()
                 if self.opts.hold_until:
                     self.state = self.HOLD
                     self.deadline = now + self.opts.timeout

@@ -174,3 +174,24 @@ def load_kata(directory: str, *, initrd: bool = False, disk: str | None = None,
     image_disk = disk or _need(directory, os.path.basename(drop.image or layout.DISK))
     return Image(directory, kernel, None, cmdline, machine="kata", kata_disk=image_disk,
                  extensions=extension_disks)
+
+
+# Words of an erofs boot's cmdline that mount the verity root (rootfs/pack.py writes them):
+# a replaced cmdline keeps them, or the kernel would boot without its root.
+ROOT_KEYS = ("dm-mod.create", "root", "rootfstype", "rootflags", "rootwait", "ro", "init",
+             "guestinit.verity.roothash")
+_WORD = re.compile(r'(?:[^\s"]+|"[^"]*")+')
+
+
+def kernel_words(text: str) -> list[str]:
+    """The parameters of a kernel cmdline; ``a="b c"`` is one parameter, as the kernel reads it."""
+    return _WORD.findall(text)
+
+
+def replace_cmdline(image: Image, words: str) -> str:
+    """``words`` instead of the image's cmdline; for an erofs boot, plus the image's root words."""
+    if image.erofs is None:
+        return " ".join(kernel_words(words))
+    root = [w for w in kernel_words(image.cmdline) if w.split("=", 1)[0] in ROOT_KEYS]
+    given = kernel_words(words)
+    return " ".join([*given, *(w for w in root if w not in given)])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import image
-from bench.boot import kernel_words
+from bench.image import kernel_words
 from bench.stats import FLOOR_S, Change, Verdict, compare_samples, metric_values
 from bench.suite import Variant
 

@@ -48,6 +48,17 @@ class VmSpec:
     firmware: str = ""  # kata: the OVMF image (-bios)
     root_ports: int = 0  # kata: pcie-root-ports; stand-in devices sit on the first ones
     extensions: tuple[tuple[str, str], ...] = ()  # kata: extension images (name, disk)
+    # more virtio-serial ports (name, host socket QEMU listens on): a guest service's channel
+    ports: tuple[tuple[str, str], ...] = ()
+
+
+def port_argv(spec: VmSpec, bus: str = "") -> list[str]:
+    """-chardev/-device pairs for ``spec.ports`` (QEMU listens; a host tool connects)."""
+    out: list[str] = []
+    for i, (name, path) in enumerate(spec.ports):
+        out += ["-chardev", f"socket,id=port{i},path={path},server=on,wait=off",
+                "-device", f"virtserialport,{bus}chardev=port{i},name={name}"]
+    return out
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,7 @@ def kata_argv(spec: VmSpec) -> list[str]:
         *(["-initrd", spec.initramfs] if spec.initramfs else []), *objects,
         "-chardev", f"socket,id=report,path={spec.report_socket}",
         "-device", f"virtserialport,bus=serial0.0,chardev=report,name={REPORT_PORT}",
+        *port_argv(spec, "bus=serial0.0,"),
         "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
         # Kata always gives the guest an entropy device (entropy_source, /dev/urandom)
@@ -215,6 +227,7 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         "-chardev", f"socket,id=report,path={spec.report_socket}",
         "-device", "virtio-serial-device",
         "-device", f"virtserialport,chardev=report,name={REPORT_PORT}",
+        *port_argv(spec),
         "-chardev", f"socket,id=qmp,path={spec.qmp_socket}",
         "-mon", "chardev=qmp,mode=control",
     ]

@@ -25,6 +25,7 @@ from guestinit.values import (
     Mode,
     Restart,
     _enum,
+    cmdline_words,
     parse_bar_target,
     parse_bool,
     parse_clock,
@@ -35,6 +36,7 @@ from guestinit.values import (
     parse_log,
     parse_mode,
     parse_mode_octal,
+    parse_partitions_listen,
     parse_port,
     parse_rail_policy,
     parse_ready,
@@ -45,6 +47,7 @@ from guestinit.values import (
     parse_uint,
     parse_watts,
     parse_words,
+    split_cmdline,
 )
 
 TYPE_CHECKING = False
@@ -52,8 +55,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
 __all__ = ["MODE_ALIASES", "NVRC_PREFIX", "PREFIX", "SETTINGS", "Config", "ConfigError",
-           "LogLevel", "Mode", "Restart", "Setting", "build", "parse_bool", "parse_list",
-           "parse_seconds", "parse_words", "split_cmdline"]
+           "LogLevel", "Mode", "Restart", "Setting", "build", "cmdline_words", "parse_bool",
+           "parse_list", "parse_seconds", "parse_words", "split_cmdline"]
 
 class Setting:
     __slots__ = ("aliases", "default", "doc", "name", "parse")
@@ -178,6 +181,11 @@ SETTINGS: tuple[Setting, ...] = (
             "system user nvidia-persistenced runs as, when the image has it"),
     Setting("fabricmanager.config", str, "/usr/share/nvidia/nvswitch/fabricmanager.cfg",
             "nv-fabricmanager config template (copied to /run and rewritten)"),
+    Setting("partitions.listen", parse_partitions_listen, "vsock:1050",
+            "service VM: where the NVLink partition service answers the host (vsock:PORT, "
+            "host CID only; virtio-port:NAME; unix:PATH) or off"),
+    Setting("partitions.timeout", parse_seconds, 30.0,
+            "seconds the partition service may take to say it is ready"),
     Setting("verity.roothash", str, "",
             "dm-verity root hash of rootfs.erofs: the initramfs mounts it and switches root"),
     Setting("verity.reexec", parse_bool, False,
@@ -258,44 +266,6 @@ class Config:
 
     def as_dict(self) -> dict[_Str, object]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._values.items()}
-
-
-def cmdline_words(cmdline: str) -> list[str]:
-    """The kernel's words of a cmdline: whitespace separated, double quotes group spaces and
-    are removed; ``--`` ends the kernel's part (the rest is init's argv)."""
-    out: list[str] = []
-    i, n = 0, len(cmdline)
-    while i < n:
-        while i < n and cmdline[i].isspace():
-            i += 1
-        if i >= n:
-            break
-        word: list[str] = []
-        quoted = False
-        while i < n and (quoted or not cmdline[i].isspace()):
-            ch = cmdline[i]
-            if ch == '"':
-                quoted = not quoted
-            else:
-                word.append(ch)
-            i += 1
-        text = "".join(word)
-        if text == "--":
-            break
-        out.append(text)
-    return out
-
-
-def split_cmdline(cmdline: str) -> list[tuple[str, str]]:
-    """Split a kernel cmdline into (key, value) like the kernel does.
-
-    ``key="a b"`` and ``"key=a b"`` both give ``a b``; a word with no ``=`` has value ``""``.
-    """
-    out = []
-    for text in cmdline_words(cmdline):
-        key, _, value = text.partition("=")
-        out.append((key, value))
-    return out
 
 
 def _lookup(key: str) -> Setting | None:

@@ -236,6 +236,14 @@ def parse_size_text(value: str) -> str:
     return value
 
 
+def parse_partitions_listen(value: str) -> str:
+    kind, _, rest = value.partition(":")
+    if value == "off" or (kind == "vsock" and rest.isdigit() and 0 < int(rest) < 2**32) \
+            or (kind in ("virtio-port", "unix") and rest):
+        return value
+    raise ValueError("expected vsock:PORT, virtio-port:NAME, unix:PATH or off")
+
+
 def parse_port(value: str) -> int:
     n = int(value, 10)
     if not 0 < n < 65536:
@@ -310,3 +318,41 @@ def parse_ready(value: str) -> Condition:
             raise ValueError(f"vsock: takes a port 1-{VSOCK_PORT_MAX}, got {target!r}")
         return Condition(Ready.VSOCK, str(int(target)))
     raise ValueError("expected none, syslog:TEXT, unix:PATH or vsock:PORT")
+
+
+def cmdline_words(cmdline: str) -> list[str]:
+    """The kernel's words of a cmdline: whitespace separated, double quotes group spaces and
+    are removed; ``--`` ends the kernel's part (the rest is init's argv)."""
+    out: list[str] = []
+    i, n = 0, len(cmdline)
+    while i < n:
+        while i < n and cmdline[i].isspace():
+            i += 1
+        if i >= n:
+            break
+        word: list[str] = []
+        quoted = False
+        while i < n and (quoted or not cmdline[i].isspace()):
+            ch = cmdline[i]
+            if ch == '"':
+                quoted = not quoted
+            else:
+                word.append(ch)
+            i += 1
+        text = "".join(word)
+        if text == "--":
+            break
+        out.append(text)
+    return out
+
+
+def split_cmdline(cmdline: str) -> list[tuple[str, str]]:
+    """Split a kernel cmdline into (key, value) like the kernel does.
+
+    ``key="a b"`` and ``"key=a b"`` both give ``a b``; a word with no ``=`` has value ``""``.
+    """
+    out = []
+    for text in cmdline_words(cmdline):
+        key, _, value = text.partition("=")
+        out.append((key, value))
+    return out

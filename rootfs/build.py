@@ -329,6 +329,9 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                 n = bundle.install(tree)
                 progress.note(f"driver bundle {bundle.version}: {n} files, "
                               f"{len(bundle.module_names())} modules")
+                if tree_extras.install_nvfm_binding(tree, GENERATED):
+                    progress.note("libnvfm in the bundle: the partition service's binding "
+                                  "built against it")
             if prof.init is profile.Init.GUESTINIT:
                 found = closure.python_closure(tree, pool, roots + site_roots, GUEST_SITE,
                                                closure.python_scripts(tree))

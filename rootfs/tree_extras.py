@@ -295,3 +295,29 @@ def write_agent_files(tree: Tree, hostname: str) -> None:
     it, main.rs init_agent_as_init)."""
     tree.add_bytes("etc/resolv.conf", b"", GENERATED, 0o644)
     tree.add_bytes("etc/hostname", f"{hostname}\n".encode(), GENERATED, 0o644)
+
+
+NVFM_LIB = "usr/lib/x86_64-linux-gnu/libnvfm.so.1"
+
+
+def install_nvfm_binding(tree: Tree, origin: Origin) -> str | None:
+    """The partition service's binding (guestinit.nvidia.fabric, cffi's API mode) compiled
+    against the driver bundle's libnvfm.so.1 when the tree has it; its image path, or None
+    (a bundle without the Fabric Manager SDK: the service then stays off)."""
+    import subprocess
+    import tempfile
+
+    from guestinit.nvidia import daemons, fabric
+
+    if not tree.has(NVFM_LIB):
+        return None
+    libdir = tree.host(NVFM_LIB).parent
+    with tempfile.TemporaryDirectory(prefix="guestinit-nvfm-") as tmp:
+        try:
+            built = fabric.build(Path(tmp), libdir, rpath=False)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            raise BuildError(f"compile the partition service's libnvfm binding against "
+                             f"/{NVFM_LIB}: {detail} (needs gcc and python3-dev)") from None
+        tree.add_file(daemons.NVFM_BINDING, built, origin, 0o644)
+    return daemons.NVFM_BINDING

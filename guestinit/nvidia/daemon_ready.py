@@ -26,11 +26,13 @@ FABRICMANAGER = "nv-fabricmanager"
 NVLSM = "nvlsm"
 HOSTENGINE = "nv-hostengine"
 EXPORTER = "dcgm-exporter"
+PARTITIONS = "guestinit-partitions"  # the service VM's partition service (nvidia.partitions)
 
 PERSISTENCED_MARKER = "Local RPC services initialized"
 PERSISTENCED_SOCKET = "var/run/nvidia-persistenced/socket"
 FM_MARKER = "Successfully configured all the available NVSwitches"
 NVLSM_MARKER = "SUBNET UP"
+PARTITIONS_MARKER = "partition service serving on"  # nvidia.partitions.READY_MARKER
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" frames
 WAIT_ROUND = 0.1  # s: how often restarts, a death and progress are looked at
 
@@ -74,6 +76,7 @@ DAEMONS: dict[str, Daemon] = {d.name: d for d in (
     Daemon(NVLSM, "nvlsm.timeout", NVLSM_MARKER),
     Daemon(HOSTENGINE, "hostengine.timeout", port_key="hostengine.port"),
     Daemon(EXPORTER, "exporter.timeout", port_key="exporter.port"),
+    Daemon(PARTITIONS, "partitions.timeout", PARTITIONS_MARKER),
 )}
 
 

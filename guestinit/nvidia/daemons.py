@@ -31,6 +31,7 @@ from guestinit.nvidia.daemon_ready import (
     FABRICMANAGER,
     HOSTENGINE,
     NVLSM,
+    PARTITIONS,
     PERSISTENCED,
     wait_ready,
 )
@@ -46,6 +47,12 @@ if TYPE_CHECKING:
 
 PERSISTENCED_RUN = "var/run/nvidia-persistenced"
 FM_RUN_CONFIG = "run/nvidia-fabricmanager/fabricmanager.cfg"
+FM_SOCKET = "/run/nvidia-fabricmanager/socket"  # the FM API in a service VM (libnvfm's peer)
+PYTHON = "/usr/bin/python3.11"
+# the partition service's binding, compiled into the image against the bundle's libnvfm
+NVFM_BINDING = "usr/lib/guestinit/_guestinit_nvfm.cpython-311-x86_64-linux-gnu.so"
+PARTITIONS_CODE = ("import sys; sys.path.insert(0, '/usr/lib/guestinit'); "
+                   "from guestinit.nvidia.partitions import main; sys.exit(main())")
 NVLSM_CONFIG = "/usr/share/nvidia/nvlsm/nvlsm.conf"
 IB_CLASS = "sys/class/infiniband"
 IS_SM_DISABLED = 1 << 10  # port capability mask bit: SM disabled on this port
@@ -138,9 +145,13 @@ class Plan:
 
 def plan_daemons(mode: Mode, fabric: Fabric, bin_dir: str, *, uvm: bool, user: str | None,
                  fm_mode: str = "auto", rail_policy: str = "auto", dcgm: bool = False,
-                 guid: str | None = None, ports: tuple[int, int] = (5555, 9400)) -> Plan:
+                 guid: str | None = None, ports: tuple[int, int] = (5555, 9400),
+                 partitions: str = "off") -> Plan:
     """NVRC's order: nvlsm and the fabric manager (NVL5), or the fabric manager (NVL4),
-    then persistenced and DCGM (gpu mode). ``fabric`` is the GPU mode's NVLink fabric."""
+    then persistenced and DCGM (gpu mode). ``fabric`` is the GPU mode's NVLink fabric.
+    ``partitions`` (where the partition service listens, or off): in a Shared NVSwitch
+    service VM (FABRIC_MODE=1) the fabric manager serves its API on FM_SOCKET and the
+    partition service starts after it."""
     plan = Plan()
     if mode == Mode.CPU:
         return plan
@@ -159,6 +170,10 @@ def plan_daemons(mode: Mode, fabric: Fabric, bin_dir: str, *, uvm: bool, user: s
             plan.fm_settings["FM_SM_MGMT_PORT_GUID"] = guid
         plan.daemons.append((FABRICMANAGER, [os.path.join(bin_dir, FABRICMANAGER), "-c",
                                              "/" + FM_RUN_CONFIG]))
+        if plan.fm_settings["FABRIC_MODE"] == "1" and partitions != "off":
+            plan.fm_settings["FM_CMD_UNIX_SOCKET_PATH"] = FM_SOCKET
+            plan.daemons.append((PARTITIONS, [PYTHON, "-S", "-c", PARTITIONS_CODE,
+                                              "--listen", partitions, "--fm", FM_SOCKET]))
     if mode == Mode.GPU:
         plan.daemons.append((PERSISTENCED, persistenced_argv(bin_dir, uvm, user)))
     if dcgm and mode == Mode.GPU:
@@ -226,6 +241,18 @@ def _prepare_fm(boot: Boot, settings: Mapping[str, str]) -> None:
                         f"{exc.strerror or exc}") from None
 
 
+def _partitions_listen(boot: Boot) -> str:
+    """``partitions.listen``, or off (with a warning) when the image has no binding: a
+    driver bundle without libnvfm.so.1 (rootfs builds the binding against it)."""
+    listen = boot.config().str("partitions.listen")
+    if listen != "off" and not os.path.exists(boot.path(NVFM_BINDING)):
+        boot.kmsg.log(4, f"daemons: no partition service: the image has no /{NVFM_BINDING} "
+                      "(its driver bundle has no libnvfm.so.1); guestinit.partitions.listen="
+                      "off silences this")
+        return "off"
+    return listen
+
+
 def run_daemons(boot: Boot) -> None:
     """Start and wait for the mode's daemons (the caller runs this outside cpu mode)."""
     facts = boot.facts
@@ -241,7 +268,8 @@ def run_daemons(boot: Boot) -> None:
             uvm=cfg.bool("uvm.persistence"), user=user if ids else None,
             fm_mode=cfg.str("fabricmanager.mode"),
             rail_policy=cfg.str("fabricmanager.rail_policy"), dcgm=cfg.bool("dcgm"), guid=guid,
-            ports=(cfg.int("hostengine.port"), cfg.int("exporter.port")))
+            ports=(cfg.int("hostengine.port"), cfg.int("exporter.port")),
+            partitions=_partitions_listen(boot))
     except ValueError as exc:
         raise BootError(Stage.DAEMONS, str(exc)) from None
     if plan.fm_settings:

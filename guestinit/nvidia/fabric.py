@@ -117,21 +117,36 @@ class Partition:
         return sum(g.nvlinks for g in self.gpus)
 
 
-def build(dest: Path, libdir: Path) -> Path:
-    """Compile ``_guestinit_nvfm`` into ``dest`` against ``libdir``'s libnvfm.so (with an
-    rpath to it); the path of the extension module. Needs cffi, pycparser and a C
-    compiler: build time only."""
+def build(dest: Path, libdir: Path, rpath: bool = True, cc: str = "gcc") -> Path:
+    """Compile ``_guestinit_nvfm`` into ``dest`` against ``libdir``'s libnvfm.so.1 (with
+    an rpath to ``libdir`` when ``rpath``: tests; an image finds it in the library
+    path); the path of the extension module. cffi emits the C source (it needs pycparser:
+    build time only); gcc builds it stripped, with no build id and ``dest`` mapped to
+    ``.``, so equal inputs give equal bytes. A compiler error raises CalledProcessError."""
+    import contextlib
+    import io
     import pathlib
+    import subprocess
+    import sysconfig
 
     import cffi
 
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
-    ffi.set_source(MODULE, '#include "fm_sdk.h"', include_dirs=[os.path.dirname(HEADER)],
-                   libraries=[LIBRARY], library_dirs=[str(libdir)],
-                   extra_link_args=[f"-Wl,-rpath,{libdir}"])
+    ffi.set_source(MODULE, '#include "fm_sdk.h"')
+    dest = pathlib.Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    return pathlib.Path(ffi.compile(tmpdir=str(dest)))
+    source = dest / f"{MODULE}.c"
+    with contextlib.redirect_stdout(io.StringIO()):  # its "generating PATH" line
+        ffi.emit_c_code(str(source))
+    out = dest / f"{MODULE}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-s", "-Wl,--build-id=none",
+                    f"-ffile-prefix-map={dest}=.", f"-I{sysconfig.get_paths()['include']}",
+                    f"-I{os.path.dirname(HEADER)}", "-o", str(out), str(source),
+                    f"-L{libdir}", f"-l:lib{LIBRARY}.so.1",
+                    *([f"-Wl,-rpath,{libdir}"] if rpath else [])],
+                   check=True, capture_output=True, text=True)
+    return out
 
 
 def _text(raw: Any) -> str:

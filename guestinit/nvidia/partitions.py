@@ -22,9 +22,11 @@ id gets an error reply.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import sys
+import syslog
 import time
 
 from guestinit import wire
@@ -42,6 +44,7 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_HOST = 2
 RETRY = ("FM_ST_CONNECTION_NOT_VALID", "FM_ST_NOT_CONFIGURED")  # a restarted fabric manager
 BOOT_ID = "partition-service"
+READY_MARKER = "partition service serving on"  # its syslog line once it listens
 
 
 def table(parts: list[Partition]) -> list[dict[str, object]]:
@@ -162,8 +165,11 @@ class PartitionService:
             data = conn.recv(MAX_REQUEST + wire.HEADER.size)
         except OSError:
             return False
-        if not data:
-            return False
+        return bool(data) and self.feed(conn, reader, pending, data)
+
+    def feed(self, conn: socket.socket, reader: FrameReader, pending: list[int],
+             data: bytes) -> bool:
+        """Answer what ``data`` completes on ``conn``; False: that stream is done."""
         pending[0] += len(data)
         if pending[0] > MAX_REQUEST + wire.HEADER.size:
             send(conn, reply("?", error=f"request over {MAX_REQUEST} bytes: closed"))
@@ -189,6 +195,50 @@ def send(conn: socket.socket, frame: Frame) -> None:
         conn.sendall(wire.encode(frame))
     except OSError:
         pass  # the client went away: nothing to tell it
+
+
+class PortStream:
+    """A virtio-serial port (``/dev/virtio-ports/NAME``) as one client connection: the host
+    end is a socket a VMM chardev gives the host (what the VM tier uses: its host has no
+    vsock). Reads wait up to 0.5 s; EOF (the host side closed) is retried, not an end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, size: int) -> bytes:
+        ready, _, _ = select.select([self.fd], [], [], 0.5)
+        data = os.read(self.fd, size) if ready else b""
+        if ready and not data:
+            time.sleep(0.2)  # no host connected: wait for one
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def serve_port(service: PartitionService, path: str,
+               running: Callable[[], bool] = lambda: True) -> None:
+    """Answer requests on a virtio-serial port until ``running()`` is false; a malformed or
+    oversized request gets its error reply and the port's reader starts over."""
+    port = PortStream(path)
+    try:
+        while running():
+            reader, pending = FrameReader(), [0]
+            while running():
+                data = port.recv(MAX_REQUEST + wire.HEADER.size)
+                if data and not service.feed(port, reader, pending, data):  # type: ignore[arg-type]
+                    break
+    finally:
+        port.close()
 
 
 def listener(spec: str) -> tuple[socket.socket, bool]:
@@ -220,15 +270,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fm", default="127.0.0.1", help="the fabric manager's API address")
     args = p.parse_args(argv)
     unix = args.fm.startswith("/")
+    syslog.openlog("guestinit-partitions", 0, syslog.LOG_DAEMON)
+
+    def audit(line: str) -> None:
+        syslog.syslog(syslog.LOG_NOTICE, f"audit: {line}")
+
+    service = PartitionService(lambda: Fabric(args.fm, unix=unix), audit)
+    kind, _, rest = args.listen.partition(":")
     try:
-        sock, host_only = listener(args.listen)
+        if kind == "virtio-port":
+            from guestinit.report import find_virtio_port
+
+            found = rest if rest.startswith("/") else find_virtio_port("/", rest)
+            if found is None:
+                raise ValueError(f"no virtio-serial port named {rest} (sysfs virtio-ports)")
+            path = found
+            port = PortStream(path)
+            port.close()  # it exists and opens: serve_port opens it for good
+        else:
+            sock, host_only = listener(args.listen)
     except (ValueError, OSError) as exc:
-        print(f"guestinit-partitions: {exc}", file=sys.stderr)
+        syslog.syslog(syslog.LOG_ERR, f"cannot listen on {args.listen}: {exc}")
+        print(f"guestinit-partitions: {args.listen}: {exc}", file=sys.stderr)
         return 2
-    service = PartitionService(lambda: Fabric(args.fm, unix=unix))
-    print(f"guestinit-partitions: serving on {args.listen}, fabric manager at {args.fm}",
-          file=sys.stderr, flush=True)
-    service.serve(sock, host_only=host_only)
+    syslog.syslog(syslog.LOG_INFO, f"{READY_MARKER} {args.listen}, fabric manager at {args.fm}")
+    if kind == "virtio-port":
+        serve_port(service, path)
+    else:
+        service.serve(sock, host_only=host_only)
     return 0
 
 

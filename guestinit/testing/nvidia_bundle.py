@@ -9,7 +9,9 @@ directory, found relative to itself). It writes the fabric manager config templa
 the ``etc/fake-nvidia`` directory the stand-ins find their root by, with an optional
 ``behaviour``. It also lays down what the CDI spec mounts and links: tiny stand-in
 libraries ``usr/lib/x86_64-linux-gnu/lib*.so.<DRIVER_VERSION>`` (ELF objects with only a
-DT_SONAME, ``elf_with_soname``) and ``usr/bin/nvidia-cdi-hook`` (exits 0).
+DT_SONAME, ``elf_with_soname``) and ``usr/bin/nvidia-cdi-hook`` (exits 0). And
+``libnvfm.so.1``, the Fabric Manager SDK's client library: its stand-in compiled with gcc
+(``build_libnvfm``), which the image build links the partition service's binding to.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBRARIES = {"libcuda": "libcuda.so.1", "libnvidia-ml": "libnvidia-ml.so.1",
              "libnvidia-ptxjitcompiler": "libnvidia-ptxjitcompiler.so.1"}  # name -> soname
 CDI_HOOK = "usr/bin/nvidia-cdi-hook"
+NVFM = "libnvfm.so.1"  # the Fabric Manager SDK's client library (its stand-in, compiled)
 FAKE_LIB = "usr/lib/fake-nvidia"
 FAKE_MODULES = ("fake_nvidia", "fake_nvidia_runtime", "fake_nvidia_services", "fake_fabric")
 FM_TEMPLATE = """\
@@ -73,6 +76,19 @@ def elf_with_soname(soname: str) -> bytes:
             + dynamic + strtab)
 
 
+def build_libnvfm(target: pathlib.Path, cc: str = "gcc") -> pathlib.Path:
+    """The libnvfm stand-in (``libnvfm_standin.c``: the Fabric Manager SDK's client ABI,
+    talking to ``fake_fabric``) compiled to ``target``, stripped and without a build id."""
+    import subprocess
+
+    header_dir = HERE.parent / "nvidia"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-s", "-Wl,--build-id=none",
+                    f"-ffile-prefix-map={HERE}=.", f"-ffile-prefix-map={header_dir}=.",
+                    f"-I{header_dir}", f"-Wl,-soname,{NVFM}", "-o", str(target),
+                    str(HERE / "libnvfm_standin.c")], check=True, capture_output=True, text=True)
+    return target
+
+
 def install(root: str | os.PathLike[str], bin_dir: str = "usr/bin",
             behaviour: Mapping[str, str] | None = None) -> list[pathlib.Path]:
     root = pathlib.Path(root)
@@ -108,6 +124,7 @@ def install(root: str | os.PathLike[str], bin_dir: str = "usr/bin",
     libdir.mkdir(parents=True, exist_ok=True)
     for name, soname in LIBRARIES.items():
         (libdir / f"{name}.so.{DRIVER_VERSION}").write_bytes(elf_with_soname(soname))
+    build_libnvfm(libdir / NVFM)
     hook = root / CDI_HOOK
     hook.parent.mkdir(parents=True, exist_ok=True)
     hook.write_text(f"#!{INTERPRETER}\nraise SystemExit(0)\n")

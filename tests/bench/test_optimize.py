@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from bench import cli, optimize, optimize_report
-from bench.boot import BootOptions, kernel_words, prepare
-from bench.image import load
+from bench.boot import BootOptions, prepare
+from bench.image import kernel_words, load
 from bench.optimize import Candidate, Decision, Kind, OptimizeError, decide
 from bench.stats import Verdict
 from bench.suite_schema import load_suite

@@ -121,3 +121,51 @@ def test_a_bundle_without_nvidia_uvm_fails_the_boot_naming_the_module(
     assert failed.fields["stage"] == "modules"
     assert "nvidia_uvm" in str(failed.fields["reason"]), failed.fields["reason"]
     assert res.qemu_rc == 0  # it powered off after saying why
+
+
+def test_the_host_controls_the_service_vms_nvlink_partitions(
+        gpu_images: dict[str, str], tmp_path: Path) -> None:
+    """The partition service (started after nv-fabricmanager, binding built against the
+    bundle's libnvfm) answers guestinit-fabric over a virtio-serial port while the VM runs."""
+    import contextlib
+    import io
+    import time
+
+    from bench import fabric
+
+    sock = tmp_path / "partitions.sock"
+    calls: list[tuple[list[str], int, str, str, float]] = []
+
+    def cli(*args: str) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        t0 = time.monotonic()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = fabric.main(["--to", f"unix:{sock}", "--by", "vm-test", *args])
+        calls.append((list(args), rc, out.getvalue(), err.getvalue(), time.monotonic() - t0))
+
+    def host() -> None:
+        for args in (["list"], ["activate", "3"], ["activate", "4"], ["activate", "1"],
+                     ["deactivate", "3"], ["status"]):
+            cli(*args)
+
+    res = boot_vm(gpu_images["servicevm"], tmp_path / "boot", bar=FOUR_SWITCHES,
+                  append="guestinit.partitions.listen=virtio-port:guestinit.partitions",
+                  ports=(("guestinit.partitions", str(sock)),), on_ready=host)
+    ready = _ready(res)
+    daemons = {d["name"]: d for d in ready["daemons"]}  # type: ignore[union-attr]
+    assert daemons["guestinit-partitions"]["running"], daemons
+    assert not res.errors, explain(res)
+    by = {" ".join(a): (rc, out, err) for a, rc, out, err, _ in calls}
+    rc, out, _ = by["list"]
+    assert rc == 0 and len(out.splitlines()) == 16, out
+    assert out.splitlines()[1].split() == ["0", "Inactive", "8", "144", "1,2,3,4,5,6,7,8"]
+    assert by["activate 3"][0] == 0 and by["activate 4"][0] == 0
+    assert by["activate 4"][1].startswith("activate partition 4 gpus 2,4 by vm-test")
+    rc, _, err = by["activate 1"]
+    assert rc == 1 and "FM_ST_IN_USE" in err
+    assert by["deactivate 3"][0] == 0
+    rc, out, _ = by["status"]
+    active = [ln.split()[0] for ln in out.splitlines()[1:16] if ln.split()[1] == "Active"]
+    assert rc == 0 and active == ["4"]
+    assert "audit: deactivate partition 3 gpus 1,3 by vm-test" in out
+    print("round trips (s):", {" ".join(a): round(s, 3) for a, *_, s in calls})

@@ -116,6 +116,22 @@ def test_fabric_defaults_are_nvrcs(mode: Mode, fabric: str, fm: str, rail: str) 
     assert forced.fm_settings["PARTITION_RAIL_POLICY"] == "greedy"
 
 
+def test_a_shared_nvswitch_service_vm_starts_the_partition_service_after_the_fm() -> None:
+    p = daemons.plan_daemons(Mode.NVL4, Fabric.NONE, BIN, uvm=True, user=None,
+                             partitions="vsock:1050")
+    assert [name for name, _ in p.daemons] == ["nv-fabricmanager", "guestinit-partitions"]
+    assert p.fm_settings["FM_CMD_UNIX_SOCKET_PATH"] == daemons.FM_SOCKET
+    argv = dict(p.daemons)["guestinit-partitions"]
+    assert argv[:2] == ["/usr/bin/python3.11", "-S"]
+    assert argv[-4:] == ["--listen", "vsock:1050", "--fm", daemons.FM_SOCKET]
+    # FABRIC_MODE 0 (GPUs beside the switches) has no partitions; off starts nothing
+    for mode, fabric, listen in ((Mode.GPU, Fabric.NVL4, "vsock:1050"),
+                                 (Mode.NVL4, Fabric.NONE, "off")):
+        p = daemons.plan_daemons(mode, fabric, BIN, uvm=True, user=None, partitions=listen)
+        assert "guestinit-partitions" not in dict(p.daemons)
+        assert "FM_CMD_UNIX_SOCKET_PATH" not in p.fm_settings
+
+
 def test_dcgm_argv_points_the_exporter_at_the_host_engine() -> None:
     p = daemons.plan_daemons(Mode.GPU, "", BIN, uvm=False, user=None, dcgm=True,
                             ports=(6000, 9500))
@@ -132,7 +148,8 @@ def test_each_daemon_has_its_own_timeout_unless_only_daemon_timeout_is_set() -> 
     cfg = config.build()
     assert [daemon_ready.timeout_for(cfg, d) for d in daemon_ready.DAEMONS.values()] == [
         (600.0, "persistenced.timeout"), (300.0, "fabricmanager.timeout"),
-        (300.0, "nvlsm.timeout"), (60.0, "hostengine.timeout"), (60.0, "exporter.timeout")]
+        (300.0, "nvlsm.timeout"), (60.0, "hostengine.timeout"), (60.0, "exporter.timeout"),
+        (30.0, "partitions.timeout")]
     cfg = config.build(cmdline="guestinit.daemon.timeout=30 guestinit.nvlsm.timeout=90")
     got = {d.name: daemon_ready.timeout_for(cfg, d) for d in daemon_ready.DAEMONS.values()}
     assert got["nvidia-persistenced"] == (30.0, "daemon.timeout")
