@@ -41,14 +41,15 @@ def backoff_delay(restarts: int, base: float, cap: float) -> float:
 
 class Service:
     __slots__ = (
-        "argv", "given_up", "last_status", "name", "next_start", "pid", "restart", "restarts",
-        "spawn_kw", "started_at", "stopping",
+        "argv", "given_up", "last_status", "name", "next_start", "pid", "restart",
+        "restart_argv", "restarts", "spawn_kw", "started_at", "stopping",
     )
 
     def __init__(self, name: str, argv: Sequence[str], restart: Restart,
                  spawn_kw: dict[str, object]) -> None:
         self.name = name
         self.argv = tuple(argv)
+        self.restart_argv = self.argv  # what a restart runs (nv-fabricmanager: --restart)
         self.restart = restart
         self.spawn_kw = spawn_kw
         self.pid: int | None = None
@@ -100,10 +101,13 @@ class Supervisor:
         self.on_stop: Callable[[Service], None] = lambda s: None
 
     def add(self, name: str, argv: Sequence[str], *, restart: Restart = Restart.ON_FAILURE,
-            **spawn_kw: object) -> Service:
+            restart_argv: Sequence[str] | None = None, **spawn_kw: object) -> Service:
+        """Start ``name``; a restart runs ``restart_argv`` when given (else ``argv``)."""
         if name in self.services and self.services[name].running:
             raise ValueError(f"service {name} is already running")
         service = Service(name, argv, restart, spawn_kw)
+        if restart_argv is not None:
+            service.restart_argv = tuple(restart_argv)
         self.services[name] = service
         self._start(service)
         return service
@@ -111,10 +115,11 @@ class Supervisor:
     def service(self, name: str) -> Service:
         return self.services[name]
 
-    def _start(self, service: Service) -> None:
+    def _start(self, service: Service, again: bool = False) -> None:
         service.next_start = None
         service.pid = self._procs.spawn(
-            service.argv, on_exit=lambda pid, code: self._exited(service, pid, code),
+            service.restart_argv if again else service.argv,
+            on_exit=lambda pid, code: self._exited(service, pid, code),
             **service.spawn_kw,  # type: ignore[arg-type]
         )
         service.started_at = self._clock()
@@ -149,7 +154,7 @@ class Supervisor:
             if service.next_start <= now:
                 service.restarts += 1
                 try:
-                    self._start(service)
+                    self._start(service, again=True)
                 except OSError as exc:
                     service.pid = None
                     self._exited_spawn_failure(service, exc)

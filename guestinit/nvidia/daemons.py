@@ -283,7 +283,13 @@ def run_daemons(boot: Boot) -> None:
             if ids is not None:
                 boot.effects.chown_chmod(run_dir, 0o755, *ids)
         start = boot.timeline.now()
-        _start(boot, name, argv)
+        # a Shared NVSwitch fabric manager restarted by the supervisor must come back in
+        # resiliency mode (--restart): it keeps the fabric as it is and waits for the
+        # partition service to tell it the activated partitions, instead of resetting it
+        again = ({"restart_argv": _exe(boot, [*argv, "--restart"])}
+                 if name == FABRICMANAGER and plan.fm_settings.get("FABRIC_MODE") == "1"
+                 else {})
+        _start(boot, name, argv, **again)
         names.append(name)
         facts.daemons = list(names)
         boot.reporter.progress("daemons", "wait", f"{name}: waiting for {daemon.signals(cfg)}")

@@ -93,6 +93,24 @@ def test_supervisor_restarts_with_backoff_then_gives_up() -> None:
     assert sup.tick() is None and len(procs.spawned) == 3
 
 
+def test_a_restart_runs_the_restart_argv() -> None:
+    """nv-fabricmanager in a service VM comes back with --restart (nvidia.daemons)."""
+    clock, procs = FakeClock(), FakeProcs()
+    sup = Supervisor(procs, max_restarts=3, backoff=1.0, clock=clock)
+    sup.add("fm", ["/usr/bin/nv-fabricmanager", "-c", "cfg"],
+            restart_argv=["/usr/bin/nv-fabricmanager", "-c", "cfg", "--restart"])
+    procs.end(1000, 1)
+    clock.now += 1
+    sup.tick()
+    assert procs.spawned == [("/usr/bin/nv-fabricmanager", "-c", "cfg"),
+                             ("/usr/bin/nv-fabricmanager", "-c", "cfg", "--restart")]
+    plain = sup.add("d", ["/bin/d"])  # no restart_argv: the same argv again
+    procs.end(plain.pid, 1)  # type: ignore[arg-type]
+    clock.now += 1
+    sup.tick()
+    assert procs.spawned[-1] == ("/bin/d",)
+
+
 def test_a_long_healthy_run_starts_the_restart_count_afresh() -> None:
     clock = FakeClock()
     procs = FakeProcs()
