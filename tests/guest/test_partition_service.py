@@ -12,6 +12,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench import fabric as cli
 from guestinit import wire
@@ -167,3 +169,48 @@ def test_no_service_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "is the service VM up" in capsys.readouterr().err
     assert cli.main(["--to", "tcp:1.2.3.4", "list"]) == 2
     assert "want unix:PATH, vsock:CID:PORT" in capsys.readouterr().err
+
+
+class _NoFabric:
+    """A Fabric whose fabric manager always refuses: requests are judged before it counts."""
+
+    def partitions(self) -> list[fabric.Partition]:
+        return [fabric.Partition(3, False, (fabric.Gpu(1, "GPU-1", "00:01.0", 18, 18, 1),))]
+
+    def activate(self, pid: int) -> None:
+        raise fabric.FabricError("fmActivateFabricPartition", -7, f" {pid}")
+
+    def deactivate(self, pid: int) -> None:
+        raise fabric.FabricError("fmDeactivateFabricPartition", -4, f" {pid}")
+
+    def close(self) -> None:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["op", "id", "by", "x"]),
+                       st.one_of(st.text(max_size=20), st.integers(-5, 2**40)), max_size=4),
+       st.sampled_from(list(wire.FrameType)))
+def test_any_request_gets_one_reply(fields: dict[str, object], ftype: wire.FrameType) -> None:
+    service = partitions.PartitionService(lambda: _NoFabric(), lambda line: None)  # type: ignore[arg-type, return-value]
+    out = service.handle(wire.Frame(ftype, "t", 1, fields))
+    assert out.type is wire.FrameType.REPLY and out.get("status") in ("ok", "error")
+    assert (out.get("status") == "error") == bool(out.get("error"))
+    wire.encode(out)  # always a valid frame to send
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=6000))
+def test_any_bytes_on_a_connection_are_answered_or_end_it(data: bytes) -> None:
+    service = partitions.PartitionService(lambda: _NoFabric(), lambda line: None)  # type: ignore[arg-type, return-value]
+    sent: list[bytes] = []
+
+    class Conn:
+        def sendall(self, b: bytes) -> None:
+            sent.append(b)
+
+    keep = service.feed(Conn(), wire.FrameReader(), [0], data)  # type: ignore[arg-type]
+    replies = wire.FrameReader().feed(b"".join(sent))
+    assert all(isinstance(r, wire.Frame) and r.type is wire.FrameType.REPLY for r in replies)
+    if len(data) > partitions.MAX_REQUEST + wire.HEADER.size:
+        assert not keep
