@@ -236,7 +236,7 @@ def python_scripts(tree: Tree) -> list[Path]:
 
 def stdlib_view(pool: Pool, dest: Path) -> Path:
     """``dest`` filled with links to the pool's ``usr/lib/python3.11`` files: the stdlib of
-    the profile's packages as one directory (the closure's search path, the static init's
+    the profile's packages as one directory (the closure's search path, the executable's
     frozen sources)."""
     prefix = PY_STDLIB + "/"
     for rel, (host, _origin) in pool.files.items():

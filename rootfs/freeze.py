@@ -183,7 +183,7 @@ def plan(guest_src: Path, stdlib: Path, builtins: frozenset[str],
                 if optional:
                     continue  # `from pkg import name` (not a module), or inside a try
                 raise BuildError(f"freeze {name}: imports {dep} at module level, which is "
-                                 "neither frozen, built into the static init, nor in the "
+                                 "neither frozen, built into the image's executable, nor in the "
                                  "image's stdlib: import it where it is used, or build it in")
             todo.append(dep)
     return dict(sorted(modules.items()))

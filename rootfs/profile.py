@@ -67,8 +67,8 @@ class Profile:
     formats: tuple[Format, ...]
     shell: bool
     standins: bool  # ship guestinit.testing (agent stand-in, fake NVIDIA programs)
-    # /sbin/init is the static executable with CPython and guestinit frozen in
-    # (rootfs/staticinit.py) instead of the launcher + python3.11
+    # /usr/bin/python3.11 is one executable with CPython and guestinit frozen in, and /sbin/init
+    # links to it (rootfs/staticinit.py); false: the launcher + Debian's python3.11
     static_init: bool
     driver: Driver
     lock: Path

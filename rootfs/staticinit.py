@@ -60,8 +60,8 @@ def check_builder(needs: dict[Path, str] | None = None) -> None:
                       if not path.exists()})
     if missing:
         pkgs = sorted({pkg for path, pkg in (needs or NEEDS).items() if not path.exists()})
-        raise BuildError(f"static init: missing {', '.join(missing)}; "
-                         f"apt-get install {' '.join(pkgs)}")
+        raise BuildError(f"the image's python3.11 executable (static_init): missing "
+                         f"{', '.join(missing)}; apt-get install {' '.join(pkgs)}")
 
 
 def cffi_sdist(version: str, cache: Path | None = None, pin: fetch.Pin | None = None) -> Path:
@@ -152,7 +152,8 @@ def static_init_binary(stdlib: Path, python_version: str, cffi_version: str,
         backend = extract_backend(sdist, build / "cffi")
         if shutil.which("gcc") is None:
             raise BuildError("compile staticinit.c: gcc not found; apt-get install gcc")
-        run(compile_argv(build / "init", build, backend), what="compile the static init")
+        run(compile_argv(build / "init", build, backend),
+            what="compile the image's python3.11 executable")
         os.replace(build / "init", cached)  # atomic: concurrent builds never see half a binary
     return cached, names
 

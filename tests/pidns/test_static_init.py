@@ -1,5 +1,5 @@
-"""The static init (rootfs/staticinit.c, profile key ``static_init``) boots the pidns root
-to ``ready`` with the agent stand-in, as the image's /sbin/init would.
+"""The image's one executable (rootfs/staticinit.c, profile key ``static_init``) boots the
+pidns root to ``ready`` with the agent stand-in, as the image's /sbin/init would.
 
 Its module path is the image's (``/usr/lib/guestinit``, absent on the host, then the
 host's Debian stdlib for rare paths), so guestinit can only come from the frozen table:
@@ -30,7 +30,7 @@ def static_init() -> Path:
             Path("/usr/lib/python3.11"), lock.debs["python3.11-minimal"].version,
             lock.wheels["cffi"].version, pin=lock.sdists["cffi"])
     except BuildError as exc:
-        pytest.fail(f"build the static init: {exc}")
+        pytest.fail(f"build the executable: {exc}")
     return binary
 
 

@@ -1,4 +1,4 @@
-"""rootfs/freeze.py: what the static init freezes, and that the build fails rather than
+"""rootfs/freeze.py: what the image's executable freezes, and that the build fails rather than
 a guest dying on import."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_frozen_set_covers_the_boot_import_table(builtins: frozenset[str]) -> No
         "docs/guest.md's import table and rootfs/freeze.py BOOT_STDLIB differ")
     missing = [r for r in rows if r not in builtins and r not in freeze.PYTHON_FROZEN
                and r not in planned]
-    assert not missing, f"boot imports not frozen into the static init: {missing}"
+    assert not missing, f"boot imports not frozen into the executable: {missing}"
 
 
 @needs_libpython
