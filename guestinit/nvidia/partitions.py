@@ -101,7 +101,9 @@ class PartitionService:
         return parts
 
     def handle(self, req: Frame) -> Frame:
-        op, pid, by = req.get("op"), req.get("id"), str(req.get("by") or "unknown")
+        op, pid = req.get("op"), req.get("id")
+        # who asks goes into the audit trail and syslog: one printable line, bounded
+        by = "".join(c if c.isprintable() else "?" for c in str(req.get("by") or "unknown"))[:64]
         if req.type is not FrameType.REQUEST or op not in OPS:
             return reply(str(op), error=f"unknown request {req.type.value} {op!r}: want op "
                          "list, activate ID, deactivate ID or status")

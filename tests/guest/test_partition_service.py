@@ -105,6 +105,14 @@ def test_the_activated_list_survives_a_fabric_manager_restart(
     assert rig.audit[-1] == "fabric manager restarted: activated list restored [5, 10]"
 
 
+def test_who_asks_is_one_bounded_line_in_the_audit(rig: Rig,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--to", rig.uri, "--by", "a\nforged line" + "x" * 100, "activate",
+                     "7"]) == 0
+    capsys.readouterr()
+    assert rig.audit == ["activate partition 7 gpus 1 by a?forged line" + "x" * 51]
+
+
 def test_json_reply(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
