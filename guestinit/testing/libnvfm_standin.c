@@ -144,27 +144,36 @@ static fmReturn_t ask(fmHandle_t handle, const char *request, char *out, size_t 
     }
 }
 
-static char *reply_buffer(void)
+/* For the calls that fill a versioned struct: ``out`` (``size`` bytes, its version field
+ * first) checked against ``want``, then ``request`` asked into a reply buffer (*reply) and
+ * ``out`` cleared but for its version. */
+static fmReturn_t ask_into(fmHandle_t handle, const char *request, void *out, size_t size,
+                           unsigned want, char **reply)
 {
     static char *buf;
-    if (buf == NULL)
-        buf = malloc(REPLY_MAX);
-    return buf;
+    if (out == NULL)
+        return FM_ST_BADPARAM;
+    unsigned version = *(unsigned *)out;
+    if (version != want)
+        return FM_ST_VERSION_MISMATCH;
+    if (buf == NULL && (buf = malloc(REPLY_MAX)) == NULL)
+        return FM_ST_GENERIC_ERROR;
+    fmReturn_t rc = ask(handle, request, buf, REPLY_MAX);
+    if (rc != FM_ST_SUCCESS)
+        return rc;
+    memset(out, 0, size);
+    *(unsigned *)out = version;
+    *reply = buf;
+    return FM_ST_SUCCESS;
 }
 
 fmReturn_t fmGetSupportedFabricPartitions(fmHandle_t handle, fmFabricPartitionList_t *list)
 {
-    if (list == NULL)
-        return FM_ST_BADPARAM;
-    if (list->version != FM_PARAM_VERSION(fmFabricPartitionList_t, 1))
-        return FM_ST_VERSION_MISMATCH;
-    char *buf = reply_buffer();
-    fmReturn_t rc = buf ? ask(handle, "LIST\n", buf, REPLY_MAX) : FM_ST_GENERIC_ERROR;
+    char *buf;
+    fmReturn_t rc = ask_into(handle, "LIST\n", list, sizeof *list,
+                             FM_PARAM_VERSION(fmFabricPartitionList_t, 1), &buf);
     if (rc != FM_ST_SUCCESS)
         return rc;
-    unsigned version = list->version;
-    memset(list, 0, sizeof *list);
-    list->version = version;
     list->maxNumPartitions = FM_MAX_FABRIC_PARTITIONS;
     fmFabricPartitionInfo_t *part = NULL;
     char *save = NULL;
@@ -225,17 +234,11 @@ fmReturn_t fmSetActivatedFabricPartitions(fmHandle_t handle,
 
 fmReturn_t fmGetNvlinkFailedDevices(fmHandle_t handle, fmNvlinkFailedDevices_t *devices)
 {
-    if (devices == NULL)
-        return FM_ST_BADPARAM;
-    if (devices->version != FM_PARAM_VERSION(fmNvlinkFailedDevices_t, 1))
-        return FM_ST_VERSION_MISMATCH;
-    char *buf = reply_buffer();
-    fmReturn_t rc = buf ? ask(handle, "FAILED\n", buf, REPLY_MAX) : FM_ST_GENERIC_ERROR;
+    char *buf;
+    fmReturn_t rc = ask_into(handle, "FAILED\n", devices, sizeof *devices,
+                             FM_PARAM_VERSION(fmNvlinkFailedDevices_t, 1), &buf);
     if (rc != FM_ST_SUCCESS)
         return rc;
-    unsigned version = devices->version;
-    memset(devices, 0, sizeof *devices);
-    devices->version = version;
     char *save = NULL, *save_ports = NULL;
     for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         char kind[8], ports[512];
@@ -256,17 +259,11 @@ fmReturn_t fmGetNvlinkFailedDevices(fmHandle_t handle, fmNvlinkFailedDevices_t *
 fmReturn_t fmGetUnsupportedFabricPartitions(fmHandle_t handle,
                                             fmUnsupportedFabricPartitionList_t *list)
 {
-    if (list == NULL)
-        return FM_ST_BADPARAM;
-    if (list->version != FM_PARAM_VERSION(fmUnsupportedFabricPartitionList_t, 1))
-        return FM_ST_VERSION_MISMATCH;
-    char *buf = reply_buffer();
-    fmReturn_t rc = buf ? ask(handle, "UNSUPPORTED\n", buf, REPLY_MAX) : FM_ST_GENERIC_ERROR;
+    char *buf;
+    fmReturn_t rc = ask_into(handle, "UNSUPPORTED\n", list, sizeof *list,
+                             FM_PARAM_VERSION(fmUnsupportedFabricPartitionList_t, 1), &buf);
     if (rc != FM_ST_SUCCESS)
         return rc;
-    unsigned version = list->version;
-    memset(list, 0, sizeof *list);
-    list->version = version;
     char *save = NULL, *save_ids = NULL;
     for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         unsigned id;
