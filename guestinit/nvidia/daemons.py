@@ -51,7 +51,10 @@ FM_SOCKET = "/run/nvidia-fabricmanager/socket"  # the FM API in a service VM (li
 PYTHON = "/usr/bin/python3.11"
 # the partition service's binding, compiled into the image against the bundle's libnvfm
 NVFM_BINDING = "usr/lib/guestinit/_guestinit_nvfm.cpython-311-x86_64-linux-gnu.so"
-PARTITIONS_CODE = ("import sys; sys.path.insert(0, '/usr/lib/guestinit'); "
+GUEST_SITE = "/usr/lib/guestinit"
+SYSLOG = "/dev/log"  # guestinit's syslog socket
+# python3.11 -S -c CODE SITE ARGS...: the site directory comes first (a test root has its own)
+PARTITIONS_CODE = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
                    "from guestinit.nvidia.partitions import main; sys.exit(main())")
 NVLSM_CONFIG = "/usr/share/nvidia/nvlsm/nvlsm.conf"
 IB_CLASS = "sys/class/infiniband"
@@ -172,8 +175,9 @@ def plan_daemons(mode: Mode, fabric: Fabric, bin_dir: str, *, uvm: bool, user: s
                                              "/" + FM_RUN_CONFIG]))
         if plan.fm_settings["FABRIC_MODE"] == "1" and partitions != "off":
             plan.fm_settings["FM_CMD_UNIX_SOCKET_PATH"] = FM_SOCKET
-            plan.daemons.append((PARTITIONS, [PYTHON, "-S", "-c", PARTITIONS_CODE,
-                                              "--listen", partitions, "--fm", FM_SOCKET]))
+            plan.daemons.append((PARTITIONS, [PYTHON, "-S", "-c", PARTITIONS_CODE, GUEST_SITE,
+                                              "--listen", partitions, "--fm", FM_SOCKET,
+                                              "--syslog", SYSLOG]))
     if mode == Mode.GPU:
         plan.daemons.append((PERSISTENCED, persistenced_argv(bin_dir, uvm, user)))
     if dcgm and mode == Mode.GPU:
@@ -193,8 +197,11 @@ def smi_settings(cfg_values: Mapping[str, str]) -> list[list[str]]:
 
 
 def _exe(boot: Boot, argv: Sequence[str]) -> list[str]:
-    """argv with its program under the boot root (a tmp root in the pid-namespace tests)."""
-    return [boot.path(argv[0].lstrip("/")), *argv[1:]]
+    """argv with its program under the boot root (a tmp root in the pid-namespace tests),
+    and the partition service's site directory and fabric manager socket too."""
+    rooted = (GUEST_SITE, FM_SOCKET, SYSLOG)
+    return [boot.path(argv[0].lstrip("/")),
+            *(boot.path(a.lstrip("/")) if a in rooted else a for a in argv[1:])]
 
 
 def _smi(boot: Boot, args: Sequence[str], what: str, stage: Stage = Stage.DAEMONS) -> None:

@@ -26,7 +26,6 @@ import select
 import selectors
 import socket
 import sys
-import syslog
 import time
 
 from guestinit import wire
@@ -84,6 +83,7 @@ class PartitionService:
                 restored = True
                 if self._fm is not None:
                     self._fm.close()
+                    self._fm = None  # a failed reconnect leaves none: the next call tries
                 self._fm = self._connect()
                 try:
                     self._fm.set_activated(sorted(self.activated))
@@ -126,11 +126,14 @@ class PartitionService:
                 self._fabric(lambda fm: fm.deactivate(pid))
                 self.activated.discard(pid)
             line = self._audit(f"{op} partition {pid} gpus {gpus} by {by}")
-            return reply(op, partitions=table(self._partitions()), audit=[line])
         except FabricError as exc:
             if op in ("activate", "deactivate"):
                 self._audit(f"{op} partition {pid} by {by} refused: {exc.name}")
             return reply(op, error=str(exc))
+        try:  # the change is done; the table after it is a courtesy
+            return reply(op, partitions=table(self._partitions()), audit=[line])
+        except FabricError:
+            return reply(op, audit=[line])
 
     def serve(self, listener: socket.socket, running: Callable[[], bool] = lambda: True,
               host_only: bool = False) -> None:
@@ -262,6 +265,36 @@ def listener(spec: str) -> tuple[socket.socket, bool]:
     return sock, host_only
 
 
+class _Syslog:
+    """Lines to the syslog socket at ``path`` as ``guestinit-partitions`` (the stdlib's
+    SysLogHandler: the syslog module only knows /dev/log)."""
+
+    def __init__(self, path: str) -> None:
+        import logging
+        import logging.handlers
+
+        self.logger = logging.getLogger("guestinit-partitions")
+        handler = logging.handlers.SysLogHandler(
+            address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("guestinit-partitions: %(message)s"))
+        self.logger.addHandler(handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+
+    def info(self, text: str) -> None:
+        self.logger.info(text)
+
+    def notice(self, text: str) -> None:
+        self.logger.warning(text)  # logging has no NOTICE: an audit event is a warning-level line
+
+    def error(self, text: str) -> None:
+        self.logger.error(text)
+
+
+def _syslog(path: str) -> _Syslog:
+    return _Syslog(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python3 -m guestinit.nvidia.partitions --listen vsock:PORT --fm ADDRESS``
     (ADDRESS: a Unix socket path, or a.b.c.d[:port])."""
@@ -270,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="guestinit-partitions")
     p.add_argument("--listen", default="vsock:1050")
     p.add_argument("--fm", default="127.0.0.1", help="the fabric manager's API address")
+    p.add_argument("--syslog", default="/dev/log", help="the syslog socket (a test root's)")
     args = p.parse_args(argv)
     unix = args.fm.startswith("/")
-    syslog.openlog("guestinit-partitions", 0, syslog.LOG_DAEMON)
+    log = _syslog(args.syslog)
 
     def audit(line: str) -> None:
-        syslog.syslog(syslog.LOG_NOTICE, f"audit: {line}")
+        log.notice(f"audit: {line}")
 
     service = PartitionService(lambda: Fabric(args.fm, unix=unix), audit)
     kind, _, rest = args.listen.partition(":")
@@ -292,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sock, host_only = listener(args.listen)
     except (ValueError, OSError) as exc:
-        syslog.syslog(syslog.LOG_ERR, f"cannot listen on {args.listen}: {exc}")
+        log.error(f"cannot listen on {args.listen}: {exc}")
         print(f"guestinit-partitions: {args.listen}: {exc}", file=sys.stderr)
         return 2
-    syslog.syslog(syslog.LOG_INFO, f"{READY_MARKER} {args.listen}, fabric manager at {args.fm}")
+    log.info(f"{READY_MARKER} {args.listen}, fabric manager at {args.fm}")
     if kind == "virtio-port":
         serve_port(service, path)
     else:

@@ -50,11 +50,14 @@ class FabricState:
     """The partitions and which are active: what nv-fabricmanager keeps in memory."""
 
     def __init__(self, table: dict[int, tuple[int, ...]] | None = None,
-                 restart: bool = False) -> None:
+                 restart: bool = False, crash_after: int = 0) -> None:
         self.table = dict(table or HGX_8GPU)
         self.active: set[int] = set()
         self.configured = not restart
         self.log: list[str] = []
+        # a fault for tests: the process dies after answering this many activations
+        self.crash_after = crash_after
+        self.activations = 0
 
     def _check(self, pid: int) -> int:
         if not self.configured:
@@ -72,8 +75,13 @@ class FabricState:
             self.log.append(f"partition {pid} shares GPUs with active partition {busy[0]}")
             return IN_USE
         self.active.add(pid)
+        self.activations += 1
         self.log.append(f"partition {pid} activated")
         return SUCCESS
+
+    @property
+    def crashing(self) -> bool:
+        return bool(self.crash_after) and self.activations >= self.crash_after
 
     def deactivate(self, pid: int) -> int:
         rc = self._check(pid)
@@ -188,6 +196,8 @@ class Server:
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             conn.sendall(self.state.answer(line.decode(errors="replace")).encode())
+            if self.state.crashing:  # the injected fault: gone, as a crashed process is
+                os._exit(1)
         if not data or len(buf) > MAX_REQUEST:
             sel.unregister(conn)
             conn.close()

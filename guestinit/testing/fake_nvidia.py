@@ -32,7 +32,9 @@ interfaces the init uses they behave like the real ones:
 The root (a tmp dir in tests, "/" in a VM) is the nearest ancestor of these files
 holding ``etc/fake-nvidia``. ``etc/fake-nvidia/behaviour`` (``key=value`` lines)
 injects faults: ``persistenced=hang|crash``, ``fabricmanager=hang``, ``hostengine=hang``,
-``smi=fail``, ``gpu_delay=SECONDS`` (per GPU registration). Every start is
+``smi=fail``, ``gpu_delay=SECONDS`` (per GPU registration),
+``fabricmanager_crash_after_activations=N`` (nv-fabricmanager dies after answering its
+Nth partition activation, unless started with ``--restart``). Every start is
 appended to ``etc/fake-nvidia/calls.log``.
 """
 

@@ -93,7 +93,10 @@ def _serve_partitions(cfg: dict[str, str], restart: bool,
     by default, as nv-fabricmanager). Returns the paths to remove at exit."""
     from guestinit.testing import fake_fabric
 
-    state = fake_fabric.FabricState(restart=restart)
+    crash = behaviour().get("fabricmanager_crash_after_activations", "0")
+    # the fault hits the first instance only: the supervisor's restart (--restart) stays up
+    state = fake_fabric.FabricState(restart=restart,
+                                    crash_after=0 if restart else int(crash))
     path = cfg.get("FM_CMD_UNIX_SOCKET_PATH", "")
     host = cfg.get("FM_CMD_BIND_INTERFACE", "127.0.0.1")
     port = int(cfg.get("FM_CMD_PORT_NUMBER", "6666"))

@@ -222,3 +222,15 @@ def test_any_bytes_on_a_connection_are_answered_or_end_it(data: bytes) -> None:
     assert all(isinstance(r, wire.Frame) and r.type is wire.FrameType.REPLY for r in replies)
     if len(data) > partitions.MAX_REQUEST + wire.HEADER.size:
         assert not keep
+
+
+def test_a_request_while_the_fabric_manager_is_down_fails_and_the_next_one_recovers(
+        rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(rig, capsys, "activate", "5")[0] == 0
+    rig.fm.stop()  # gone, not yet back
+    rc, _, err = run(rig, capsys, "list")
+    assert rc == 1 and "FM_ST_CONNECTION_NOT_VALID" in err
+    rig.state = fake_fabric.FabricState(restart=True)
+    rig.fm = fake_fabric.Server.unix(rig.state, rig.fm_path).start()
+    rc, out, _ = run(rig, capsys, "list")
+    assert rc == 0 and out.splitlines()[6].split()[:2] == ["5", "Active"]

@@ -12,6 +12,7 @@ spec, lockdown, ready and shutdown.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,15 @@ def gpu_images(cpu_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict
         broken = standin_bundle.build(tmp / "broken-bundle", release, drop=("nvidia-uvm.ko",))
     except standin_bundle.StandinError as exc:
         pytest.fail(str(exc))
+    # the same bundle whose fabric manager dies after its 2nd partition activation
+    crashing = tmp / "crashing-bundle"
+    shutil.copytree(bundle, crashing, symlinks=True)
+    (crashing / "etc/fake-nvidia/behaviour").write_text(
+        "fabricmanager_crash_after_activations=2\n")
     gpu, switch = f"standin.gpu={GPU_ID}", f"standin.nvswitch={NVSWITCH_ID}"
     return {"gpu": _image("nvidia-gpu", bundle, tmp / "nvidia-gpu", gpu),
             "servicevm": _image("nvidia-servicevm", bundle, tmp / "nvidia-servicevm", switch),
+            "servicevm-crash": _image("nvidia-servicevm", crashing, tmp / "svm-crash", switch),
             "broken": _image("nvidia-gpu", broken, tmp / "broken", gpu)}
 
 
@@ -169,3 +176,45 @@ def test_the_host_controls_the_service_vms_nvlink_partitions(
     assert rc == 0 and active == ["4"]
     assert "audit: deactivate partition 3 gpus 1,3 by vm-test" in out
     print("round trips (s):", {" ".join(a): round(s, 3) for a, *_, s in calls})
+
+
+def test_the_activated_partitions_survive_a_fabric_manager_crash(
+        gpu_images: dict[str, str], tmp_path: Path) -> None:
+    """nv-fabricmanager dies after its 2nd activation; the supervisor restarts it with
+    --restart, and the partition service gives it the activated list again."""
+    import contextlib
+    import io
+    import time
+
+    from bench import fabric
+
+    sock = tmp_path / "partitions.sock"
+    seen: dict[str, tuple[int, str, str]] = {}
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = fabric.main(["--to", f"unix:{sock}", "--by", "vm-test", *args])
+        return rc, out.getvalue(), err.getvalue()
+
+    def host() -> None:
+        seen["activate 3"], seen["activate 4"] = cli("activate", "3"), cli("activate", "4")
+        deadline = time.monotonic() + 40  # the restart's backoff, then FM's start
+        while time.monotonic() < deadline:
+            seen["list"] = cli("list")
+            if seen["list"][0] == 0:
+                break
+            time.sleep(0.5)
+        seen["status"] = cli("status")
+
+    res = boot_vm(gpu_images["servicevm-crash"], tmp_path / "boot", bar=FOUR_SWITCHES,
+                  append="guestinit.partitions.listen=virtio-port:guestinit.partitions",
+                  ports=(("guestinit.partitions", str(sock)),), on_ready=host)
+    _ready(res)
+    assert not res.errors, explain(res)
+    assert seen["activate 3"][0] == 0 and seen["activate 4"][0] == 0, seen
+    rc, out, err = seen["list"]
+    assert rc == 0, (err, explain(res))
+    active = [ln.split()[0] for ln in out.splitlines()[1:] if ln.split()[1] == "Active"]
+    assert active == ["3", "4"], out
+    assert "audit: fabric manager restarted: activated list restored [3, 4]" in seen["status"][1]

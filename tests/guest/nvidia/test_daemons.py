@@ -123,7 +123,8 @@ def test_a_shared_nvswitch_service_vm_starts_the_partition_service_after_the_fm(
     assert p.fm_settings["FM_CMD_UNIX_SOCKET_PATH"] == daemons.FM_SOCKET
     argv = dict(p.daemons)["guestinit-partitions"]
     assert argv[:2] == ["/usr/bin/python3.11", "-S"]
-    assert argv[-4:] == ["--listen", "vsock:1050", "--fm", daemons.FM_SOCKET]
+    assert argv[-6:] == ["--listen", "vsock:1050", "--fm", daemons.FM_SOCKET,
+                         "--syslog", "/dev/log"]
     # FABRIC_MODE 0 (GPUs beside the switches) has no partitions; off starts nothing
     for mode, fabric, listen in ((Mode.GPU, Fabric.NVL4, "vsock:1050"),
                                  (Mode.NVL4, Fabric.NONE, "off")):
