@@ -32,7 +32,7 @@ PERSISTENCED_MARKER = "Local RPC services initialized"
 PERSISTENCED_SOCKET = "var/run/nvidia-persistenced/socket"
 FM_MARKER = "Successfully configured all the available NVSwitches"
 NVLSM_MARKER = "SUBNET UP"
-PARTITIONS_MARKER = "partition service serving on"  # nvidia.partitions.READY_MARKER
+PARTITIONS_MARKER = "partition service serving on"  # nvidia.partitions logs it
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" frames
 WAIT_ROUND = 0.1  # s: how often restarts, a death and progress are looked at
 

@@ -29,6 +29,7 @@ import sys
 import time
 
 from guestinit import wire
+from guestinit.nvidia.daemon_ready import PARTITIONS_MARKER  # the init waits for it
 from guestinit.nvidia.fabric import Fabric, FabricError, Partition
 from guestinit.wire import Frame, FrameError, FrameReader, FrameType
 
@@ -43,7 +44,6 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_HOST = 2
 RETRY = ("FM_ST_CONNECTION_NOT_VALID", "FM_ST_NOT_CONFIGURED")  # a restarted fabric manager
 BOOT_ID = "partition-service"
-READY_MARKER = "partition service serving on"  # its syslog line once it listens
 
 
 def table(parts: list[Partition]) -> list[dict[str, object]]:
@@ -291,10 +291,6 @@ class _Syslog:
         self.logger.error(text)
 
 
-def _syslog(path: str) -> _Syslog:
-    return _Syslog(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python3 -m guestinit.nvidia.partitions --listen vsock:PORT --fm ADDRESS``
     (ADDRESS: a Unix socket path, or a.b.c.d[:port])."""
@@ -306,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--syslog", default="/dev/log", help="the syslog socket (a test root's)")
     args = p.parse_args(argv)
     unix = args.fm.startswith("/")
-    log = _syslog(args.syslog)
+    log = _Syslog(args.syslog)
 
     def audit(line: str) -> None:
         log.notice(f"audit: {line}")
@@ -329,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"cannot listen on {args.listen}: {exc}")
         print(f"guestinit-partitions: {args.listen}: {exc}", file=sys.stderr)
         return 2
-    log.info(f"{READY_MARKER} {args.listen}, fabric manager at {args.fm}")
+    log.info(f"{PARTITIONS_MARKER} {args.listen}, fabric manager at {args.fm}")
     if kind == "virtio-port":
         serve_port(service, path)
     else:
