@@ -14,6 +14,7 @@ from rootfs import cpio, sbom
 from rootfs.closure import Origin, Tree, canonical
 from rootfs.fetch import Pin, file_digests, sha256_file
 from rootfs.pack import SPECIAL_NODES
+from rootfs.staticinit import LINKED_DEBS
 from rootfs.steps import BuildError, run
 
 SCHEMA = 1
@@ -183,7 +184,7 @@ def guestinit_source() -> str:
 # the static libraries the static_init executable links in count as tools (their code is in
 # the image's /usr/bin/python3.11); cffi's sdist is pinned in the lock (sdists)
 TOOL_PACKAGES = ("erofs-utils", "cryptsetup-bin", "lz4", "zstd", "gcc", "musl-tools",
-                 "libpython3.11-dev", "libffi-dev", "zlib1g-dev", "libexpat1-dev")
+                 *LINKED_DEBS)
 
 
 def host_tools() -> dict[str, str]:

@@ -43,6 +43,8 @@ NEEDS = {
     LIBDIR / "libz.a": "zlib1g-dev",
     LIBDIR / "libexpat.a": "libexpat1-dev",
 }
+# the Debian packages on the builder whose static libraries the executable links in
+LINKED_DEBS = tuple(dict.fromkeys(NEEDS.values()))
 # non-PIE (Debian's libpython3.11.a is not PIC) with every symbol exported for the
 # extension modules it loads
 CFLAGS = ("-no-pie", "-O2", "-s", "-std=gnu11", "-w", "-fwrapv", "-Wl,--build-id=none",
@@ -186,8 +188,6 @@ def install(tree: closure.Tree, pool: closure.Pool, lock: fetch.Lock, builtins: 
             f"{', '.join(left_out) or 'none'}")
 
 
-# Debian packages on the builder whose static libraries the executable links in
-LINKED_DEBS = ("libpython3.11-dev", "libffi-dev", "zlib1g-dev", "libexpat1-dev")
 
 
 def static_links(lock: fetch.Lock, tools: dict[str, str]) -> dict[str, list[dict[str, str]]]:
