@@ -93,6 +93,7 @@ class Facts:
 
 
 MAX_AUDIT = 256  # audit events kept; older ones are counted in audit_dropped
+MAX_DEVICE_LOG = 256  # device events the shutdown frame lists (it is at most 64 KiB)
 
 class SideWork:
     """``fn`` on a side thread (``_thread``: ``threading`` costs an import); ``join``
@@ -133,7 +134,7 @@ class SideWork:
 class Boot:
     __slots__ = (
         "_background", "audit", "audit_dropped", "cfg", "cmdline", "cmdline_from_proc",
-        "draft_cfg", "effects", "facts",
+        "device_log", "device_log_dropped", "draft_cfg", "effects", "facts",
         "kmsg", "procs", "reporter", "root", "stop_requested", "supervisor", "syslog",
         "timeline", "wake_fd",
     )
@@ -166,6 +167,8 @@ class Boot:
         self.facts = Facts()
         self.audit: list[str] = []  # device assignment / teardown events (a ring)
         self.audit_dropped = 0  # events the ring no longer holds
+        self.device_log: list[str] = []  # every assignment and release of the VM's life
+        self.device_log_dropped = 0  # the oldest, beyond MAX_DEVICE_LOG
         self._background: list[SideWork] = []
         # set by the init: the shutdown reason if one was asked for, else None; a stage
         # that waits long (daemons) polls it and raises StopRequested
@@ -203,3 +206,19 @@ class Boot:
             del self.audit[0]
             self.audit_dropped += 1
         self.kmsg.log(6, f"audit: {text}")
+
+    def device_event(self, text: str) -> None:
+        """An assignment or release of a device: audited, and kept for the ``shutdown``
+        frame (``device_history``)."""
+        self.audit_event(text)
+        self.device_log.append(text)
+        if len(self.device_log) > MAX_DEVICE_LOG:
+            del self.device_log[0]
+            self.device_log_dropped += 1
+
+    def device_history(self) -> list[str]:
+        """Every device event of the VM's life, oldest first (a first line counts those
+        beyond ``MAX_DEVICE_LOG``)."""
+        dropped = ([f"({self.device_log_dropped} earlier device events not kept)"]
+                   if self.device_log_dropped else [])
+        return [*dropped, *self.device_log]

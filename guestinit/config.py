@@ -120,6 +120,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("syslog.forward", parse_bool, True, "forward syslog lines to kmsg"),
     Setting("readonly", parse_list, (), "mount points remounted read-only in the lockdown stage"),
     Setting("lockdown", parse_bool, True, "write modules_disabled=1 after the last module"),
+    Setting("hotplug", parse_bool, False, "after ready, serve GPUs hot-added and hot-removed "
+            "(PCI uevents through pyudev; needs the pyudev wheel and libudev1 in the image)"),
+    Setting("hotplug.timeout", parse_seconds, 10.0,
+            "seconds a hot-added GPU's driver may take to register it before it is refused"),
     Setting("modules", parse_list, (), "extra kernel modules loaded early (names)"),
     Setting("daemon.timeout", parse_seconds, 0.0,
             "seconds every daemon may take to become ready, unless it has its own "

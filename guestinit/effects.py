@@ -213,6 +213,13 @@ class Effects:
     def makedirs(self, path: str, mode: int = 0o755) -> None:
         os.makedirs(path, mode, exist_ok=True)
 
+    def unlink(self, path: str) -> None:
+        """Remove a node we made (a hot-removed GPU's)."""
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"unlink {path}: {exc.strerror}") from None
+
 
 class DryEffects(Effects):
     """Records what would be done instead of doing it; tests and `--dry-run`."""
@@ -272,6 +279,9 @@ class DryEffects(Effects):
 
     def makedirs(self, path: str, mode: int = 0o755) -> None:
         self._do("makedirs", path, mode)
+
+    def unlink(self, path: str) -> None:
+        self._do("unlink", path)
 
     def unshare(self, flags: int) -> None:
         self._do("unshare", flags)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from guestinit.control import ControlServer
+    from guestinit.hotplug import Hotplug
     from guestinit.supervisor import Service
 else:  # signal.py imports enum (boot path); the C module has everything used here
     import _signal as signal
@@ -44,7 +45,7 @@ class Init:
     """Owns the boot: ``Init(boot).run(stages)`` never returns when PID 1."""
 
     __slots__ = ("_control_server", "_stop_reason", "_unwatch", "_wake_r", "boot", "current",
-                 "extra_fds", "loop_iterations", "started")
+                 "extra_fds", "hotplug", "loop_iterations", "started")
 
     def __init__(self, boot: Boot) -> None:
         self.boot = boot
@@ -56,6 +57,7 @@ class Init:
         self.extra_fds: dict[int, Callable[[], object]] = {}  # e.g. the power button
         self._unwatch: list[int] = []  # extra fds whose device went away
         self._control_server: ControlServer | None = None
+        self.hotplug: Hotplug | None = None  # after ready, with the hotplug setting
 
     # -- signals -----------------------------------------------------------
     def install_signals(self) -> None:
@@ -158,11 +160,16 @@ class Init:
         if control is not None:
             handlers[control.fileno()] = control.handle
         handlers.update(self.extra_fds)
+        hotplug = self._start_hotplug()
+        if hotplug is not None:
+            handlers[hotplug.fileno()] = hotplug.on_readable
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         while self._stop_reason is None:
             boot.procs.reap()
             due = boot.supervisor.tick()
+            if hotplug is not None and (wait := hotplug.tick()) is not None:
+                due = wait if due is None else min(due, wait)
             timeout_ms = 1000 if due is None else max(1, int(due * 1000))
             for fd, _ in poller.poll(timeout_ms):
                 handlers[fd]()
@@ -173,6 +180,18 @@ class Init:
             self.loop_iterations += 1
         if control is not None:
             control.close()
+        if hotplug is not None:
+            hotplug.close()
+
+    def _start_hotplug(self) -> Hotplug | None:
+        """After the ready frame (off the boot path): the uevent monitor, when asked for."""
+        boot = self.boot
+        if boot.cfg is None or not boot.cfg.bool("hotplug"):
+            return None
+        from guestinit.nvidia.hotplug import start
+
+        self.hotplug = start(boot)
+        return self.hotplug
 
     def _control(self) -> ControlServer | None:
         from guestinit.control import ControlServer
@@ -201,6 +220,8 @@ class Init:
                        "recent": list(boot.reporter.recent)},
             "syslog": boot.syslog.stats() if boot.syslog is not None else None,
             "self_rss": _rss(boot.root, os.getpid()),
+            "devices": (self.hotplug.status() if self.hotplug is not None else
+                        {"devices": [g.to_map() for g in boot.facts.gpus]}),
             "audit": list(boot.audit[-50:]),
             "audit_dropped": boot.audit_dropped + max(0, len(boot.audit) - 50),
         }
@@ -224,6 +245,8 @@ class Init:
 
         marks = kernel_marks(os.path.join(boot.root, "dev/kmsg"))  # before /dev goes
         audit = self.teardown()
+        # every assignment and release of the VM's life, then the teardown's own lines
+        audit = [*boot.device_history(), *audit]
         boot.reporter.send(wire.FrameType.SHUTDOWN, reason=reason, audit=audit,
                            timeline=boot.timeline.snapshot(), kernel=marks)
         self.power_off()

@@ -87,6 +87,10 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "by": _STR,  # request: who asks (kept in the audit trail)
     "partitions": _LIST,  # reply: the fabric's partitions (list, status)
     "audit": _LIST,  # reply: the audit events of the request; shutdown: the boot's
+    "bdf": _STR,  # progress from hotplug: the device's PCI address
+    "index": _INT,  # ... the GPU's index (CDI's nvidia.com/gpu=N)
+    "uuid": _STR,  # ... the GPU's UUID
+    "latency_us": _INT,  # ... from the uevent's arrival to the work's end
 }
 
 

@@ -167,11 +167,18 @@ def write_spec(path: str, spec: Mapping[str, object]) -> None:
 
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(spec, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(spec, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)  # a reader sees the old spec or the new one, never half
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _warn_about(boot: Boot, files: driver_files.Userspace) -> None:
@@ -184,30 +191,57 @@ def _warn_about(boot: Boot, files: driver_files.Userspace) -> None:
                       "for the driver's libraries)")
 
 
-def run_cdi(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
-    """Write the specs of the GPUs the devices stage assigned (the caller runs this only
-    when there are some: gpu mode)."""
+def plan_specs(boot: Boot, libdir: str = driver_files.LIBDIR
+               ) -> list[tuple[str, dict[str, object]]]:
+    """(path under the root, spec) for the GPUs assigned now; OSError names a driver file
+    that could not be read."""
     facts = boot.facts
-    gpus = [g.to_map() for g in facts.gpus]
+    gpus = [g.to_map() for g in sorted(facts.gpus, key=lambda g: g.index)]
     nodes = facts.device_nodes
     cfg = boot.config()
     gid = cfg.int("device.gid")
-    try:
-        files = driver_files.read_userspace(boot.root, libdir, cfg.str("nvidia.bin"))
-    except OSError as exc:
-        raise BootError(Stage.CDI, f"read {exc.filename}: {exc.strerror or exc}") from None
+    files = driver_files.read_userspace(boot.root, libdir, cfg.str("nvidia.bin"))
     _warn_about(boot, files)
     specs = [(SPEC_PATH, plan_spec(gpus, nodes.get("control", []), gid, files))]
     if nodes.get("imex"):
         specs.append((IMEX_SPEC_PATH, plan_imex_spec(nodes["imex"], gid)))
+    return specs
+
+
+def run_cdi(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
+    """Write the specs of the GPUs the devices stage assigned (the caller runs this only
+    when there are some: gpu mode)."""
+    try:
+        specs = plan_specs(boot, libdir)
+    except OSError as exc:
+        raise BootError(Stage.CDI, f"read {exc.filename}: {exc.strerror or exc}") from None
     for rel, spec in specs:
         path = boot.path(rel)
         try:
             write_spec(path, spec)
         except OSError as exc:
             raise BootError(Stage.CDI, f"write CDI spec {path}: {exc.strerror or exc}") from None
+    facts = boot.facts
     facts.cdi = ["/" + rel for rel, _ in specs]
-    boot.kmsg.log(6, f"cdi: {len(gpus)} GPUs, {len(files.libraries)} libraries in "
-                  f"/{SPEC_PATH} (cdiVersion {specs[0][1]['cdiVersion']})"
-                  + (f"; {len(nodes['imex'])} IMEX channels in /{IMEX_SPEC_PATH}"
-                     if len(specs) > 1 else ""))
+    boot.kmsg.log(6, f"cdi: {len(facts.gpus)} GPUs in /{SPEC_PATH} (cdiVersion "
+                  f"{specs[0][1]['cdiVersion']})" + (f"; {len(facts.device_nodes['imex'])} "
+                  f"IMEX channels in /{IMEX_SPEC_PATH}" if len(specs) > 1 else ""))
+
+
+def update(boot: Boot, libdir: str = driver_files.LIBDIR) -> str:
+    """After a hot-plug: the GPU spec again for the GPUs assigned now (written atomically,
+    as at boot), or removed when none is left (a spec whose ``all`` has no node asks a
+    runtime for nothing); the path. OSError names the file."""
+    path = boot.path(SPEC_PATH)
+    if not boot.facts.gpus:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        boot.facts.cdi = [p for p in boot.facts.cdi if p != "/" + SPEC_PATH]
+        return path
+    spec = dict(plan_specs(boot, libdir))[SPEC_PATH]
+    write_spec(path, spec)
+    if "/" + SPEC_PATH not in boot.facts.cdi:
+        boot.facts.cdi.insert(0, "/" + SPEC_PATH)
+    return path

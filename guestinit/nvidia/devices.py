@@ -236,7 +236,7 @@ def run_devices(boot: Boot) -> None:
         "other": [n.to_map() for n in nodes if n.path.startswith(("nvidia-caps/", "nvidia-nvs"))],
     }
     for i, g in enumerate(gpus):
-        boot.audit_event(f"assign gpu{i} {g.bdf} {g.uuid or '(no uuid)'} {g.model} "
+        boot.device_event(f"assign gpu{i} {g.bdf} {g.uuid or '(no uuid)'} {g.model} "
                          f"as /dev/nvidia{g.minor}")
     boot.kmsg.log(6, f"devices: {len(nodes)} nodes ({len(created)} created)")
 
