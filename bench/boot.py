@@ -20,6 +20,7 @@ from typing import TextIO
 
 from bench.image import Image, kernel_words, replace_cmdline
 from bench.kata import ROOT_PORTS
+from bench.live import Live
 from bench.qemu import (
     QEMU,
     BarDevice,
@@ -63,7 +64,8 @@ class BootOptions:
     cmdline: str | None = None
     firmware: str = "/usr/share/ovmf/OVMF.fd"  # a Kata-machine image boots through OVMF
     ports: tuple[tuple[str, str], ...] = ()  # more virtio-serial ports (bench.qemu.VmSpec)
-    on_ready: Callable[[], None] | None = None  # run once at ready, before the powerdown
+    # run once at ready, before the powerdown, with the running guest (bench.live.Live)
+    on_ready: Callable[[Live], None] | None = None
 
 
 @dataclass
@@ -211,6 +213,7 @@ class _Watch:
         self.quit_sent = False
         self.console: Console | None = None
         self.hold_seen = False
+        self.report: socket.socket | None = None  # set by loop()
 
     def _at(self, now: float) -> float:
         return now - self.spawned
@@ -241,8 +244,9 @@ class _Watch:
             if item.type is FrameType.READY and self.state == self.READY:
                 timings["host_ready_s"] = self._at(now)
                 if self.opts.on_ready is not None:  # the host talks to the running guest
+                    assert self.report is not None  # frames come through loop()
                     try:
-                        self.opts.on_ready()
+                        self.opts.on_ready(Live(self.qmp, self.report, self.take, res.frames))
                     except Exception as exc:
                         res.errors.append(f"on_ready: {type(exc).__name__}: {exc}")
                     now = time.monotonic()
@@ -299,6 +303,7 @@ class _Watch:
     def loop(self, child: subprocess.Popen[bytes], report: socket.socket,
              progress: Progress) -> None:
         sel = selectors.DefaultSelector()
+        self.report = report
         report.setblocking(False)
         sel.register(report, selectors.EVENT_READ)
         if self.console is not None:

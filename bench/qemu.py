@@ -75,6 +75,9 @@ class BarDevice:
     phys_bits: int = DEFAULT_PHYS_BITS
     count: int = 1  # ivshmem-plain devices (the GPU stand-ins), at 01.0, 02.0, ...
     edu: int = 0  # QEMU "edu" devices after them (the NVSwitch stand-ins)
+    # empty pcie-root-ports hp0, hp1, ... after them, for QMP device_add (hot-plug); the
+    # guest needs pcie_ports=native: microvm's ACPI _OSC grants no native hot-plug
+    hotplug_ports: int = 0
 
     def bdfs(self) -> list[str]:
         """The addresses of the ivshmem devices, then of the edu devices."""
@@ -237,6 +240,10 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     if spec.bar is not None:
         for (obj, dev), bdf in zip(standin_devices(spec.bar), spec.bar.bdfs(), strict=True):
             argv += [*obj, "-device", f"{dev},addr={bdf.split(':', 2)[2]}"]
+        first = len(spec.bar.bdfs()) + 1
+        for i in range(spec.bar.hotplug_ports):
+            argv += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis={i + 1},"
+                     f"slot={i + 1},addr={first + i:02x}.0"]
     for i, disk in enumerate(spec.disks):
         argv += [
             "-drive", f"id=disk{i},file={disk},format=raw,if=none,readonly=on",

@@ -22,6 +22,8 @@ or the queue overflowed) the handler's view is rebuilt from sysfs (``rescan``).
 
 from __future__ import annotations
 
+import os
+
 from guestinit.uevents import Event, EventQueue
 
 TYPE_CHECKING = False
@@ -86,7 +88,8 @@ class Hotplug:
             self.queue.push(Event(props, now))
         self.process()
         if self.queue.overflowed != overflowed or self._monitor.lost != lost:
-            self.rescan(now)
+            self.rescan(now, f"uevents lost (queue {self.queue.overflowed}, socket "
+                        f"{self._monitor.lost}); rescanning sysfs")
 
     def process(self) -> None:
         for item in self.queue.take():
@@ -145,7 +148,7 @@ class Hotplug:
             if event.received_ns else 0
         extra = {k: v for k, v in fields.items() if k != "detail"}
         boot.reporter.progress("hotplug", what, detail, bdf=event.key, **extra,
-                               latency_us=latency)
+                               latency_us=latency, **vitals(boot.root))
 
     def tick(self) -> float | None:
         """Look again at devices whose driver is due; refuse those past their time.
@@ -162,13 +165,13 @@ class Hotplug:
                     "(the driver refused the device or is not bound to it: see dmesg)")})
         return POLL_WHILE_PENDING if self.pending else None
 
-    def rescan(self, now: int) -> None:
-        """Events were lost: what sysfs shows decides (adds for devices not yet served,
-        removes for assigned devices that are gone)."""
+    def rescan(self, now: int, why: str) -> None:
+        """What sysfs shows decides (adds for devices not yet served, removes for assigned
+        devices that are gone): when events were lost, and once when the monitor opens
+        (a device added between the discover stage and then has sent its uevent already)."""
         self.counts["rescans"] += 1
         present, owned = self.handler.present(), self.handler.owned()
-        self.boot.kmsg.log(4, f"hotplug: uevents lost (queue {self.queue.overflowed}, "
-                           f"socket {self._monitor.lost}); rescanning sysfs")
+        self.boot.kmsg.log(4 if "lost" in why else 6, f"hotplug: {why}")
         for key in sorted(owned - present):
             self.queue.push(Event({"ACTION": "remove", "PCI_SLOT_NAME": key}, now))
         for key in sorted(present - owned - set(self.pending)):
@@ -185,3 +188,22 @@ class Hotplug:
     def close(self) -> None:
         self._monitor.close()
 
+
+def vitals(root: str) -> dict[str, int]:
+    """PID 1's open fds, threads and RSS (KiB), and the GPU nodes in /dev: what a leak
+    across hot-plug cycles would show (each hot-plug frame carries them)."""
+    out: dict[str, int] = {}
+    try:  # this process's own (any procfs shows it): a test root may have none
+        out["fds"] = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        out["threads"] = int(fields["Threads"])
+        out["rss_kib"] = int(fields["VmRSS"].split()[0])
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        names = os.listdir(os.path.join(root, "dev"))
+    except OSError:
+        names = []
+    out["nodes"] = sum(1 for n in names if n.startswith("nvidia") and n[6:].isdigit())
+    return out

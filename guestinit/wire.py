@@ -91,6 +91,10 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "index": _INT,  # ... the GPU's index (CDI's nvidia.com/gpu=N)
     "uuid": _STR,  # ... the GPU's UUID
     "latency_us": _INT,  # ... from the uevent's arrival to the work's end
+    "fds": _INT,  # ... PID 1's open fds, threads, RSS and the GPU nodes in /dev after it
+    "threads": _INT,
+    "rss_kib": _INT,
+    "nodes": _INT,
 }
 
 

@@ -304,6 +304,7 @@ def _build_image(prof: profile.Profile, out: Path, driver_dir: Path | None,
                     # cffi's backend is built into the one executable: no second copy
                     skip = staticinit.BUILT_IN if one else ()
                     install_wheel(tree, whl, Origin(name, fetch.wheel_version(whl)), skip)
+                    tree_extras.take_dlopened(tree, pool, name)
                     roots.extend(r for r in tree_extras.wheel_roots(whl)
                                  if not f"{r}.".startswith(skip))
                 if not one:

@@ -62,6 +62,18 @@ def wheel_roots(whl: Path) -> list[str]:
     return sorted(names)
 
 
+# shared libraries a wheel loads with dlopen (ctypes), which the ELF closure cannot see:
+# pyudev opens libudev by its soname (guestinit.uevents.LIBUDEV)
+DLOPENED = {"pyudev": ("usr/lib/x86_64-linux-gnu/libudev.so.1",)}
+
+
+def take_dlopened(tree: Tree, pool: Pool, wheel: str) -> None:
+    """The libraries ``wheel`` dlopens, from the profile's packages (then the ELF closure
+    adds what they need); a missing one is a BuildError naming the package to add."""
+    for lib in DLOPENED.get(wheel, ()):
+        tree.take(pool, lib, f"the {wheel} wheel, which loads it at run time")
+
+
 def install_busybox(tree: Tree, pool: Pool) -> None:
     tree.take(pool, "/bin/busybox", "shell = true")
     for applet in BUSYBOX_APPLETS:

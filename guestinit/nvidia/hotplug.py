@@ -204,6 +204,8 @@ def start(boot: Boot) -> Hotplug | None:
         boot.kmsg.log(3, f"hotplug: no uevent monitor: {exc}")
         boot.reporter.progress("hotplug", "warning", detail=f"no uevent monitor: {exc}")
         return None
-    boot.timeline.add("hotplug:monitor", start_ns, boot.timeline.now())
+    hotplug = Hotplug(boot, GpuHandler(boot), monitor, cfg.float("hotplug.timeout"))
     boot.kmsg.log(6, "hotplug: watching PCI uevents")
-    return Hotplug(boot, GpuHandler(boot), monitor, cfg.float("hotplug.timeout"))
+    hotplug.rescan(boot.timeline.now(), "scanning sysfs for devices added since discover")
+    boot.timeline.add("hotplug:monitor", start_ns, boot.timeline.now())
+    return hotplug
