@@ -227,6 +227,14 @@ ONE_GPU_AND_A_FREE_SLOT = BarDevice(64 * MIB, count=1, hotplug_ports=1)
 CYCLES = 10
 
 
+def hotplug_cmdline(image: str, extra: str = "") -> str:
+    """The image's cmdline for hot-plug on microvm: its _OSC grants no native hot-plug
+    (pcie_ports=native), and with the gpu preset's pci=nocrs no hot-plug event of the root
+    port reaches the guest (seen here)."""
+    words = (Path(image) / "cmdline.txt").read_text().split()
+    return " ".join(w for w in words if w != "pci=nocrs") + " pcie_ports=native " + extra
+
+
 def _qmp_retry(live: Live, command: str, timeout: float = 30.0, **arguments: object) -> None:
     """``command`` until QEMU takes it (object-del is refused until the device using the
     backend is finalized, after the guest let go of it)."""
@@ -269,12 +277,8 @@ def test_gpus_hot_added_and_removed_after_ready_are_served_and_released(
             cycles.append((added, released, t1 - t0, time.monotonic() - t1))
             _qmp_retry(live, "object-del", id=f"hb{i}")
 
-    # microvm: its _OSC grants no native hot-plug (pcie_ports=native), and with the gpu
-    # preset's pci=nocrs no hot-plug event of the root port reaches the guest (seen here)
-    words = (Path(gpu_images["gpu"]) / "cmdline.txt").read_text().split()
-    cmdline = " ".join(w for w in words if w != "pci=nocrs") + " pcie_ports=native"
-    res = boot_vm(gpu_images["gpu"], tmp_path, cmdline=cmdline, bar=ONE_GPU_AND_A_FREE_SLOT,
-                  on_ready=host)
+    res = boot_vm(gpu_images["gpu"], tmp_path, cmdline=hotplug_cmdline(gpu_images["gpu"]),
+                  bar=ONE_GPU_AND_A_FREE_SLOT, on_ready=host)
     _ready(res)
     assert not res.errors, explain(res)
     assert len(cycles) == CYCLES, explain(res)
@@ -301,3 +305,42 @@ def test_gpus_hot_added_and_removed_after_ready_are_served_and_released(
           [(a["latency_us"], r["latency_us"], round(ta, 2), round(tr, 2))
            for a, r, ta, tr in cycles])
 
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["driver-loaded-on-add", "locked"])
+def test_a_gpu_hot_added_to_a_guest_that_booted_without_one(
+        gpu_images: dict[str, str], tmp_path: Path, locked: bool) -> None:
+    """cpu mode at boot (no GPU): the add loads the driver, unless modules_disabled is set;
+    then the GPU is refused, naming the setting."""
+    got: list[dict[str, object]] = []
+
+    def host(live: Live) -> None:
+        live.qmp.execute("object-add", **{"qom-type": "memory-backend-ram", "id": "hb",
+                                          "size": 64 * MIB, "share": True})
+        live.qmp.execute("device_add", driver="ivshmem-plain", memdev="hb", bus="hp0", id="hg")
+        frame = live.wait(lambda f: f.get("stage") == "hotplug" and f.get("event") in
+                          ("assign", "refused"), 120)
+        assert frame is not None, "no hotplug frame within 120 s"
+        got.append(frame.frame.fields)
+
+    cmdline = hotplug_cmdline(gpu_images["gpu"], "" if locked else "guestinit.lockdown=false")
+    res = boot_vm(gpu_images["gpu"], tmp_path, cmdline=cmdline,
+                  bar=BarDevice(0, hotplug_ports=1), on_ready=host)
+    assert _ready(res)["mode"] == "cpu"
+    assert not res.errors and len(got) == 1, explain(res)
+    (frame,) = got
+    if locked:
+        assert frame["event"] == "refused", frame
+        assert str(frame["detail"]).startswith("GPU 0000:01:00.0 cannot be served: the nvidia "
+                                               "driver is not loaded and module loading is "
+                                               "locked (modules_disabled=1)")
+        assert "guestinit.lockdown=false" in str(frame["detail"])
+        return
+    assert frame["event"] == "assign", frame
+    assert str(frame["detail"]).startswith("assign gpu0 0000:01:00.0 GPU-00000000-")
+    assert frame["nodes"] == 1
+    shutdown = res.first(FrameType.SHUTDOWN)
+    assert shutdown is not None, explain(res)
+    audit = [str(a) for a in shutdown.fields["audit"]]
+    assert audit[0].startswith("assign gpu0 0000:01:00.0 ") and audit[0].endswith("(hot-plug)")
+    assert any(a.startswith("release gpu0 0000:01:00.0 ") for a in audit[1:]), audit
