@@ -66,6 +66,30 @@ def host_description() -> dict[str, object]:
             "arch": platform.machine()}
 
 
+def default_target() -> tuple[str, int]:
+    """The first NVIDIA GPU's largest BAR, found through udev (bench.host_gpus)."""
+    from bench.host_gpus import HostGpuError, bar_map_target, enumerate_nvidia
+
+    try:
+        found = bar_map_target(enumerate_nvidia())
+    except HostGpuError as exc:
+        raise ValueError(f"no target given and {exc}") from None
+    if found is None:
+        raise ValueError("no target given and udev lists no NVIDIA GPU (vendor 0x10de, class "
+                         "0x03xxxx) with a memory BAR: give a BAR as <bdf>:<bar> "
+                         "(e.g. 0000:3b:00.0:1) or --file")
+    dev, bar = found
+    print(f"bar-map: no target given: {dev.bdf} BAR {bar.index}, the largest BAR of the "
+          "first NVIDIA GPU", file=sys.stderr)
+    return dev.bdf, bar.index
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from bench import host_gpus
+
+    return host_gpus.main(["--json"] if args.json else [])
+
+
 def cmd_bar_map(args: argparse.Namespace) -> int:
     from guestinit import barmap
     from guestinit.sizes import parse_size, parse_target
@@ -75,9 +99,7 @@ def cmd_bar_map(args: argparse.Namespace) -> int:
         if args.file:
             path, enable_dir, target = args.file, None, args.file
         else:
-            if not args.target:
-                raise ValueError("give a BAR as <bdf>:<bar> (e.g. 0000:3b:00.0:1) or --file")
-            bdf, bar = parse_target(args.target)
+            bdf, bar = (parse_target(args.target) if args.target else default_target())
             sysfs = args.sysfs
             path = barmap.resource_path(bdf, bar, sysfs)
             dev = barmap.device_dir(bdf, sysfs)
@@ -162,7 +184,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     bm = sub.add_parser("bar-map", help="map a PCI BAR read-only through sysfs and measure "
                         "mmap, first-touch, streaming and page-table costs")
     bm.add_argument("target", nargs="?", metavar="BDF:BAR",
-                    help="the BAR, e.g. 0000:3b:00.0:1 (sysfs resource1 of that device)")
+                    help="the BAR, e.g. 0000:3b:00.0:1 (sysfs resource1 of that device); "
+                    "default: the largest BAR of the first NVIDIA GPU udev lists")
     bm.add_argument("--span", metavar="BYTES",
                     help="bytes to map and touch (default min(1G, BAR size)), e.g. 256M")
     bm.add_argument("--file", metavar="PATH",
@@ -173,4 +196,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "enable), for the run only; never needed with a bound driver")
     bm.add_argument("--json", metavar="FILE", help="write the figures and the host as JSON")
     bm.set_defaults(func=cmd_bar_map)
+
+    gp = sub.add_parser("gpus", help="the host's NVIDIA PCI devices through udev (pyudev): "
+                        "address, kind, driver, NUMA node, BARs")
+    gp.add_argument("--json", action="store_true", help="print them as JSON")
+    gp.set_defaults(func=cmd_gpus)
 

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 RESULTS=${1:-${OUT:-bench/results}}
 SPAN=${2:-1G}
 PY=${PYTHON:-python3}
-SYSFS=${SYSFS:-/sys}  # tests point it at an empty tree
+SYSFS=${SYSFS:-/sys}  # the bar-map step's sysfs root (tests point it at an empty tree)
 LIMIT=60  # seconds per step; the whole script stays well under 5 minutes
 
 gpu_name=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -47,32 +47,16 @@ step proc-files proc-driver-nvidia-files.txt sh -c '
   for f in $(find /proc/driver/nvidia /proc/driver/nvidia-caps -maxdepth 4 -type f \
              2>/dev/null | sort); do
     printf "==> %s <==\n" "$f"; head -c 65536 "$f" 2>&1; echo; done'
-step sysfs sysfs-nvidia.txt env SYSFS="$SYSFS" sh -c '
-  for d in "$SYSFS"/bus/pci/devices/*; do
-    [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue
-    for a in vendor device class subsystem_vendor subsystem_device revision numa_node \
-             resource enable local_cpulist current_link_speed current_link_width \
-             max_link_speed max_link_width; do
-      [ -r "$d/$a" ] && printf "%s/%s\n%s\n" "$d" "$a" "$(cat "$d/$a")"; done
-    printf "%s/driver -> %s\n" "$d" "$(basename "$(readlink "$d/driver")" 2>/dev/null)"
-    printf "%s/iommu_group -> %s\n" "$d" "$(basename "$(readlink "$d/iommu_group")" \
-      2>/dev/null)"
-    ls -l "$d"/resource[0-9]* 2>/dev/null
-  done'
+# the NVIDIA devices as udev enumerates them (bench.host_gpus: pyudev), BARs included
+step gpus gpus.json env PYTHONPATH=. "$PY" -m bench.host_gpus --json
 
-# the first NVIDIA display/3D controller (class 0x03xxxx) and its BAR 1
-bdf=""
-for d in "$SYSFS"/bus/pci/devices/*; do
-  if [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && \
-     case "$(cat "$d/class" 2>/dev/null)" in 0x03*) true ;; *) false ;; esac; then
-    bdf=$(basename "$d"); break
-  fi
-done
-if [ -n "$bdf" ]; then
-  step bar-map bar-map.txt env PYTHONPATH=. "$PY" -m bench.cli bar-map "$bdf:1" \
+# the largest BAR of the first NVIDIA GPU (PCI order), from the same enumeration
+target=$(env PYTHONPATH=. "$PY" -m bench.host_gpus --bar-map-target 2>/dev/null)
+if [ -n "$target" ]; then
+  step bar-map bar-map.txt env PYTHONPATH=. "$PY" -m bench.cli bar-map "$target" \
     --span "$SPAN" --sysfs "$SYSFS" --json "$dir/bar-map.json"
 else
-  printf 'bar-map\tskipped\tno NVIDIA GPU (class 0x03xxxx) in $SYSFS/bus/pci/devices\n' >> "$steps"
+  printf 'bar-map\tskipped\tno NVIDIA GPU (class 0x03xxxx) in udev'"'"'s enumeration\n' >> "$steps"
 fi
 { uname -a; grep -m1 'model name' /proc/cpuinfo; nproc; grep MemTotal /proc/meminfo; } \
   > "$dir/host.txt" 2>&1

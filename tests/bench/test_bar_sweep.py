@@ -161,24 +161,53 @@ def test_bar_map_cli_measures_a_file_and_refuses_a_bad_target(
     assert "memory decoding is off" in capsys.readouterr().err
 
 
-def test_the_device_script_records_every_step_and_goes_on_without_a_gpu(tmp_path: Path) -> None:
-    """Here there is no NVIDIA GPU: each step is recorded with its status, bar-map says
-    why it was skipped, and the script still ends well (on the GPU host it maps BAR 1)."""
+def _device_script(tmp_path: Path, fixture: str) -> tuple[Path, list[str], str]:
+    """bench/device/bar-map.sh under umockdev-run with a fixture's PCI devices as udev's
+    (the script's udev enumeration sees only those), its bar-map step on an empty sysfs:
+    a GPU on the test host is never touched. The result directory, steps, stdout."""
+    import shutil
+    import sys
+
     from rootfs import proc
+    from tests.fixtures.umockdev_tree import FIXTURES
     from tests.vm.conftest import REPO
 
-    sysfs = tmp_path / "sys"  # an empty tree: a GPU on the test host is never touched
+    umockdev_run = shutil.which("umockdev-run")
+    assert umockdev_run, "umockdev-run missing: apt-get install umockdev (build.sh setup)"
+    sysfs = tmp_path / "sys"
     (sysfs / "bus/pci/devices").mkdir(parents=True)
-    done = proc.run(["env", f"SYSFS={sysfs}", "bash", str(REPO / "bench/device/bar-map.sh"),
-                     str(tmp_path / "results")], timeout=120)
+    done = proc.run([umockdev_run, "-d", str(FIXTURES / f"{fixture}.umockdev"), "--", "env",
+                     f"SYSFS={sysfs}", f"PYTHON={sys.executable}", "bash",
+                     str(REPO / "bench/device/bar-map.sh"), str(tmp_path / "results")],
+                    timeout=120, cwd=str(REPO))
     (result,) = (tmp_path / "results").iterdir()
-    steps = (result / "steps.txt").read_text().splitlines()
+    return result, (result / "steps.txt").read_text().splitlines(), done.stdout
+
+
+def test_the_device_script_records_every_step_and_goes_on_without_a_gpu(tmp_path: Path) -> None:
+    """No NVIDIA GPU: each step is recorded with its status, bar-map says why it was
+    skipped, and the script still ends well (on the GPU host it maps the largest BAR)."""
+    result, steps, out = _device_script(tmp_path, "empty")
     names = [line.split("\t")[0] for line in steps]
     assert names == ["lspci", "lspci-numeric", "nvidia-smi", "nvidia-smi-xml",
-                     "nvidia-smi-topo", "proc-tree", "proc-files", "sysfs", "bar-map"]
+                     "nvidia-smi-topo", "proc-tree", "proc-files", "gpus", "bar-map"]
     assert all("\trc=" in line for line in steps[:-1])
-    assert "skipped\tno NVIDIA GPU" in steps[-1] and f"results in {result}" in done.stdout
+    assert "skipped\tno NVIDIA GPU" in steps[-1] and f"results in {result}" in out
     assert (result / "host.txt").read_text().strip()
+    assert json.loads((result / "gpus.json").read_text()) == []
+
+
+def test_the_device_script_finds_the_gpu_through_udev_and_maps_its_largest_bar(
+        tmp_path: Path) -> None:
+    """An H100 in udev's enumeration: gpus.json describes it, and bar-map is run on its
+    BAR 1 (128 GiB; here the empty sysfs makes that step fail, which is recorded)."""
+    result, steps, _ = _device_script(tmp_path, "h100x1")
+    (gpu,) = json.loads((result / "gpus.json").read_text())
+    assert gpu["bdf"] == "0000:18:00.0" and gpu["kind"] == "gpu" and gpu["device"] == "0x2330"
+    assert [(b["index"], b["size"]) for b in gpu["bars"]] == [
+        (0, 16 << 20), (1, 128 << 30), (3, 32 << 20)]
+    (bar_map,) = [line for line in steps if line.startswith("bar-map\t")]
+    assert "\trc=0\t" not in bar_map and "bar-map 0000:18:00.0:1 " in bar_map
 
 
 def test_the_kvm_device_script_stops_with_the_reason_where_kvm_cannot_run(
