@@ -304,6 +304,9 @@ def test_gpus_hot_added_and_removed_after_ready_are_served_and_released(
     print("hot-plug (guest latency_us add/remove, host s add/remove):",
           [(a["latency_us"], r["latency_us"], round(ta, 2), round(tr, 2))
            for a, r, ta, tr in cycles])
+    print("shutdown audit:", *audit, sep="\n  ")
+    print("PID 1 after each release (fds, threads, rss KiB, nodes):",
+          [(r["fds"], r["threads"], r["rss_kib"], r["nodes"]) for _, r, _, _ in cycles])
 
 
 
