@@ -28,6 +28,7 @@ from guestinit.uevents import Event, EventQueue
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Protocol
 
     from guestinit.boot import Boot
@@ -82,6 +83,20 @@ class Hotplug:
 
     def on_readable(self) -> None:
         """Take what the kernel sent (at most a batch), then act on it."""
+        self._guarded(self._on_readable)
+
+    def _guarded(self, work: Callable[[], object]) -> object:
+        """A hot-plug bug must not take PID 1 (and the VM) down after ready: it is logged
+        and reported (``progress``, event ``warning``), and the loop goes on."""
+        try:
+            return work()
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}"
+            self.boot.kmsg.log(3, f"hotplug: internal error: {what}")
+            self.boot.reporter.progress("hotplug", "warning", f"internal error: {what}")
+            return None
+
+    def _on_readable(self) -> None:
         now = self.boot.timeline.now()
         overflowed, lost = self.queue.overflowed, self._monitor.lost
         for props in self._monitor.receive():
@@ -155,6 +170,10 @@ class Hotplug:
         Seconds until the next look (None: nothing waits)."""
         if not self.pending:
             return None
+        self._guarded(self._tick)
+        return POLL_WHILE_PENDING if self.pending else None
+
+    def _tick(self) -> None:
         now = self.boot.timeline.now()
         for key, (event, deadline) in list(self.pending.items()):
             self._try(key, event)
@@ -163,7 +182,6 @@ class Hotplug:
                 self._outcome("refused", event, {"detail": (
                     f"{key}: its driver did not register it within {self.timeout:g}s "
                     "(the driver refused the device or is not bound to it: see dmesg)")})
-        return POLL_WHILE_PENDING if self.pending else None
 
     def rescan(self, now: int, why: str) -> None:
         """What sysfs shows decides (adds for devices not yet served, removes for assigned

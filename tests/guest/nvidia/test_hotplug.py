@@ -303,3 +303,20 @@ def test_the_monitor_receives_a_real_kernel_uevent() -> None:
     event = uevents.Event(next(e for e in got if e.get("PCI_SLOT_NAME") == names[-1]))
     assert event.action == "change" and event.subsystem == "pci" and event.key == names[-1]
     assert event.seqnum > 0 and event.devpath.endswith(names[-1])
+
+
+def test_a_bug_in_the_handler_is_reported_and_the_loop_goes_on(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    boot = gpu_root(tmp_path)
+    hp, mon = service(boot)
+    plug(tmp_path)
+
+    def broken(self: GpuHandler, key: str) -> dict[str, object] | None:
+        raise KeyError(key)
+
+    monkeypatch.setattr(GpuHandler, "assign", broken)
+    mon.waiting = [uevent("add")]
+    hp.on_readable()  # no exception reaches PID 1's loop
+    (warning,) = hot_frames(boot)
+    assert warning["event"] == "warning"
+    assert warning["detail"] == f"internal error: KeyError: '{HOT}'"
