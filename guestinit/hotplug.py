@@ -83,9 +83,9 @@ class Hotplug:
 
     def on_readable(self) -> None:
         """Take what the kernel sent (at most a batch), then act on it."""
-        self._guarded(self._on_readable)
+        self.guarded(self._on_readable)
 
-    def _guarded(self, work: Callable[[], object]) -> object:
+    def guarded(self, work: Callable[[], object]) -> object:
         """A hot-plug bug must not take PID 1 (and the VM) down after ready: it is logged
         and reported (``progress``, event ``warning``), and the loop goes on."""
         try:
@@ -170,7 +170,7 @@ class Hotplug:
         Seconds until the next look (None: nothing waits)."""
         if not self.pending:
             return None
-        self._guarded(self._tick)
+        self.guarded(self._tick)
         return POLL_WHILE_PENDING if self.pending else None
 
     def _tick(self) -> None:

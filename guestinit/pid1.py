@@ -190,7 +190,11 @@ class Init:
             return None
         from guestinit.nvidia.hotplug import start
 
-        self.hotplug = start(boot)
+        try:
+            self.hotplug = start(boot)
+        except Exception as exc:  # after ready: the VM runs on without hot-plug
+            boot.kmsg.log(3, f"hotplug: not started: {_describe(exc)}")
+            boot.reporter.progress("hotplug", "warning", f"not started: {_describe(exc)}")
         return self.hotplug
 
     def _control(self) -> ControlServer | None:

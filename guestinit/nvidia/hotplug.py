@@ -206,6 +206,7 @@ def start(boot: Boot) -> Hotplug | None:
         return None
     hotplug = Hotplug(boot, GpuHandler(boot), monitor, cfg.float("hotplug.timeout"))
     boot.kmsg.log(6, "hotplug: watching PCI uevents")
-    hotplug.rescan(boot.timeline.now(), "scanning sysfs for devices added since discover")
+    hotplug.guarded(lambda: hotplug.rescan(boot.timeline.now(),
+                                           "scanning sysfs for devices added since discover"))
     boot.timeline.add("hotplug:monitor", start_ns, boot.timeline.now())
     return hotplug
