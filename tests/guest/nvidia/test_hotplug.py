@@ -320,3 +320,22 @@ def test_a_bug_in_the_handler_is_reported_and_the_loop_goes_on(
     (warning,) = hot_frames(boot)
     assert warning["event"] == "warning"
     assert warning["detail"] == f"internal error: KeyError: '{HOT}'"
+
+
+def test_a_monitor_that_cannot_start_leaves_the_vm_running_without_hot_plug(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from guestinit.nvidia import hotplug as nvidia_hotplug
+    from guestinit.pid1 import Init
+
+    boot = gpu_root(tmp_path)
+
+    def broken(boot: Boot) -> None:
+        raise RuntimeError("no netlink here")
+
+    monkeypatch.setattr(nvidia_hotplug, "start", broken)
+    init = Init(boot)
+    assert init._start_hotplug() is None
+    (warning,) = hot_frames(boot)
+    assert warning["event"] == "warning"
+    assert str(warning["detail"]).startswith("not started: RuntimeError: no netlink here")
+    assert init.status()["devices"] == {"devices": [g.to_map() for g in boot.facts.gpus]}
