@@ -76,18 +76,19 @@ def default_target() -> tuple[str, int]:
         raise ValueError(f"no target given and {exc}") from None
     if found is None:
         raise ValueError("no target given and udev lists no NVIDIA GPU (vendor 0x10de, class "
-                         "0x03xxxx) with a memory BAR: give a BAR as <bdf>:<bar> "
+                         "0x0300xx or 0x0302xx) with a memory BAR: give a BAR as <bdf>:<bar> "
                          "(e.g. 0000:3b:00.0:1) or --file")
     dev, bar = found
+    # stdout, with the figures: a saved report says which BAR was chosen
     print(f"bar-map: no target given: {dev.bdf} BAR {bar.index}, the largest BAR of the "
-          "first NVIDIA GPU", file=sys.stderr)
+          "first NVIDIA GPU")
     return dev.bdf, bar.index
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
     from bench import host_gpus
 
-    return host_gpus.main(["--json"] if args.json else [])
+    return host_gpus.main(["--json"] if args.json else [], prog="guestinit-bench gpus")
 
 
 def cmd_bar_map(args: argparse.Namespace) -> int:

@@ -2,9 +2,13 @@
 
 Hosts have udev: its enumeration (``Context().list_devices(subsystem="pci")``) gives each
 device's properties (``PCI_ID``, ``PCI_CLASS``, ``PCI_SLOT_NAME``, ``DRIVER``) and its
-sysfs attributes, read here through pyudev too (``resource``, ``numa_node``), the BARs
-parsed by the guest's own parser (``guestinit.pci.parse_resource``). Tests run it under
-``umockdev-run`` with the fixtures of ``tests/fixtures/pci``.
+sysfs attributes, read here through pyudev too (``resource``, ``numa_node``, the link
+speeds), the BARs parsed by the guest's own parser (``guestinit.pci.parse_resource``) and
+the kind decided by the guest's NVIDIA profiles (``guestinit.nvidia.PROFILES``: GPUs are
+class 0x0300/0x0302, NVSwitches 0x0680), so host and guest agree on what a GPU is. The
+IOMMU group is a symlink, which libudev does not read as an attribute: it is read from
+the device's sysfs path. Tests run it under ``umockdev-run`` with the fixtures of
+``tests/fixtures/pci``.
 
 ``python -m bench.host_gpus`` prints a table (``--json``: the list); ``--bar-map-target``
 prints ``<bdf>:<bar>`` of the largest memory BAR of the first GPU (PCI order), what
@@ -19,11 +23,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-from guestinit.pci import Bar, parse_resource
+from guestinit.nvidia import NVIDIA, PROFILES
+from guestinit.pci import Bar, PciDevice, parse_resource
 
-NVIDIA = 0x10DE
 LINK = ("current_link_speed", "current_link_width", "max_link_speed", "max_link_width")
-KINDS = {0x03: "gpu", 0x0680: "nvswitch"}  # base class 0x03; or class 0x0680 (bridge, other)
 
 
 class HostGpuError(RuntimeError):
@@ -47,23 +50,32 @@ class HostDevice:
         return {"bdf": self.bdf, "vendor": f"0x{self.vendor:04x}",
                 "device": f"0x{self.device:04x}", "class": f"0x{self.cls:06x}",
                 "kind": self.kind, "driver": self.driver, "numa_node": self.numa_node,
-                "iommu_group": self.iommu_group, "bars": [b.to_map() for b in self.bars],
+                "iommu_group": self.iommu_group,
+                "bars": [{"index": b.index, "start": f"0x{b.start:x}", "size": b.size,
+                          "prefetch": b.prefetch, "mem64": b.mem64} for b in self.bars],
                 "link": self.link}
 
 
-def kind_of(cls: int) -> str:
-    return KINDS.get(cls >> 16, KINDS.get(cls >> 8, "other"))
+def kind_of(device: int, cls: int) -> str:
+    """gpu or nvswitch as the guest's NVIDIA profiles decide (by class), else other."""
+    dev = PciDevice("", NVIDIA, device, cls)
+    for profile in PROFILES:
+        if profile.vendor == NVIDIA and profile.matches(dev):
+            return str(profile.kind)
+    return "other"
 
 
 def _context() -> object:
     try:
         import pyudev
     except ImportError as exc:
-        raise HostGpuError(f"pyudev is not installed ({exc}): pip install pyudev") from None
+        raise HostGpuError(f"pyudev is not installed ({exc}): pip install 'pyudev>=0.24' "
+                          "(a dependency of this project)") from None
     try:
         return pyudev.Context()
     except (ImportError, OSError) as exc:
-        raise HostGpuError(f"libudev did not load ({exc}): apt-get install libudev1") from None
+        raise HostGpuError(f"libudev did not load ({exc}): install the libudev1 package "
+                          "(Debian/Ubuntu: apt-get install libudev1)") from None
 
 
 def _int(text: str | None, base: int = 10) -> int | None:
@@ -80,6 +92,7 @@ def from_udev(dev: object) -> HostDevice | None:
     if _int(vendor_id, 16) != NVIDIA:
         return None
     cls = _int(props.get("PCI_CLASS"), 16) or 0
+    device = _int(device_id, 16) or 0
     attrs = dev.attributes  # type: ignore[attr-defined]
 
     def attr(name: str) -> str | None:
@@ -96,7 +109,7 @@ def from_udev(dev: object) -> HostDevice | None:
     numa = _int(attr("numa_node"))
     return HostDevice(
         bdf=str(props.get("PCI_SLOT_NAME") or dev.sys_name).lower(),  # type: ignore[attr-defined]
-        vendor=NVIDIA, device=_int(device_id, 16) or 0, cls=cls, kind=kind_of(cls),
+        vendor=NVIDIA, device=device, cls=cls, kind=kind_of(device, cls),
         driver=str(props["DRIVER"]) if props.get("DRIVER") else None,
         numa_node=numa if numa is not None and numa >= 0 else None,
         iommu_group=os.path.basename(os.readlink(group)) if os.path.islink(group) else None,
@@ -134,8 +147,8 @@ def describe(devices: list[HostDevice]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.host_gpus", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m bench.host_gpus") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
     ap.add_argument("--json", action="store_true", help="print the devices as JSON")
     ap.add_argument("--bar-map-target", action="store_true",
                     help="print <bdf>:<bar> of the first GPU's largest BAR (nothing if none)")
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices = enumerate_nvidia()
     except HostGpuError as exc:
-        print(f"host_gpus: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     if args.bar_map_target:
         found = bar_map_target(devices)

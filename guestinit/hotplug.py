@@ -99,7 +99,10 @@ class Hotplug:
     def _on_readable(self) -> None:
         now = self.boot.timeline.now()
         overflowed, lost = self.queue.overflowed, self._monitor.lost
+        debug = self.boot.kmsg.level >= 7
         for props in self._monitor.receive():
+            if debug:  # guestinit.log=debug: each uevent whole (tests/fixtures/uevents.json)
+                self.boot.kmsg.log(7, f"hotplug: uevent {json_line(props)}")
             self.queue.push(Event(props, now))
         self.process()
         if self.queue.overflowed != overflowed or self._monitor.lost != lost:
@@ -225,3 +228,9 @@ def vitals(root: str) -> dict[str, int]:
         names = []
     out["nodes"] = sum(1 for n in names if n.startswith("nvidia") and n[6:].isdigit())
     return out
+
+
+def json_line(props: dict[str, str]) -> str:
+    import json
+
+    return json.dumps(props, sort_keys=True)

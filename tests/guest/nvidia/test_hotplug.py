@@ -1,4 +1,7 @@
-"""Hot-plug logic: uevents (as the kernel's pci_uevent spells them) -> queue -> plan -> work.
+"""Hot-plug logic: uevents -> queue -> plan -> work. The events are the ones a VM's kernel
+sent for a hot-plugged stand-in GPU (tests/fixtures/uevents.json, recorded with
+guestinit.log=debug) and, for the other cases, maps spelled as the kernel's pci_uevent
+spells them.
 
 The monitor is a stand-in that hands out recorded uevent property maps; the handler is
 the real ``GpuHandler`` over a tmp root (umockdev fixture as sysfs, the fake driver's
@@ -339,3 +342,39 @@ def test_a_monitor_that_cannot_start_leaves_the_vm_running_without_hot_plug(
     assert warning["event"] == "warning"
     assert str(warning["detail"]).startswith("not started: RuntimeError: no netlink here")
     assert init.status()["devices"] == {"devices": [g.to_map() for g in boot.facts.gpus]}
+
+
+def test_the_uevents_recorded_in_a_vm_assign_then_release_the_stand_in_gpu(
+        tmp_path: pathlib.Path) -> None:
+    """The add, bind, unbind and remove the VM's kernel sent for a hot-plugged stand-in
+    GPU (tests/fixtures/uevents.json), replayed against the same device in a test root."""
+    recorded = json.loads((pathlib.Path(__file__).parents[2] / "fixtures/uevents.json")
+                          .read_text())["events"]
+    assert [e["ACTION"] for e in recorded] == ["add", "bind", "unbind", "remove"]
+    bdf, devpath = recorded[0]["PCI_SLOT_NAME"], recorded[0]["DEVPATH"]
+    text = device(bdf, 0x1AF4, 0x1110, 0x050000).replace(
+        f"P: /devices/pci0000:01/{bdf}", f"P: {devpath}")
+    materialize(load("empty") + text, tmp_path)
+    fake_nvidia_proc(tmp_path, [])
+    for name in ("nvidia", "nvidia_uvm"):
+        (tmp_path / "sys/module" / name).mkdir(parents=True)
+    boot = make_boot(tmp_path, conf="hotplug = true\nstandin.gpu = 1af4:1110\n")
+    discover.run_discover(boot)
+    hp, mon = service(boot)
+    mon.waiting = recorded[:1]
+    hp.on_readable()
+    assert list(hp.pending) == [bdf]  # the driver has not probed it yet
+    info = tmp_path / "proc/driver/nvidia/gpus" / bdf
+    info.mkdir(parents=True)
+    (info / "information").write_text("Model: \t\t NVIDIA H100 80GB HBM3 (stand-in)\n"
+                                      "GPU UUID: \t GPU-00000001-5354-414e-4449-4e0000000000\n"
+                                      f"Bus Location: \t {bdf}\nDevice Minor: \t 1\n")
+    mon.waiting = recorded[1:2]  # bind: looked at again at once
+    hp.on_readable()
+    mon.waiting = recorded[2:]
+    hp.on_readable()
+    assert [(f["event"], f["detail"]) for f in hot_frames(boot)] == [
+        ("assign", f"assign gpu0 {bdf} GPU-00000001-5354-414e-4449-4e0000000000 NVIDIA H100 "
+                   "80GB HBM3 (stand-in) as /dev/nvidia1 (hot-plug)"),
+        ("release", f"release gpu0 {bdf} GPU-00000001-5354-414e-4449-4e0000000000 "
+                    "(hot-unplug)")]
