@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         cli.main(args)
         return
+    # no automatic garbage collection until ready (the one executable turns it off before
+    # the first import; pid1.Init.main_loop turns it back on): see docs/guest.md
+    gc.disable()
     root, cmdline = "/", None
     while args:
         flag = args.pop(0)

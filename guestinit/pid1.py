@@ -7,6 +7,7 @@ ends the namespace (its init dies of SIGINT), which the tests observe.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import time
@@ -160,6 +161,11 @@ class Init:
         if control is not None:
             handlers[control.fileno()] = control.handle
         handlers.update(self.extra_fds)
+        if not gc.isenabled():  # off since the start (__main__.main, staticinit.c)
+            # the boot's objects stay out of every later collection; cycles left as garbage
+            # by the boot (a few caught exceptions' frames) are not collected
+            gc.freeze()
+            gc.enable()
         hotplug = self._start_hotplug()
         if hotplug is not None:
             handlers[hotplug.fileno()] = hotplug.on_readable
@@ -224,6 +230,7 @@ class Init:
                        "recent": list(boot.reporter.recent)},
             "syslog": boot.syslog.stats() if boot.syslog is not None else None,
             "self_rss": _rss(boot.root, os.getpid()),
+            "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()},
             "devices": (self.hotplug.status() if self.hotplug is not None else
                         {"devices": [g.to_map() for g in boot.facts.gpus]}),
             "audit": list(boot.audit[-50:]),

@@ -51,6 +51,8 @@ def test_orphans_are_reaped(ns_init: type[NsInit], tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert status["orphans_reaped"] == 2000, status
+    # collection was off until ready; then the boot's objects were frozen and it came back
+    assert status["gc"]["enabled"] and status["gc"]["frozen"] > 1000, status["gc"]
     # all 2000 exited by now; within 1 s none may be left as a zombie of PID 1
     end = time.monotonic() + 1.0
     while time.monotonic() < end:
