@@ -132,12 +132,18 @@ def test_add_then_remove_assigns_and_releases_the_gpu(tmp_path: pathlib.Path) ->
     assert hp.status()["assign"] == 1 and hp.status()["release"] == 1
 
 
-def test_an_add_waits_for_the_driver_then_is_served_on_a_tick(tmp_path: pathlib.Path) -> None:
+def pending_add(tmp_path: pathlib.Path) -> tuple[Boot, hotplug.Hotplug, FakeMonitor]:
+    """A GPU added whose driver has not registered it yet."""
     boot = gpu_root(tmp_path)
     hp, mon = service(boot)
     plug(tmp_path, minor=None)
     mon.waiting = [uevent("add")]
     hp.on_readable()
+    return boot, hp, mon
+
+
+def test_an_add_waits_for_the_driver_then_is_served_on_a_tick(tmp_path: pathlib.Path) -> None:
+    boot, hp, _ = pending_add(tmp_path)
     assert hot_frames(boot) == [] and list(hp.pending) == [HOT]
     assert hp.tick() == hotplug.POLL_WHILE_PENDING
     register(tmp_path, 3)  # the driver's probe gave it minor 3 (the lowest free one there)
@@ -162,11 +168,7 @@ def test_a_driver_that_never_registers_the_gpu_refuses_it_after_the_timeout(
 
 
 def test_a_remove_during_the_add_cancels_it(tmp_path: pathlib.Path) -> None:
-    boot = gpu_root(tmp_path)
-    hp, mon = service(boot)
-    plug(tmp_path, minor=None)
-    mon.waiting = [uevent("add")]
-    hp.on_readable()
+    boot, hp, mon = pending_add(tmp_path)
     mon.waiting = [uevent("remove")]
     hp.on_readable()
     (cancelled,) = hot_frames(boot)
