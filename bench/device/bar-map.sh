@@ -2,8 +2,9 @@
 # One short, read-only call on a host with NVIDIA GPUs (docs/bench.md, bar-map):
 #   bench/device/bar-map.sh [RESULTS_DIR] [SPAN]
 # records lspci -vvv of the NVIDIA devices, nvidia-smi -q (text and XML), the
-# /proc/driver/nvidia tree and each GPU's sysfs attributes, then runs bar-map over BAR 1
-# of the first GPU (SPAN, default 1G, capped by the BAR), into
+# /proc/driver/nvidia tree and the NVIDIA devices as udev lists them (gpus.json,
+# bench.host_gpus), then runs bar-map over the largest BAR of the first GPU (BAR 1 on
+# data-center GPUs; SPAN, default 1G, capped by the BAR), into
 # RESULTS_DIR/<date>-<gpu>/ (RESULTS_DIR default bench/results; $OUT when set).
 # Never resets a GPU, never changes a setting, never writes to a BAR. Each step has a
 # time limit; a step that fails is recorded in steps.txt and the rest still run.
