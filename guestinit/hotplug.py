@@ -142,6 +142,9 @@ class Hotplug:
             del self.pending[key]
             self._outcome("refused", event, {"detail": str(exc)})
             return
+        except Exception:
+            del self.pending[key]  # reported once (guarded), not retried every tick
+            raise
         if fields is not None:
             del self.pending[key]
             self._outcome("assign", event, fields)

@@ -325,6 +325,7 @@ def test_a_bug_in_the_handler_is_reported_and_the_loop_goes_on(
     (warning,) = hot_frames(boot)
     assert warning["event"] == "warning"
     assert warning["detail"] == f"internal error: KeyError: '{HOT}'"
+    assert hp.pending == {} and hp.tick() is None  # not retried (and reported) every tick
 
 
 def test_a_monitor_that_cannot_start_leaves_the_vm_running_without_hot_plug(
