@@ -6,7 +6,7 @@ ROOT=$PWD
 VENV=${GUESTINIT_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 APT_PACKAGES=(python3 python3-venv python3-dev qemu-system-x86 busybox-static erofs-utils
-  cryptsetup-bin zstd lz4 cpio umockdev util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools
+  cryptsetup-bin zstd lz4 cpio umockdev libudev1 util-linux ca-certificates binutils openssl gcc libc6-dev musl-tools
   libpython3.11-dev libffi-dev zlib1g-dev libexpat1-dev
   make bc bison flex libelf-dev libssl-dev kmod ovmf fdisk)
 
