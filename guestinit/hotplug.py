@@ -107,7 +107,7 @@ class Hotplug:
         self.process()
         if self.queue.overflowed != overflowed or self._monitor.lost != lost:
             self.rescan(now, f"uevents lost (queue {self.queue.overflowed}, socket "
-                        f"{self._monitor.lost}); rescanning sysfs")
+                        f"{self._monitor.lost}); rescanning sysfs", level=4)
 
     def process(self) -> None:
         for item in self.queue.take():
@@ -189,13 +189,13 @@ class Hotplug:
                     f"{key}: its driver did not register it within {self.timeout:g}s "
                     "(the driver refused the device or is not bound to it: see dmesg)")})
 
-    def rescan(self, now: int, why: str) -> None:
+    def rescan(self, now: int, why: str, level: int = 6) -> None:
         """What sysfs shows decides (adds for devices not yet served, removes for assigned
         devices that are gone): when events were lost, and once when the monitor opens
         (a device added between the discover stage and then has sent its uevent already)."""
         self.counts["rescans"] += 1
         present, owned = self.handler.present(), self.handler.owned()
-        self.boot.kmsg.log(4 if "lost" in why else 6, f"hotplug: {why}")
+        self.boot.kmsg.log(level, f"hotplug: {why}")
         for key in sorted(owned - present):
             self.queue.push(Event({"ACTION": "remove", "PCI_SLOT_NAME": key}, now))
         for key in sorted(present - owned - set(self.pending)):

@@ -4,7 +4,7 @@ There is no udevd in the guest: the monitor listens to the kernel's own uevents
 (``Monitor.from_netlink(context, source="kernel")``, netlink group 1), filtered to one
 subsystem. pyudev 0.24 finds libudev with ``ctypes.util.find_library``, which runs
 ``ldconfig -p`` (no ldconfig in the image; ~0.8 s under TCG when discovery used it at
-boot): ``open_monitor`` names the soname the image ships instead (Debian's libudev1),
+boot): ``Monitor`` names the soname the image ships instead (Debian's libudev1),
 which the dynamic loader finds on its default path. None of this is imported before
 ready (``Init.main_loop`` opens the monitor after the ``ready`` frame).
 
@@ -34,13 +34,12 @@ class Event:
     """One uevent, from its properties; ``key`` names the device (its PCI address when
     the kernel gives one, else the last part of its sysfs path)."""
 
-    __slots__ = ("action", "devpath", "driver", "key", "received_ns", "seqnum", "subsystem")
+    __slots__ = ("action", "devpath", "key", "received_ns", "seqnum", "subsystem")
 
     def __init__(self, props: Mapping[str, str], received_ns: int = 0) -> None:
         self.action = props.get("ACTION", "")
         self.devpath = props.get("DEVPATH", "")
         self.subsystem = props.get("SUBSYSTEM", "")
-        self.driver = props.get("DRIVER", "")
         seq = props.get("SEQNUM", "")
         self.seqnum = int(seq) if seq.isdigit() else -1
         self.key = (props.get("PCI_SLOT_NAME") or os.path.basename(self.devpath)).lower()
@@ -110,7 +109,7 @@ class Monitor:
     refused; ``receive()`` returns the properties of up to ``MAX_BATCH`` events and
     counts lost ones (``lost``: the socket buffer overflowed, ENOBUFS)."""
 
-    __slots__ = ("_monitor", "lost", "subsystem")
+    __slots__ = ("_monitor", "lost")
 
     def __init__(self, subsystem: str) -> None:
         try:
@@ -136,7 +135,6 @@ class Monitor:
             pass  # the default buffer: more events may be lost in a storm (counted)
         monitor.start()
         self._monitor = monitor
-        self.subsystem = subsystem
         self.lost = 0
 
     def fileno(self) -> int:

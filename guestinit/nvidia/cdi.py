@@ -228,10 +228,10 @@ def run_cdi(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
                   f"IMEX channels in /{IMEX_SPEC_PATH}" if len(specs) > 1 else ""))
 
 
-def update(boot: Boot, libdir: str = driver_files.LIBDIR) -> str:
+def update(boot: Boot, libdir: str = driver_files.LIBDIR) -> None:
     """After a hot-plug: the GPU spec again for the GPUs assigned now (written atomically,
     as at boot), or removed when none is left (a spec whose ``all`` has no node asks a
-    runtime for nothing); the path. OSError names the file."""
+    runtime for nothing). OSError names the file."""
     path = boot.path(SPEC_PATH)
     if not boot.facts.gpus:
         try:
@@ -239,9 +239,8 @@ def update(boot: Boot, libdir: str = driver_files.LIBDIR) -> str:
         except FileNotFoundError:
             pass
         boot.facts.cdi = [p for p in boot.facts.cdi if p != "/" + SPEC_PATH]
-        return path
+        return
     spec = dict(plan_specs(boot, libdir))[SPEC_PATH]
     write_spec(path, spec)
     if "/" + SPEC_PATH not in boot.facts.cdi:
         boot.facts.cdi.insert(0, "/" + SPEC_PATH)
-    return path

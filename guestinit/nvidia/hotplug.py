@@ -30,6 +30,7 @@ import stat
 
 from guestinit import pci
 from guestinit.hotplug import Hotplug, HotplugError
+from guestinit.lockdown import MODULES_DISABLED
 from guestinit.nvidia import devices
 from guestinit.pci import Kind
 from guestinit.stages import BootError
@@ -45,7 +46,7 @@ PCI_DEVICES = "sys/bus/pci/devices"
 
 
 class GpuHandler:
-    __slots__ = ("boot", "profiles", "vpd_of")
+    __slots__ = ("accepted", "boot", "profiles", "vpd_of")
 
     def __init__(self, boot: Boot) -> None:
         from guestinit.discover import profiles_from
@@ -55,6 +56,8 @@ class GpuHandler:
         self.profiles = profiles_from(cfg.words("accel"), cfg.words("standin.gpu"),
                                       cfg.words("standin.nvswitch"))
         self.vpd_of = pci.vpd_vendors(self.profiles)
+        # what accepts() read from sysfs, for the inventory once the GPU is assigned
+        self.accepted: dict[str, pci.Accelerator] = {}
 
     def _classify(self, sys_path: str) -> pci.Accelerator | str:
         try:
@@ -72,7 +75,10 @@ class GpuHandler:
         path = self.boot.path("sys", event.devpath.lstrip("/")) if event.devpath \
             else self.boot.path(PCI_DEVICES, event.key)
         got = self._classify(path)
-        return got if isinstance(got, str) else None
+        if isinstance(got, str):
+            return got
+        self.accepted[event.key] = got
+        return None
 
     def owns(self, key: str) -> bool:
         return any(g.bdf == key for g in self.boot.facts.gpus)
@@ -103,8 +109,7 @@ class GpuHandler:
         if all(m in kmod.loaded_modules(boot.root) for m in wanted):
             return
         locked = (boot.facts.lockdown or
-                  (read_text(boot.path("proc/sys/kernel/modules_disabled"), (OSError,))
-                   or "0").strip() == "1")
+                  (read_text(boot.path(MODULES_DISABLED), (OSError,)) or "0").strip() == "1")
         if locked:
             raise HotplugError(
                 f"GPU {key} cannot be served: the nvidia driver is not loaded and module "
@@ -142,8 +147,8 @@ class GpuHandler:
         taken = {g.index for g in facts.gpus}
         index = next(i for i in range(len(taken) + 1) if i not in taken)
         facts.gpus.append(devices.assigned(index, gpu, by_path, ()))
-        accel = self._classify(boot.path(PCI_DEVICES, key))
-        if not isinstance(accel, str) and not any(a.dev.bdf == key for a in facts.inventory):
+        accel = self.accepted.pop(key, None)
+        if accel is not None and not any(a.dev.bdf == key for a in facts.inventory):
             facts.inventory.append(accel)
         if not facts.device_nodes.get("control"):
             facts.device_nodes["control"] = [by_path[p].to_map() for p in devices.CONTROL

@@ -119,6 +119,7 @@ def test_add_then_remove_assigns_and_releases_the_gpu(tmp_path: pathlib.Path) ->
                                     "GPU-00000001-1111-2222-3333-444455556666", "2",
                                     "GPU-hot-2", "all"]
     assert hp.queue.coalesced == 1  # the bind folded into the queued add
+    assert HOT in [a.dev.bdf for a in boot.facts.inventory]  # as accepts() read it
     assert [g["bdf"] for g in hp.status()["devices"]] == [  # type: ignore[union-attr]
         "0000:18:00.0", "0000:19:00.0", HOT]
 
@@ -129,6 +130,7 @@ def test_add_then_remove_assigns_and_releases_the_gpu(tmp_path: pathlib.Path) ->
     assert release["detail"] == f"release gpu2 {HOT} GPU-hot-2 (hot-unplug)"
     assert spec_names(tmp_path)[-1] == "all" and "2" not in spec_names(tmp_path)
     assert boot.device_history()[-2:] == [str(assign["detail"]), str(release["detail"])]
+    assert HOT not in [a.dev.bdf for a in boot.facts.inventory]
     assert hp.status()["assign"] == 1 and hp.status()["release"] == 1
 
 
