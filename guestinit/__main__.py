@@ -130,6 +130,9 @@ def new_boot_id() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("--help", "-h", "--help-config", "status"):
+        from guestinit.start import finish
+
+        finish("cli")  # first: the commands print, and argparse reads sys.base_prefix
         from guestinit import cli
 
         cli.main(args)

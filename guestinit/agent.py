@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from guestinit.stages import BootError, Stage, StopRequested
+from guestinit.sysfs import read_text
 from guestinit.values import Mode, Ready
 
 TYPE_CHECKING = False
@@ -129,11 +130,10 @@ def agent_limits(boot: Boot, nofile: int, oom: int) -> tuple[int, int | None]:
 
 def _has_cap(boot: Boot, cap: int) -> bool:
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> cap & 1)
-    except (OSError, ValueError):
+        for line in (read_text("/proc/self/status", (OSError,)) or "").splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    except ValueError:
         pass
     return boot.root == "/"
 
@@ -158,11 +158,10 @@ def delegate_controllers(root: str, effects: Effects) -> list[str]:
     cgroups below the root and sets cpu, memory, pids... limits there. The root is exempt
     from cgroup v2's no-internal-processes rule. No cgroup2 mounted: nothing to do."""
     base = os.path.join(root, "sys/fs/cgroup")
-    try:
-        with open(os.path.join(base, "cgroup.controllers")) as fh:
-            available = fh.read().split()
-    except OSError:
+    text = read_text(os.path.join(base, "cgroup.controllers"), (OSError,))
+    if text is None:
         return []
+    available = text.split()
     if available:
         try:
             effects.write(os.path.join(base, "cgroup.subtree_control"),

@@ -11,6 +11,7 @@ import os
 
 from guestinit.effects import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import read_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -54,8 +55,7 @@ def run_lockdown(boot: Boot) -> None:
     points = cfg.words("readonly")
     if points:
         try:
-            with open(boot.path("proc", "self", "mountinfo")) as f:
-                info = parse_mountinfo(f.read())
+            info = parse_mountinfo(read_text(boot.path("proc", "self", "mountinfo"), ()) or "")
             plan = plan_readonly(points, info, boot.root)
         except (OSError, ValueError) as exc:
             raise BootError(Stage.LOCKDOWN, str(exc)) from None

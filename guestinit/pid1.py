@@ -46,7 +46,7 @@ class Init:
     """Owns the boot: ``Init(boot).run(stages)`` never returns when PID 1."""
 
     __slots__ = ("_control_server", "_stop_reason", "_unwatch", "_wake_r", "boot", "current",
-                 "extra_fds", "hotplug", "loop_iterations", "started")
+                 "extra_fds", "hotplug", "loop_iterations", "start_info", "started")
 
     def __init__(self, boot: Boot) -> None:
         self.boot = boot
@@ -59,6 +59,7 @@ class Init:
         self._unwatch: list[int] = []  # extra fds whose device went away
         self._control_server: ControlServer | None = None
         self.hotplug: Hotplug | None = None  # after ready, with the hotplug setting
+        self.start_info: dict[str, object] = {}  # the interpreter's start (guestinit.start)
 
     # -- signals -----------------------------------------------------------
     def install_signals(self) -> None:
@@ -161,6 +162,9 @@ class Init:
         if control is not None:
             handlers[control.fileno()] = control.handle
         handlers.update(self.extra_fds)
+        from guestinit.start import after_ready  # frozen; off the boot path
+
+        self.start_info = after_ready(boot)
         if not gc.isenabled():  # off since the start (__main__.main, staticinit.c)
             # the boot's objects stay out of every later collection; cycles left as garbage
             # by the boot (a few caught exceptions' frames) are not collected
@@ -231,6 +235,7 @@ class Init:
             "syslog": boot.syslog.stats() if boot.syslog is not None else None,
             "self_rss": _rss(boot.root, os.getpid()),
             "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()},
+            "start": self.start_info,
             "devices": (self.hotplug.status() if self.hotplug is not None else
                         {"devices": [g.to_map() for g in boot.facts.gpus]}),
             "audit": list(boot.audit[-50:]),
@@ -370,7 +375,10 @@ def _describe(exc: BaseException) -> str:
 def _rss(root: str, pid: int | None) -> int | None:
     if pid is None:
         return None
-    import psutil
+    try:
+        import psutil
+    except ImportError:  # the image has it; a test's executable may not find it
+        return None
 
     psutil.PROCFS_PATH = os.path.join(root, "proc")
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import sys
 import time
 
 from guestinit.stages import BootError, Stage
@@ -289,8 +290,11 @@ def _switch_root(boot: Boot, new_root: str, reexec: bool) -> None:
         boot.kmsg.log(4, f"verity root: initramfs not fully freed: {exc}")
     marker = os.path.join(new_root, DONE_MARKER)
     os.makedirs(os.path.dirname(marker), exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n")
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n".encode())
+    finally:
+        os.close(fd)
     os.chdir(new_root)
     boot.effects.mount(".", "/", "", MS_MOVE)
     os.chroot(".")
@@ -299,10 +303,13 @@ def _switch_root(boot: Boot, new_root: str, reexec: bool) -> None:
         # Going on here saves a second interpreter start and every import again. The
         # code that runs so far came with the kernel (the initramfs); what is imported
         # from now on is read from the verified tree, the same build. The interpreter's
-        # own files stay in RAM while mapped, so less is freed than counted above.
-        import importlib
-
-        importlib.invalidate_caches()
+        # own files stay in RAM while mapped, so less is freed than counted above. Path
+        # finders forget what they listed in the initramfs (importlib.invalidate_caches,
+        # without importing importlib: not frozen into the init, docs/guest.md "Two start
+        # phases"); on the init's core phase there are none yet.
+        for finder in sys.meta_path:
+            if hasattr(finder, "invalidate_caches"):
+                finder.invalidate_caches()
         boot.kmsg.log(6, "verity root: switched; the boot goes on from the verified tree")
         return
     # the initramfs part of the boot, for the new init's timeline ("initramfs", "verity")

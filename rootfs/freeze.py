@@ -48,7 +48,7 @@ ON_DISK = {
     "mmap": "guestinit.barmap only (NVIDIA BAR mapping); kmod imports it on a failure path",
 }
 # compiled into the binary besides libpython's inittab (config.c)
-EXTRA_BUILTINS = frozenset({"_cffi_backend", "_guestinit_libc"})
+EXTRA_BUILTINS = frozenset({"_cffi_backend", "_guestinit_libc", "_guestinit_start"})
 _INITTAB = re.compile(r'^\s*\{"(\w+)", PyInit_\w+\},', re.M)
 
 

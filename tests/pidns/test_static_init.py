@@ -41,6 +41,69 @@ def test_static_init_boots_to_ready(ns_init: type[NsInit], tmp_path: Path,
     assert not init.errors
 
 
+def test_the_main_start_phase_runs_after_ready(ns_init: type[NsInit], tmp_path: Path,
+                                             static_init: Path) -> None:
+    """The boot runs on the interpreter's core phase: no codec registry (the encodings
+    package) and no path import before ready; after it the main phase has run, so the
+    status request's json comes from the stdlib's files, and the span is on the timeline."""
+    init = ns_init(tmp_path, CMDLINE, launch=[str(static_init)])
+    ready = init.wait_frame(FrameType.READY)
+    status = init.status(timeout=10)
+    start = status["start"]
+    assert isinstance(start, dict)
+    assert start["main_phase"] == "ready"
+    before = start["boot_modules"]
+    assert isinstance(before, list) and "guestinit.pid1" in before
+    assert "encodings" not in before and "json" not in before
+    assert not [m for m in before if m.startswith("_frozen_importlib_external")]
+    spans = {name: (a, b) for name, a, b in status["timeline"]}  # type: ignore[union-attr]
+    assert {"start:python", "start:imports", "start:main"} <= set(spans)
+    assert spans["start:main"][0] >= ready.t
+
+
+def test_its_commands_run_the_main_phase_first(tmp_path: Path, static_init: Path) -> None:
+    """As the init, the executable's commands (``--help``, ``status``) print: they run the
+    main phase (sys.stdout) before anything else."""
+    import subprocess
+
+    init = tmp_path / "init"
+    init.symlink_to(static_init)
+    done = subprocess.run([str(init), "--help"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("python -m guestinit [--root DIR]")
+
+
+def test_its_last_finder_hands_over_to_the_path_finder(tmp_path: Path,
+                                                       static_init: Path) -> None:
+    """``_guestinit_start`` as a finder: once the main phase ran (here Py_BytesMain's), it
+    asks the path finder, leaves ``sys.meta_path`` and says nothing ran the phase for it;
+    json's accelerator is the one module it turns away while the core phase lasts."""
+    import subprocess
+
+    python = tmp_path / "python3.11"
+    python.symlink_to(static_init)
+    code = ("import sys, _guestinit_start as s\n"
+            "sys.meta_path.append(s)\n"
+            "spec = s.find_spec('json', None)\n"
+            "print(spec.origin, s in sys.meta_path, s.state(), s.finish())\n")
+    done = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["/usr/lib/python3.11/json/__init__.py", "False", "None",
+                                   "False"]
+
+
+def test_a_boot_that_fails_before_ready_still_says_why(ns_init: type[NsInit], tmp_path: Path,
+                                                       static_init: Path) -> None:
+    """A failure on the core phase takes the failure path whole: the ``failed`` frame
+    names the stage, and the init ends."""
+    init = ns_init(tmp_path, CMDLINE + " guestinit.inject=discover", launch=[str(static_init)])
+    failed = init.wait_frame(FrameType.FAILED)
+    assert failed.get("stage") == "discover"
+    assert "fault injected at stage discover" in str(failed.get("reason"))
+    init.wait_exit()
+
 
 def test_run_as_python_it_is_the_interpreter_with_frozen_stdlib_and_api_mode_libc(
         tmp_path: Path, static_init: Path) -> None:

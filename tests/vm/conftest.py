@@ -90,6 +90,21 @@ def explain(res: BootResult) -> str:
             + f"\nconsole ({res.console_log}):\n{tail}")
 
 
+def assert_main_phase_after_ready(res: BootResult) -> None:
+    """The image's executable ran the interpreter's main start phase after the ready frame
+    (``start:main`` on the shutdown frame's timeline): nothing the boot imported came from
+    the image's files (docs/guest.md, "Two start phases")."""
+    from guestinit.wire import FrameType
+
+    ready, shutdown = res.first(FrameType.READY), res.first(FrameType.SHUTDOWN)
+    assert ready is not None and shutdown is not None, explain(res)
+    spans = {name: start for name, start, _ in shutdown.timeline()}
+    assert "start:main" in spans, explain(res)
+    assert spans["start:main"] >= ready.t, (
+        f"the main start phase began {(ready.t - spans['start:main']) / 1e6:.1f} ms before "
+        "ready: a boot-path import is not frozen in (the guest's kmsg line names it)")
+
+
 KATA_IMAGE = Path(os.environ.get("GUESTINIT_VM_KATA_IMAGE") or REPO / "out" / "kata")
 KATA_NEEDED = ("vmlinuz", "initramfs.img", "kata-containers.img", "root_hash.txt",
                "configuration.toml", "configuration-initrd.toml")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from guestinit.wire import FrameType
-from tests.vm.conftest import agent, boot_vm, explain
+from tests.vm.conftest import agent, assert_main_phase_after_ready, boot_vm, explain
 
 pytestmark = pytest.mark.vm
 
@@ -48,6 +48,7 @@ def test_happy_path_ready_over_virtio_port_then_powerdown(cpu_image: str, tmp_pa
     assert isinstance(daemons, list) and any("agent" in repr(d) for d in daemons), daemons
     shutdown = res.first(FrameType.SHUTDOWN)
     assert shutdown is not None and res.qemu_rc == 0 and not res.forced
+    assert_main_phase_after_ready(res)
     with open(res.console_log, encoding="utf-8", errors="replace") as fh:
         console = fh.read()
     assert SYSLOG_LINE in console

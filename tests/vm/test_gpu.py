@@ -26,7 +26,7 @@ from guestinit.wire import FrameType
 from rootfs import proc
 from tests.fixtures import standin_bundle
 from tests.fixtures.standin_bundle import GPU_ID, NVSWITCH_ID
-from tests.vm.conftest import REPO, _builder, boot_vm, explain
+from tests.vm.conftest import REPO, _builder, assert_main_phase_after_ready, boot_vm, explain
 
 pytestmark = pytest.mark.vm
 MIB = 1 << 20
@@ -98,6 +98,7 @@ def test_gpu_image_runs_every_gpu_stage_on_the_stand_in_driver(
     assert any(n.startswith("daemon:nvidia-persistenced") for n in stages), stages
     shutdown = res.first(FrameType.SHUTDOWN)
     assert shutdown is not None, explain(res)
+    assert_main_phase_after_ready(res)  # the CDI spec's json without json's accelerator
     audit = "\n".join(map(str, shutdown.fields["audit"]))
     assert "release gpu0 0000:00:01.0 GPU-00000000-" in audit  # the stand-in driver's UUID
     assert "release gpu1 0000:00:02.0 GPU-00000001-" in audit
