@@ -13,7 +13,7 @@ from guestinit.kmsg import Kmsg
 from guestinit.pid1 import Init
 from guestinit.process import ProcessTable
 from guestinit.report import VERSION, Reporter
-from guestinit.stages import Stage, Timeline
+from guestinit.stages import Stage, Timeline, finish_start
 from guestinit.supervisor import Supervisor
 from guestinit.sysfs import read_text
 from guestinit.values import Mode
@@ -130,9 +130,7 @@ def new_boot_id() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("--help", "-h", "--help-config", "status"):
-        from guestinit.start import finish
-
-        finish("cli")  # first: the commands print, and argparse reads sys.base_prefix
+        finish_start("cli")  # first: the commands print, and argparse reads sys.base_prefix
         from guestinit import cli
 
         cli.main(args)

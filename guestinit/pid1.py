@@ -16,7 +16,7 @@ from guestinit import mounts, wire
 from guestinit.agent import agent_exit_reason
 from guestinit.boot import Boot
 from guestinit.effects import RB_POWER_OFF
-from guestinit.stages import BootError, Stage, StopRequested
+from guestinit.stages import BootError, Stage, StopRequested, start_after_ready
 from guestinit.sysfs import read_text
 
 TYPE_CHECKING = False
@@ -59,7 +59,7 @@ class Init:
         self._unwatch: list[int] = []  # extra fds whose device went away
         self._control_server: ControlServer | None = None
         self.hotplug: Hotplug | None = None  # after ready, with the hotplug setting
-        self.start_info: dict[str, object] = {}  # the interpreter's start (guestinit.start)
+        self.start_info: dict[str, object] = {}  # the interpreter's start (stages.py)
 
     # -- signals -----------------------------------------------------------
     def install_signals(self) -> None:
@@ -162,9 +162,7 @@ class Init:
         if control is not None:
             handlers[control.fileno()] = control.handle
         handlers.update(self.extra_fds)
-        from guestinit.start import after_ready  # frozen; off the boot path
-
-        self.start_info = after_ready(boot)
+        self.start_info = start_after_ready(boot.timeline, boot.kmsg.log)
         if not gc.isenabled():  # off since the start (__main__.main, staticinit.c)
             # the boot's objects stay out of every later collection; cycles left as garbage
             # by the boot (a few caught exceptions' frames) are not collected

@@ -1,11 +1,19 @@
-"""The boot stages, named and ordered in one place, and the boot timeline."""
+"""The boot stages, named and ordered in one place, the boot timeline, and the end of the
+interpreter's start under the image's executable (rootfs/staticinit.c).
+
+The executable starts CPython's core phase only: built-in and frozen imports, all the boot
+needs. The main phase (path imports, the codec registry, sys.stdout, __main__) runs after
+the ready frame, or earlier at the first import from the image's files, which the
+executable's last finder serves (docs/guest.md, "Two start phases")."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # the type checker sees real enums; the boot path does without enum
+    from collections.abc import Callable
     from enum import StrEnum
 else:
     from guestinit.choice import StrChoice as StrEnum
@@ -104,3 +112,35 @@ class _Span:
 
     def __exit__(self, *exc: object) -> None:
         self._timeline.end(self._name)
+
+
+def finish_start(trigger: str) -> tuple[str, int, int] | None:
+    """Run the main phase unless it ran; (what ran it, start ns, end ns) on CLOCK_BOOTTIME,
+    or None when this is not the image's executable."""
+    if "_guestinit_start" not in sys.builtin_module_names:
+        return None  # not even an import attempt: nothing else is imported after ready
+    import _guestinit_start  # type: ignore[import-not-found]
+
+    _guestinit_start.finish(trigger)
+    done = _guestinit_start.state()
+    return None if done is None else (str(done[0]), int(done[1]), int(done[2]))
+
+
+def start_after_ready(timeline: Timeline, log: Callable[[int, str], None]) -> dict[str, object]:
+    """The main phase once the ready frame is out: its span on the ``timeline``
+    (``start:main``), a ``log`` line (kmsg) when an import ran it before ready, and what
+    ``status`` shows: the modules the boot imported and what ran the main phase (``ready``,
+    or that import)."""
+    info: dict[str, object] = {"main_phase": None, "boot_modules": sorted(sys.modules)}
+    try:
+        done = finish_start("ready")
+    except Exception as exc:  # the frozen modules still serve; say what is missing
+        log(3, f"the interpreter's main start phase: {type(exc).__name__}: {exc}")
+        return info
+    if done is not None:
+        info["main_phase"], start_ns, end_ns = done
+        timeline.add("start:main", start_ns, end_ns)
+        if done[0] != "ready":
+            log(6, f"the interpreter's main start phase ran before ready, for an import of "
+                f"{done[0]} (not frozen into the init)")
+    return info
