@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -165,6 +166,10 @@ class Settings:
     base_cmdline: str = ""  # the first variant's image cmdline (before harness words)
     bar: BarDevice | None = None  # --bar: every variant on PCIe with this BAR device
     command: list[str] = field(default_factory=list)
+    # each round boots the variants in an order shuffled from this seed: this host's speed
+    # can alternate from one boot to the next, and a fixed order would tie a variant to
+    # one speed (bench/results/2026-12-06-tcg-2c-core-phase/README.md)
+    seed: int = 0
 
 
 def load_images(variants: list[Variant], images_dir: str) -> dict[str, image.Image]:
@@ -200,8 +205,9 @@ def machine_for(images: dict[str, image.Image], settings: Settings) -> dict[str,
 def run_suite(variants: list[Variant], images: dict[str, image.Image], settings: Settings,
               out_dir: str, report: Reporter,
               doc_variants: dict[str, dict[str, object]], extra: Extra | None = None) -> None:
-    """Boot every variant ``warmup + runs`` times, interleaved, into ``doc_variants``
-    (filled as runs end, so an interrupted suite still has what it measured).
+    """Boot every variant ``warmup + runs`` times, interleaved (each round in an order
+    shuffled from ``settings.seed``), into ``doc_variants`` (filled as runs end, so an
+    interrupted suite still has what it measured).
 
     ``report(done, total, variant, round, record)`` is called after every boot.
     """
@@ -218,10 +224,13 @@ def run_suite(variants: list[Variant], images: dict[str, image.Image], settings:
         }
     rounds = settings.warmup + settings.runs
     total, done = rounds * len(variants), 0
+    shuffle = random.Random(settings.seed).shuffle
     with tempfile.TemporaryDirectory(prefix="guestinit-suite-") as tmp:
         for rnd in range(rounds):
             warm = rnd < settings.warmup
-            for v in variants:
+            order = list(variants)
+            shuffle(order)
+            for v in order:
                 entry = doc_variants[v.name]
                 workdir = os.path.join(tmp, f"{v.name.replace('/', '_')}-{rnd}")
                 opts = BootOptions(append=v.append, timeout=settings.timeout,
@@ -269,7 +278,8 @@ def assemble(doc_variants: dict[str, dict[str, object]], machine: dict[str, obje
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": settings.command, "machine": machine,
         "settings": {"runs": settings.runs, "warmup": settings.warmup,
-                     "order": "interleaved", "timeout_s": settings.timeout,
+                     "order": f"interleaved, shuffled each round (seed {settings.seed})",
+                     "timeout_s": settings.timeout,
                      "memory_mib": settings.memory_mib, "entropy": settings.entropy,
                      "interrupted": interrupted, "base_cmdline": settings.base_cmdline,
                      "bar_bytes": settings.bar.size if settings.bar is not None else None,
