@@ -166,9 +166,8 @@ class Settings:
     base_cmdline: str = ""  # the first variant's image cmdline (before harness words)
     bar: BarDevice | None = None  # --bar: every variant on PCIe with this BAR device
     command: list[str] = field(default_factory=list)
-    # each round boots the variants in an order shuffled from this seed: this host's speed
-    # can alternate from one boot to the next, and a fixed order would tie a variant to
-    # one speed (bench/results/2026-12-06-tcg-2c-core-phase/README.md)
+    # the seed of each round's shuffled order: the host's speed can alternate from boot to
+    # boot, and a fixed order ties a variant to one speed (docs/bench.md, "suite")
     seed: int = 0
 
 
