@@ -75,6 +75,10 @@ class Facts:
     def of_kind(self, kind: Kind) -> list[Accelerator]:
         return [a for a in self.inventory if a.kind == kind]
 
+    def gpu_maps(self) -> list[dict[str, object]]:
+        """The GPUs assigned now, by index (``status``'s ``devices``, hot-plug's too)."""
+        return [g.to_map() for g in sorted(self.gpus, key=lambda g: g.index)]
+
     def ready_fields(self) -> dict[str, object]:
         """The facts the ``ready`` frame carries (the timeline and daemons come from the init)."""
         out: dict[str, object] = {

@@ -235,7 +235,7 @@ class Init:
             "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()},
             "start": self.start_info,
             "devices": (self.hotplug.status() if self.hotplug is not None else
-                        {"devices": [g.to_map() for g in boot.facts.gpus]}),
+                        {"devices": boot.facts.gpu_maps()}),
             "audit": list(boot.audit[-50:]),
             "audit_dropped": boot.audit_dropped + max(0, len(boot.audit) - 50),
         }

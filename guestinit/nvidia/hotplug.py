@@ -96,7 +96,7 @@ class GpuHandler:
                 if not isinstance(self._classify(os.path.join(base, n)), str)}
 
     def devices(self) -> list[dict[str, object]]:
-        return [g.to_map() for g in sorted(self.boot.facts.gpus, key=lambda g: g.index)]
+        return self.boot.facts.gpu_maps()
 
     # -- assign ------------------------------------------------------------
     def _ensure_driver(self, key: str) -> None:

@@ -107,3 +107,17 @@ def test_agent_limits_raise_the_hard_limit_through_effects(tmp_path: Path) -> No
     assert nofile == want
     assert isinstance(boot.effects, DryEffects)
     assert boot.effects.calls == ([("set_nofile", soft, want)] if hard != -1 else [])
+
+
+def test_the_gpu_list_status_shows_is_in_index_order() -> None:
+    """``status``'s ``devices`` (hot-plug on or off): the assigned GPUs by index, whatever
+    order they were assigned in (a hot-added GPU takes the lowest free index)."""
+    from guestinit.boot import AssignedGpu, Facts
+
+    facts = Facts()
+    for index, bdf in ((2, "0000:00:03.0"), (0, "0000:00:01.0"), (1, "0000:00:05.0")):
+        facts.gpus.append(AssignedGpu(index, bdf, f"GPU-{index}", "H100", index,
+                                      {"path": f"/dev/nvidia{index}"}, []))
+    maps = facts.gpu_maps()
+    assert [m["index"] for m in maps] == [0, 1, 2]
+    assert [m["bdf"] for m in maps] == ["0000:00:01.0", "0000:00:05.0", "0000:00:03.0"]
