@@ -198,8 +198,7 @@ static long long boottime_ns(void)
  * imports. The main phase (Python/pylifecycle.c init_interp_main, 3.11.2: path config,
  * the path importer, the codec registry and encodings, signals, sys.std*, builtins.open,
  * __main__) is _Py_InitializeMain(). guestinit runs it after the ready frame
- * (_guestinit_start.finish()); under TCG that is ~25 ms of code the boot does not wait
- * for. An import that neither the built-in nor the frozen importer serves runs it at once:
+ * (_guestinit_start.finish()); under TCG that is 18-45 ms the boot does not wait for. An import that neither the built-in nor the frozen importer serves runs it at once:
  * this module is the last finder on sys.meta_path until then, so nothing that imports
  * from the image's files fails before ready, it only costs the main phase earlier. */
 
