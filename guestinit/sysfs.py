@@ -10,10 +10,11 @@ MISSING = (FileNotFoundError, NotADirectoryError)  # no such file: not an error 
 
 def read_text(path: str, quiet: tuple[type[OSError], ...] = MISSING) -> str | None:
     """The file's text; None when opening or reading it raises one of ``quiet`` (by
-    default: it is not there). Other errors are raised, so a caller that must say why still can."""
+    default: it is not there). Other errors are raised, so a caller that must say why
+    still can. Universal newlines, as a text-mode ``open()`` reads."""
     # read and decoded by hand, not through open(): a text file object needs the codec
-    # registry, whose first use imports the encodings package (about 14 ms under TCG
-    # before the ready frame, docs/guest.md "Two start phases")
+    # registry, whose first use imports the encodings package; on the init's core phase
+    # nothing before the ready frame needs it (docs/guest.md, "Two start phases")
     chunks = []
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -44,8 +44,8 @@ def test_static_init_boots_to_ready(ns_init: type[NsInit], tmp_path: Path,
 def test_the_main_start_phase_runs_after_ready(ns_init: type[NsInit], tmp_path: Path,
                                              static_init: Path) -> None:
     """The boot runs on the interpreter's core phase: no codec registry (the encodings
-    package) and no path import before ready; after it the main phase has run, so the
-    status request's json comes from the stdlib's files, and the span is on the timeline."""
+    package) and no path import before ready. The main phase runs after the ready frame
+    (its span says when), and the status request that reports it is served."""
     init = ns_init(tmp_path, CMDLINE, launch=[str(static_init)])
     ready = init.wait_frame(FrameType.READY)
     status = init.status(timeout=10)
@@ -77,8 +77,9 @@ def test_its_commands_run_the_main_phase_first(tmp_path: Path, static_init: Path
 def test_its_last_finder_hands_over_to_the_path_finder(tmp_path: Path,
                                                        static_init: Path) -> None:
     """``_guestinit_start`` as a finder: once the main phase ran (here Py_BytesMain's), it
-    asks the path finder, leaves ``sys.meta_path`` and says nothing ran the phase for it;
-    json's accelerator is the one module it turns away while the core phase lasts."""
+    asks the path finder, leaves ``sys.meta_path`` and says nothing ran the phase for it.
+    (What it turns away in the core phase, json's accelerator, the VM tier's GPU boot
+    covers: its CDI stage writes json before ready.)"""
     import subprocess
 
     python = tmp_path / "python3.11"
