@@ -106,6 +106,26 @@ def _ratio_rows(doc: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+# Run /init is kernel time: one kernel and image boot to it within a few per cent, so a
+# variant whose slowest run reached it this much later than its fastest saw the host
+# change speed between boots (docs/bench.md, "suite")
+HOST_SPEED_SPREAD = 1.2
+
+
+def _host_speed_rows(doc: Mapping[str, Any]) -> list[str]:
+    """A warning naming the variants whose Run /init spread says the host changed speed."""
+    spread = []
+    for name, v in doc["variants"].items():
+        times = [t for t in (r.get("guest_run_init_s") for r in ok_runs(v)) if t]
+        if len(times) > 1 and max(times) > HOST_SPEED_SPREAD * min(times):
+            spread.append(f"{name} {min(times):.3f}\u2013{max(times):.3f} s")
+    if not spread:
+        return []
+    return ["", f"Host speed: Run /init (kernel time) varied within a variant "
+            f"({', '.join(spread)}): the host changed speed between boots. Compare userspace, "
+            "or rerun."]
+
+
 def _stage_rows(doc: Mapping[str, Any]) -> list[str]:
     names = [n for n, v in doc["variants"].items() if v["init"] == "guestinit" and v["stages"]]
     if not names:
@@ -157,6 +177,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
            "times in seconds from QEMU spawn (host) unless marked guest.", ""]
     out += _variant_rows(doc)
     out += _ratio_rows(doc)
+    out += _host_speed_rows(doc)
     out += ["", f"Machine: {machine_line(doc['machine'])}"]
     out += _failure_rows(doc)
     out += _stage_rows(doc)
