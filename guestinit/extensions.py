@@ -27,6 +27,7 @@ import time
 
 from guestinit.effects import MS_RDONLY
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import find_named, read_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -77,8 +78,6 @@ def verity_fields(text: str) -> dict[str, str]:
 def find_disk(root: str, name: str, wait: float | None = None) -> str | None:
     """The block device (``vdb``) whose virtio serial is ``extension-<name>``, waiting up
     to ``wait`` (default DISK_WAIT) seconds for it (a partition has no serial)."""
-    from guestinit.sysfs import find_named
-
     deadline = time.monotonic() + (DISK_WAIT if wait is None else wait)
     while (disk := find_named(root, "block", f"extension-{name}", "serial")) is None:
         if time.monotonic() >= deadline:
@@ -90,11 +89,8 @@ def find_disk(root: str, name: str, wait: float | None = None) -> str | None:
 def partition(root: str, disk: str, number: int) -> tuple[str, str] | None:
     """(name, ``major:minor``) of partition ``number`` of ``disk`` (vdb1, nvme0n1p1)."""
     part = f"{disk}{'p' if disk[-1].isdigit() else ''}{number}"
-    try:
-        with open(os.path.join(root, "sys/class/block", part, "dev")) as fh:
-            return part, fh.read().strip()
-    except OSError:
-        return None
+    dev = read_text(os.path.join(root, "sys/class/block", part, "dev"), (OSError,))
+    return None if dev is None else (part, dev.strip())
 
 
 def plan_table(data: str, hashes: str, fields: dict[str, str]) -> tuple[int, str]:

@@ -59,8 +59,9 @@ def _child(
 
             Effects().set_nofile(nofile, nofile)
         if oom_score_adj is not None:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(oom_score_adj))
+            from guestinit.sysfs import write_text  # not open(): the codec registry (sysfs.py)
+
+            write_text("/proc/self/oom_score_adj", str(oom_score_adj))
         if gid is not None:
             os.setgroups([gid])
             os.setgid(gid)

@@ -1,5 +1,9 @@
 """Reading the kernel's files: one read-or-nothing for /proc, /sys and the image's
-files, and looking devices up in sysfs by the name they carry."""
+files, one whole-file write, and looking devices up in sysfs by the name they carry.
+
+Both go through ``os.read``/``os.write``, not a text-mode ``open()``: a text file object
+needs the codec registry, whose first use imports the encodings package; on the init's
+core phase nothing before the ready frame needs it (docs/guest.md, "Two start phases")."""
 
 from __future__ import annotations
 
@@ -12,9 +16,6 @@ def read_text(path: str, quiet: tuple[type[OSError], ...] = MISSING) -> str | No
     """The file's text; None when opening or reading it raises one of ``quiet`` (by
     default: it is not there). Other errors are raised, so a caller that must say why
     still can. Universal newlines, as a text-mode ``open()`` reads."""
-    # read and decoded by hand, not through open(): a text file object needs the codec
-    # registry, whose first use imports the encodings package; on the init's core phase
-    # nothing before the ready frame needs it (docs/guest.md, "Two start phases")
     chunks = []
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -27,6 +28,18 @@ def read_text(path: str, quiet: tuple[type[OSError], ...] = MISSING) -> str | No
         return None
     text = b"".join(chunks).decode()
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def write_text(path: str, text: str, mode: int = 0o644) -> None:
+    """``text`` (UTF-8) as the whole of ``path``, created with ``mode`` (less the umask)
+    or truncated. OSError as ``open()`` raises it."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 def find_named(root: str, device_class: str, name: str, name_file: str = "name",

@@ -25,6 +25,7 @@ import sys
 import time
 
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import write_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -290,11 +291,7 @@ def _switch_root(boot: Boot, new_root: str, reexec: bool) -> None:
         boot.kmsg.log(4, f"verity root: initramfs not fully freed: {exc}")
     marker = os.path.join(new_root, DONE_MARKER)
     os.makedirs(os.path.dirname(marker), exist_ok=True)
-    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n".encode())
-    finally:
-        os.close(fd)
+    write_text(marker, f"{time.clock_gettime_ns(time.CLOCK_BOOTTIME)}\n")
     os.chdir(new_root)
     boot.effects.mount(".", "/", "", MS_MOVE)
     os.chroot(".")

@@ -17,6 +17,7 @@ import os
 
 from guestinit.nvidia import driver_files
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import write_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -168,9 +169,7 @@ def write_spec(path: str, spec: Mapping[str, object]) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(spec, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_text(tmp, json.dumps(spec, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o644)
         os.rename(tmp, path)  # a reader sees the old spec or the new one, never half
     except BaseException:

@@ -37,6 +37,7 @@ from guestinit.nvidia.daemon_ready import (
 )
 from guestinit.pci import Kind
 from guestinit.stages import BootError, Stage
+from guestinit.sysfs import read_text, write_text
 from guestinit.values import Fabric, Mode
 
 TYPE_CHECKING = False
@@ -64,13 +65,13 @@ SMI_TIMEOUT = 120.0
 
 def user_ids(root: str, name: str) -> tuple[int, int] | None:
     """(uid, gid) of ``name`` in ``<root>/etc/passwd``; None when the image has no such user."""
+    passwd = read_text(os.path.join(root, "etc", "passwd"), (OSError,)) or ""
     try:
-        with open(os.path.join(root, "etc", "passwd")) as f:
-            for line in f:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 4 and fields[0] == name:
-                    return int(fields[2]), int(fields[3])
-    except (OSError, ValueError):
+        for line in passwd.splitlines():
+            fields = line.split(":")
+            if len(fields) >= 4 and fields[0] == name:
+                return int(fields[2]), int(fields[3])
+    except ValueError:
         return None
     return None
 
@@ -108,10 +109,8 @@ def port_guid(root: str) -> str | None:
     for name in names:
         port = os.path.join(base, name, "ports", "1")
         try:
-            with open(os.path.join(port, "cap_mask")) as f:
-                mask = int(f.read().strip(), 16)
-            with open(os.path.join(port, "gids", "0")) as f:
-                groups = f.read().strip().split(":")
+            mask = int(read_text(os.path.join(port, "cap_mask"), ()) or "", 16)
+            groups = (read_text(os.path.join(port, "gids", "0"), ()) or "").strip().split(":")
         except (OSError, ValueError):
             continue
         if mask & IS_SM_DISABLED or len(groups) != 8:
@@ -237,12 +236,10 @@ def _start(boot: Boot, name: str, argv: Sequence[str], **spawn_kw: object) -> No
 def _prepare_fm(boot: Boot, settings: Mapping[str, str]) -> None:
     template = boot.path(boot.config().str("fabricmanager.config").lstrip("/"))
     try:
-        with open(template) as f:
-            text = f.read()
+        text = read_text(template, ()) or ""
         target = boot.path(FM_RUN_CONFIG)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "w") as f:
-            f.write(rewrite_fm_config(text, settings))
+        write_text(target, rewrite_fm_config(text, settings))
     except OSError as exc:
         raise BootError(Stage.DAEMONS, f"prepare {FABRICMANAGER} config from {template}: "
                         f"{exc.strerror or exc}") from None

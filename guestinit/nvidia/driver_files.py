@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from guestinit.sysfs import read_text
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -136,11 +138,8 @@ def read_userspace(root: str, libdir: str = LIBDIR, bindir: str = "/usr/bin",
     def there(path: str) -> bool:
         return os.path.lexists(os.path.join(root, path.lstrip("/")))
 
-    try:
-        with open(os.path.join(root, "proc/driver/nvidia/version")) as f:
-            version = parse_driver_version(f.read())
-    except FileNotFoundError:
-        version = ""
+    text = read_text(os.path.join(root, "proc/driver/nvidia/version"), (FileNotFoundError,))
+    version = "" if text is None else parse_driver_version(text)
     libraries, firmware = [], []
     if version:
         for path in _files(root, libdir, f".so.{version}"):

@@ -249,11 +249,11 @@ def test_a_spec_write_that_fails_leaves_the_old_spec_whole(
     cdi.write_spec(str(path), {"cdiVersion": "0.5.0", "kind": cdi.KIND, "devices": []})
     before = path.read_text()
 
-    def half(obj: object, fh: object, **kw: object) -> None:
-        fh.write('{"cdiVersion": "0.5.0", "devi')  # type: ignore[attr-defined]
+    def half(tmp: str, text: str) -> None:  # the disk fills up halfway through the write
+        pathlib.Path(tmp).write_text(text[:len(text) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(json, "dump", half)
+    monkeypatch.setattr(cdi, "write_text", half)
     with pytest.raises(OSError, match="No space"):
         cdi.write_spec(str(path), {"cdiVersion": "0.6.0"})
     assert path.read_text() == before
